@@ -1,0 +1,133 @@
+"""Calibration data: real inputs for verification, pruning importance, reconstruction and quantization.
+
+Held as one array per model input with the samples on axis 0. Random data exists only when asked for
+and is labelled as such wherever it is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .errors import InputShapeError, OnnxCompressError
+from .model import graph_inputs, input_dtype
+
+
+class CalibrationError(OnnxCompressError):
+    """Calibration data that is missing, unreadable or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    arrays: Mapping[str, np.ndarray]  # input name -> samples stacked on axis 0
+    source: str  # "digits_calib.npz", "random (seed 0)", ...
+    is_random: bool = False
+
+    def __post_init__(self) -> None:
+        counts = {len(a) for a in self.arrays.values()}
+        if len(counts) != 1:
+            raise CalibrationError(f"calibration inputs have different sample counts: {sorted(counts)}")
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batches(self, batch_size: int = 1, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of up to `batch_size` samples, over the first `limit` samples (all by default)."""
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, n, batch_size):
+            yield {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items()}
+
+    def split(self, holdout: float) -> tuple[Calibration, Calibration]:
+        """(fit, held-out) parts, the held-out part taken from the end so results stay reproducible."""
+        n_hold = max(1, int(round(self.num_samples * holdout)))
+        if n_hold >= self.num_samples:
+            raise CalibrationError(f"cannot hold out {n_hold} of {self.num_samples} calibration samples")
+        cut = self.num_samples - n_hold
+        fit = Calibration({k: v[:cut] for k, v in self.arrays.items()}, self.source, self.is_random)
+        held = Calibration({k: v[cut:] for k, v in self.arrays.items()}, f"{self.source} (held out)", self.is_random)
+        return fit, held
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_arrays(cls, model: ir.Model, arrays: Mapping[str, np.ndarray] | np.ndarray, source: str = "arrays") -> Calibration:
+        """From arrays keyed by input name (or one bare array for a single-input model), checked against the model."""
+        inputs = graph_inputs(model)
+        if isinstance(arrays, np.ndarray):
+            if len(inputs) != 1:
+                names = ", ".join(v.name for v in inputs)
+                raise CalibrationError(f"{source}: one array given but the model has {len(inputs)} inputs ({names})")
+            arrays = {inputs[0].name: arrays}
+        if len(arrays) == 1 and len(inputs) == 1 and inputs[0].name not in arrays:
+            arrays = {inputs[0].name: next(iter(arrays.values()))}  # npz saved with a default key
+        checked = {}
+        for value in inputs:
+            if value.name not in arrays:
+                raise CalibrationError(f"{source}: no data for model input '{value.name}' (found: {', '.join(arrays)})")
+            checked[value.name] = _fit_to_input(value, np.asarray(arrays[value.name]), source)
+        return cls(checked, source)
+
+    @classmethod
+    def from_path(cls, model: ir.Model, path: str | Path) -> Calibration:
+        """A `.npy` (single-input models) or `.npz` (arrays named after the inputs) file."""
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"{path}: no such calibration file")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+            elif path.suffix == ".npy":
+                arrays = np.load(path, allow_pickle=False)
+            else:
+                raise CalibrationError(f"{path}: calibration data must be .npy or .npz")
+        except CalibrationError:
+            raise
+        except Exception as exc:
+            raise CalibrationError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0][:200]})") from None
+        return cls.from_arrays(model, arrays, source=path.name)
+
+    @classmethod
+    def from_samples(cls, model: ir.Model, samples: Iterable[Mapping[str, np.ndarray]], source: str = "iterator") -> Calibration:
+        """From an iterator of feed dicts (each a batch with samples on axis 0)."""
+        collected: dict[str, list[np.ndarray]] = {}
+        for feeds in samples:
+            for k, v in feeds.items():
+                collected.setdefault(k, []).append(np.asarray(v))
+        if not collected:
+            raise CalibrationError(f"{source}: no calibration samples")
+        return cls.from_arrays(model, {k: np.concatenate(v) for k, v in collected.items()}, source)
+
+    @classmethod
+    def random(cls, model: ir.Model, shapes: Mapping[str, Sequence[int]], count: int = 8, seed: int = 0) -> Calibration:
+        """Random data, explicitly asked for: fine for exactness checks, meaningless for fidelity."""
+        from .verify import random_feeds
+
+        feeds = random_feeds(model, {k: (count, *tuple(s)[1:]) for k, s in shapes.items()}, seed=seed)[0]
+        return cls(feeds, f"random (seed {seed})", is_random=True)
+
+
+def _fit_to_input(value: ir.Value, array: np.ndarray, source: str) -> np.ndarray:
+    dtype = input_dtype(value)
+    if value.shape is not None:
+        dims = list(value.shape.dims)
+        if array.ndim != len(dims):
+            raise CalibrationError(
+                f"{source}: input '{value.name}' needs rank {len(dims)} (samples on axis 0), got shape {array.shape}"
+            )
+        for i, (want, got) in enumerate(zip(dims[1:], array.shape[1:]), start=1):
+            if isinstance(want, int) and want != got:
+                raise CalibrationError(f"{source}: input '{value.name}' dim {i} must be {want}, got shape {array.shape}")
+    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise CalibrationError(f"{source}: input '{value.name}' needs {dtype}, got {array.dtype}")
+    if len(array) == 0:
+        raise CalibrationError(f"{source}: input '{value.name}' has no samples")
+    return np.ascontiguousarray(array.astype(dtype, copy=False))
+
+
+__all__ = ["Calibration", "CalibrationError", "InputShapeError"]

@@ -1,0 +1,5 @@
+"""Built-in passes; importing this module registers them with the pipeline by name."""
+
+from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
+
+__all__ = ["EliminateNoOps", "FoldBatchNorm", "FoldConstants"]

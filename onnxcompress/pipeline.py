@@ -1,0 +1,287 @@
+"""The pass contract and the pipeline that runs passes, verifies each one and reports what changed.
+
+A pass is a small dataclass: a `name`, its options as fields, and one `run(model, ctx)` method.
+The same dataclass fields are the YAML recipe keys and the Python keyword arguments, so the CLI,
+the API and recipes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import onnx_ir as ir
+import yaml
+
+from .calibration import Calibration
+from .errors import RecipeError
+from .model import ModelLike, load, resolve_input_shapes
+from .report import Fidelity, ModelStats, PassRecord, RunReport
+from .verify import VerifyOptions, outputs, random_feeds, verify_model
+
+A = TypeVar("A")
+Analysis = Callable[[ir.Model, "PassContext"], Any]
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    model: ir.Model
+    modified: bool
+    record: PassRecord
+    preserved: frozenset = frozenset()  # analyses still valid after this pass
+
+
+@dataclass
+class PassContext:
+    """What passes share: calibration data, input shapes, and lazily computed, cached analyses."""
+
+    calibration: Calibration | None = None
+    input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    model: ir.Model | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def get(self, analysis: Callable[[ir.Model, PassContext], A]) -> A:
+        """The result of `analysis(model, ctx)` for the current model, computed once until invalidated."""
+        if analysis not in self._cache:
+            self._cache[analysis] = analysis(self.model, self)
+        return self._cache[analysis]
+
+    def invalidate(self, preserved: frozenset = frozenset()) -> None:
+        self._cache = {k: v for k, v in self._cache.items() if k in preserved}
+
+
+def cost_analysis(model: ir.Model, ctx: PassContext):
+    """Per-node and total costs of the current model (a PassContext analysis)."""
+    from .analysis.cost import analyze_cost
+
+    return analyze_cost(model, ctx.input_shapes)
+
+
+class Pass:
+    """Base of all passes. Subclasses are dataclasses with a `name` and a `run` method."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True  # outputs must not change beyond VerifyOptions.rtol
+    registry: ClassVar[dict[str, type[Pass]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Pass.registry[cls.name] = cls
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def result(
+        self,
+        model: ir.Model,
+        *,
+        changes: Sequence[str] = (),
+        skipped: Sequence[str] = (),
+        details: Mapping[str, Any] | None = None,
+        modified: bool | None = None,
+        preserved: frozenset = frozenset(),
+    ) -> PassResult:
+        modified = bool(changes) if modified is None else modified
+        record = PassRecord(
+            name=self.name, modified=modified, seconds=0.0, changes=tuple(changes), skipped=tuple(skipped),
+            details=dict(details or {}),
+        )
+        return PassResult(model, modified, record, preserved)
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model: ir.Model
+    report: RunReport
+
+
+class Pipeline:
+    def __init__(self, passes: Sequence[Pass], *, verify: VerifyOptions | None = VerifyOptions()):
+        self.passes = list(passes)
+        self.verify = verify or VerifyOptions(enabled=False)
+
+    @classmethod
+    def from_recipe(cls, source: str | Path | Mapping | Sequence) -> Pipeline:
+        """From a YAML file, a built-in recipe name, a mapping `{passes: [...], verify: {...}}` or a list of passes."""
+        spec = load_recipe(source)
+        passes = [build_pass(p, where=f"pass {i + 1}") for i, p in enumerate(spec["passes"])]
+        verify = _build_options(VerifyOptions, spec.get("verify") or {}, "verify")
+        return cls(passes, verify=verify)
+
+    def run(
+        self,
+        model: ModelLike,
+        *,
+        calibration: Calibration | Mapping[str, np.ndarray] | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        on_pass: Callable[[str], None] | None = None,
+    ) -> RunResult:
+        source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+        original = load(model)
+        shapes = resolve_input_shapes(original, input_shapes)
+        if calibration is not None and not isinstance(calibration, Calibration):
+            calibration = Calibration.from_arrays(original, calibration)
+        ctx = PassContext(calibration=calibration, input_shapes=shapes, model=original)
+        before = ctx.get(cost_analysis).stats
+
+        feeds, feed_source = self._verification_feeds(original, ctx)
+        reference = outputs(original, feeds, "input model") if self.verify.enabled else []
+
+        current = load(original)  # passes work on a copy; the original stays the reference
+        ctx.model, ctx._cache = current, {}
+        records: list[PassRecord] = []
+        fidelity: Fidelity | None = None
+        for p in self.passes:
+            if on_pass:
+                on_pass(p.name)
+            stats_before = ctx.get(cost_analysis).stats
+            start = time.perf_counter()
+            result = p.run(current, ctx)
+            seconds = time.perf_counter() - start
+            current = result.model
+            ctx.model = current
+            ctx.invalidate(result.preserved if result.modified else frozenset(ctx._cache))
+            if self.verify.enabled:
+                fidelity = verify_model(
+                    current, f"pass '{p.name}'", feeds, reference, feed_source, self.verify, exact=p.exact
+                )
+            records.append(
+                dataclasses.replace(
+                    result.record, seconds=seconds, before=stats_before, after=ctx.get(cost_analysis).stats,
+                    fidelity=fidelity if self.verify.enabled else None,
+                )
+            )
+        after: ModelStats = ctx.get(cost_analysis).stats
+        notes = []
+        if self.verify.enabled and calibration is None:
+            notes.append(f"verified on {feed_source} inputs: pass --calib for fidelity on real data")
+        report = RunReport(
+            input=source, output=None, before=before, after=after, passes=tuple(records),
+            fidelity=fidelity, verified=self.verify.enabled, notes=tuple(notes),
+        )
+        return RunResult(current, report)
+
+    def _verification_feeds(self, model: ir.Model, ctx: PassContext) -> tuple[list[dict[str, np.ndarray]], str]:
+        n = self.verify.samples
+        if ctx.calibration is not None:
+            return list(ctx.calibration.batches(1, limit=n)), ctx.calibration.source
+        return random_feeds(model, ctx.input_shapes, count=n, seed=self.verify.seed), f"random (seed {self.verify.seed})"
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(source: str | Path | Mapping | Sequence) -> dict[str, Any]:
+    """A recipe as `{"passes": [...], "verify": {...}}`, from a file, a built-in name or data."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.suffix and (RECIPES_DIR / f"{source}.yaml").is_file():
+            path = RECIPES_DIR / f"{source}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"recipe '{source}' not found (built-in recipes: {', '.join(recipe_names())})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"{path}: invalid YAML{where}") from None
+        name = str(path)
+    else:
+        data, name = source, "recipe"
+    if isinstance(data, Sequence) and not isinstance(data, str):
+        data = {"passes": list(data)}
+    if not isinstance(data, Mapping) or not isinstance(data.get("passes"), list) or not data["passes"]:
+        raise RecipeError(f"{name}: a recipe needs a non-empty 'passes' list")
+    extra = set(data) - {"passes", "verify", "description"}
+    if extra:
+        raise RecipeError(f"{name}: unknown top-level key '{sorted(extra)[0]}' (allowed: passes, verify, description)")
+    return dict(data)
+
+
+def build_pass(spec: Mapping[str, Any] | str, *, where: str = "pass") -> Pass:
+    """`{"type": "fuse-batchnorm", ...options}` (or just the type name) -> a Pass instance."""
+    _register_builtin_passes()
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise RecipeError(f"{where}: each pass needs a 'type' (one of: {', '.join(sorted(Pass.registry))})")
+    kind = spec["type"]
+    cls = Pass.registry.get(kind)
+    if cls is None:
+        raise RecipeError(f"{where}: unknown pass type '{kind}' (known: {', '.join(sorted(Pass.registry))})")
+    options = {k: v for k, v in spec.items() if k != "type"}
+    return _build_options(cls, options, f"{where} ({kind})")
+
+
+def _register_builtin_passes() -> None:
+    from . import passes  # noqa: F401  (importing registers them)
+
+
+def _build_options(cls: type, options: Mapping[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in options.items():
+        if key not in names:
+            raise RecipeError(f"{where}: unknown option '{key}' (options: {', '.join(names) or 'none'})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}: option '{key}'")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently convert) a recipe value against a dataclass field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (tuple, list, Sequence) or hint in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: must be a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,92 @@
+"""ONNX Runtime sessions for models in memory or on disk: one place that knows ORT's knobs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from .errors import ProviderUnavailableError, VerificationError
+from .model import EXTERNAL_DATA_THRESHOLD, temporary_path, to_proto, weight_bytes
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def provider_chain(provider: str) -> list[str]:
+    """ORT provider list for a short name, CPU last as the fallback; a clear error when not installed."""
+    if provider not in PROVIDERS:
+        raise ProviderUnavailableError(f"unknown provider '{provider}'; choose one of: {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        short = [k for k, v in PROVIDERS.items() if v in available]
+        raise ProviderUnavailableError(
+            f"ONNX Runtime provider '{provider}' is not available here (available: {', '.join(short)}); "
+            "install onnxcompress[gpu] on a machine with an NVIDIA GPU"
+        )
+    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+
+
+def session_options(
+    *, threads: int | None = None, spinning: bool = True, optimize: bool = True, profile_prefix: str | None = None
+) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not spinning:
+        # Interleaved sessions on a small machine starve each other while spin-waiting.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
+
+
+def session(
+    model: ir.Model | str | os.PathLike,
+    *,
+    provider: str = "cpu",
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession for an in-memory model (serialized, or via a temp file above 2 GiB) or a path."""
+    providers = provider_chain(provider)
+    options = options or session_options()
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(Path(model)), options, providers=providers)
+    if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        with temporary_path(model) as path:
+            return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=providers)
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return sess.run(None, dict(feeds))
+
+
+def run_batches(
+    sess: ort.InferenceSession, samples: Sequence[Mapping[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Outputs for each feed dict in `samples` (one output list per sample)."""
+    return [run(sess, feeds) for feeds in samples]
+
+
+def load_check(model: ir.Model | str | os.PathLike, where: str) -> ort.InferenceSession:
+    """A CPU session, or VerificationError naming `where` (a pass) and ORT's reason."""
+    try:
+        return session(model)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(f"{where}: the model does not load in ONNX Runtime ({first})") from None

@@ -1,0 +1,147 @@
+"""Prove a model right: full onnx.checker, an ORT session, outputs compared with a reference model's."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import runtime
+from .errors import VerificationError
+from .model import graph_inputs, input_dtype, temporary_path
+from .report import Fidelity
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What the pipeline checks after every pass."""
+
+    enabled: bool = True
+    full_check: bool = True  # onnx.checker with full_check (shape inference included)
+    samples: int = 4  # feeds used for the output comparison
+    # Exact passes (cleanup, full-rank factorization, ...) must keep max |a-b| / max |a| within this.
+    rtol: float = 1e-4
+    seed: int = 0
+
+
+def random_feeds(
+    model: ir.Model, shapes: Mapping[str, Sequence[int]], *, count: int = 1, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """Seeded random inputs of the right dtype: standard normal floats, small non-negative ints, bools."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        sample = {}
+        for value in graph_inputs(model):
+            dtype = input_dtype(value)
+            shape = tuple(shapes[value.name])
+            if np.issubdtype(dtype, np.floating):
+                sample[value.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype == np.bool_:
+                sample[value.name] = rng.random(shape) < 0.5
+            else:
+                sample[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        feeds.append(sample)
+    return feeds
+
+
+def check_model(path: str | Path, where: str, *, full: bool = True) -> None:
+    """onnx.checker on a saved model (full check runs strict shape inference too), or VerificationError."""
+    try:
+        onnx.checker.check_model(str(path), full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise VerificationError(f"{where}: the model fails onnx.checker ({first})") from None
+
+
+def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]], source: str) -> Fidelity:
+    """Fidelity of `candidate` outputs against `reference` outputs (lists per sample, then per output).
+
+    Every metric is the worst over the model's outputs, so one broken head is not averaged away.
+    """
+    if len(reference) != len(candidate):
+        raise ValueError("reference and candidate have different sample counts")
+    n_outputs = len(reference[0]) if reference else 0
+    max_abs = max_rel = 0.0
+    sqnr, cosine = float("inf"), 1.0
+    top1: list[float] = []
+    for k in range(n_outputs):
+        ref = np.concatenate([_rows(sample[k]) for sample in reference])
+        got = np.concatenate([_rows(sample[k]) for sample in candidate])
+        if ref.shape != got.shape:
+            raise VerificationError(f"output {k} changed shape: {ref.shape} -> {got.shape}")
+        err = got - ref
+        abs_err = float(np.max(np.abs(err))) if err.size else 0.0
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        max_abs = max(max_abs, abs_err)
+        max_rel = max(max_rel, abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else float("inf")))
+        signal, noise = float(np.sum(ref**2)), float(np.sum(err**2))
+        out_sqnr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+        sqnr = min(sqnr, out_sqnr)
+        denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
+        cosine = min(cosine, float(np.dot(ref.ravel(), got.ravel()) / denom) if denom > 0 else float(abs_err == 0))
+        if _looks_like_scores(reference[0][k]):
+            top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
+    return Fidelity(
+        inputs=source,
+        samples=sum(ref_row(s[0]) for s in reference) if n_outputs else 0,
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        sqnr_db=sqnr,
+        cosine=cosine,
+        top1_agreement=min(top1) if top1 else None,
+    )
+
+
+def ref_row(array: np.ndarray) -> int:
+    """Rows (batch items) an output contributes: its leading dim, or 1 for scalars and vectors."""
+    return int(np.shape(array)[0]) if np.ndim(array) > 1 else 1
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float64).reshape(ref_row(array), -1)
+
+
+def _looks_like_scores(array: np.ndarray) -> bool:
+    """[N, C] floating outputs with several classes: top-1 agreement is meaningful."""
+    return np.ndim(array) == 2 and np.shape(array)[1] > 1 and np.issubdtype(np.asarray(array).dtype, np.floating)
+
+
+def outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], where: str) -> list[list[np.ndarray]]:
+    """ORT outputs of `model` for each feed dict; VerificationError naming `where` if it fails to load or run."""
+    sess = runtime.load_check(model, where)
+    try:
+        return runtime.run_batches(sess, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise VerificationError(f"{where}: the model fails to run in ONNX Runtime ({first})") from None
+
+
+def verify_model(
+    model: ir.Model,
+    where: str,
+    feeds: Sequence[Feeds],
+    reference: Sequence[Sequence[np.ndarray]],
+    source: str,
+    options: VerifyOptions,
+    *,
+    exact: bool,
+) -> Fidelity:
+    """Checker + ORT + comparison. Exact passes must stay within options.rtol; lossy ones are measured."""
+    with temporary_path(model, external_data=True) as path:
+        check_model(path, where, full=options.full_check)
+        got = outputs(path, feeds, where)
+    fidelity = compare(reference, got, source)
+    if exact and not fidelity.max_rel_error <= options.rtol:
+        raise VerificationError(
+            f"{where}: outputs changed beyond tolerance (max relative error {fidelity.max_rel_error:.3g} > {options.rtol:g})"
+        )
+    if not np.isfinite(fidelity.max_abs_error):
+        raise VerificationError(f"{where}: the model produces non-finite outputs")
+    return fidelity
