@@ -1,0 +1,98 @@
+"""Rendering of reports for people (rich tables). The data lives in report.py / analysis; this only shows it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import onnx_ir as ir
+from rich.console import Console
+from rich.table import Table
+
+from .model import graph_inputs
+from .report import Fidelity, RunReport, human, to_jsonable
+
+
+def analysis_dict(model: ir.Model, cost, shapes: Mapping[str, tuple[int, ...]], *, file_bytes: int | None, top: int) -> dict[str, Any]:
+    """What `onnxcompress analyze` reports, as plain data (the --json output)."""
+    stats = to_jsonable(cost.stats)
+    stats["file_bytes"] = file_bytes
+    return {
+        "opset": {d or "ai.onnx": v for d, v in model.opset_imports.items()},
+        "producer": " ".join(x for x in (model.producer_name, model.producer_version) if x),
+        "inputs": [
+            {"name": v.name, "dtype": str(v.dtype), "shape": _dims(v), "analyzed_shape": list(shapes[v.name])}
+            for v in graph_inputs(model)
+        ],
+        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": _dims(v)} for v in model.graph.outputs],
+        "stats": stats,
+        "top_layers": [to_jsonable(n) for n in cost.top(top)],
+        "unknown_ops": dict(cost.unknown_ops),
+    }
+
+
+def _dims(value: ir.Value) -> list[int | str] | None:
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else (str(d) if d is not None and str(d) else "?") for d in value.shape.dims]
+
+
+def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> None:
+    s = data["stats"]
+    table = Table(title=f"{title}", show_header=False, title_justify="left")
+    table.add_row("parameters", human(s["params"]))
+    table.add_row("MACs", human(s["macs"]))
+    table.add_row("FLOPs", human(s["flops"]))
+    table.add_row("weights", human(s["weight_bytes"], "B"))
+    table.add_row("activations", human(s["activation_bytes"], "B"))
+    if s.get("file_bytes") is not None:
+        table.add_row("file", human(s["file_bytes"], "B"))
+    table.add_row("opset", ", ".join(f"{d} {v}" for d, v in data["opset"].items()))
+    for v in data["inputs"]:
+        table.add_row("input", f"{v['name']}  {v['dtype']}  {v['shape']}  (analyzed at {v['analyzed_shape']})")
+    for v in data["outputs"]:
+        table.add_row("output", f"{v['name']}  {v['dtype']}  {v['shape']}")
+    ops = sorted(s["op_counts"].items(), key=lambda kv: -kv[1])
+    table.add_row("ops", ", ".join(f"{k} {n}" for k, n in ops))
+    if data["unknown_ops"]:
+        table.add_row("[yellow]not costed[/yellow]", ", ".join(f"{k} x{n}" for k, n in data["unknown_ops"].items()))
+    console.print(table)
+    layers = Table(title=f"top {len(data['top_layers'])} layers by MACs", title_justify="left")
+    for col in ("node", "op", "MACs", "share", "params"):
+        layers.add_column(col, justify="right" if col in ("MACs", "share", "params") else "left")
+    total = max(s["macs"], 1)
+    for n in data["top_layers"]:
+        layers.add_row(n["name"], n["op_type"], human(n["macs"]), f"{100 * n['macs'] / total:.1f}%", human(n["params"]))
+    console.print(layers)
+
+
+def render_run(console: Console, report: RunReport) -> None:
+    """Before/after table and one line per pass."""
+    b, a = report.before, report.after
+    table = Table(title=f"{report.input} -> {report.output}", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = [("parameters", b.params, a.params, ""), ("MACs", b.macs, a.macs, ""),
+            ("weights", b.weight_bytes, a.weight_bytes, "B"), ("file", b.file_bytes, a.file_bytes, "B")]
+    for label, x, y, unit in rows:
+        ratio = f"{x / y:.2f}x" if x and y else "-"
+        table.add_row(label, human(x, unit), human(y, unit), ratio)
+    console.print(table)
+    for p in report.passes:
+        mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
+        console.print(f"  {p.name}: {mark} in {p.seconds:.2f}s; {len(p.changes)} changes, {len(p.skipped)} skipped")
+        for line in p.skipped[:5]:
+            console.print(f"    [yellow]skipped[/yellow] {line}", highlight=False)
+        if len(p.skipped) > 5:
+            console.print(f"    ... {len(p.skipped) - 5} more skipped (see --report)")
+    if report.fidelity:
+        console.print("  fidelity vs input: " + fidelity_line(report.fidelity))
+    for note in report.notes:
+        console.print(f"  [dim]{note}[/dim]")
+
+
+def fidelity_line(f: Fidelity) -> str:
+    parts = [f"max abs err {f.max_abs_error:.3g}", f"SQNR {f.sqnr_db:.1f} dB", f"cosine {f.cosine:.6f}"]
+    if f.top1_agreement is not None:
+        parts.append(f"top-1 agreement {100 * f.top1_agreement:.1f}%")
+    return ", ".join(parts) + f" ({f.samples} samples, {f.inputs})"

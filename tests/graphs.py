@@ -1,0 +1,92 @@
+"""Small hand-built ONNX graphs for unit tests (onnx.helper), with weights from a seeded generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def conv_bn_relu_gemm(
+    *, channels: int = 8, classes: int = 5, size: int = 8, seed: int = 0, batch: int | str = 1, bn_bias: bool = True
+) -> onnx.ModelProto:
+    """x[N,3,H,W] -> Conv -> BatchNorm -> Relu -> Conv(no bias) -> BN -> Mul/Add per channel -> GAP -> Flatten -> Gemm.
+
+    BatchNorm statistics are random and far from identity, so folding them is really exercised.
+    """
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def bn(prefix: str) -> list[onnx.TensorProto]:
+        return [
+            _init(f"{prefix}_gamma", rng.uniform(0.5, 2.0, c).astype(np.float32)),
+            _init(f"{prefix}_beta", rng.normal(0, 0.5, c).astype(np.float32)),
+            _init(f"{prefix}_mean", rng.normal(0, 0.5, c).astype(np.float32)),
+            _init(f"{prefix}_var", rng.uniform(0.2, 3.0, c).astype(np.float32)),
+        ]
+
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (c, 3, 3, 3)).astype(np.float32)),
+        _init("b1", rng.normal(0, 0.1, c).astype(np.float32)),
+        *bn("bn1"),
+        _init("w2", rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32)),
+        *bn("bn2"),
+        _init("scale", rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32)),
+        _init("shift", rng.normal(0, 0.2, (1, c, 1, 1)).astype(np.float32)),
+        _init("fc_w", rng.normal(0, 0.3, (classes, c)).astype(np.float32)),
+        _init("fc_b", rng.normal(0, 0.1, classes).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn1_gamma", "bn1_beta", "bn1_mean", "bn1_var"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "bn2_gamma", "bn2_beta", "bn2_mean", "bn2_var"], ["n2"], name="bn2"),
+        helper.make_node("Mul", ["n2", "scale"], ["m2"], name="mul2"),
+        helper.make_node("Add", ["m2", "shift"], ["a2"], name="add2"),
+        helper.make_node("Identity", ["a2"], ["i2"], name="identity"),
+        helper.make_node("GlobalAveragePool", ["i2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    if not bn_bias:
+        nodes[0] = helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+        inits = [i for i in inits if i.name != "b1"]
+    graph = helper.make_graph(
+        nodes, "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def dynamic_matmul(seq: str | int = "seq", hidden: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """x[batch, seq, hidden] @ W -> y: a transformer-style input with a dynamic sequence length."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, hidden])],
+        [_init("w", rng.normal(0, 0.2, (hidden, hidden)).astype(np.float32))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def two_inputs(shape: Sequence[int] = (1, 4)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
