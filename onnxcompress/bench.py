@@ -24,11 +24,10 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +126,7 @@ class BenchOptions:
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """`"1,8"` -> (1, 8), with a one-line error for anything else."""
-    parts = [p.strip() for p in re.split(r"[,x ]+", text.strip()) if p.strip()]
+    parts = [p.strip() for p in text.split(",")]
     if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise OnnxCompressError(f"bad batch sizes '{text}': expected positive integers such as 1,8")
     return tuple(int(p) for p in parts)
@@ -157,7 +156,7 @@ class Timing:
             mean_ms=float(ms.mean()),
             min_ms=float(ms.min()),
             max_ms=float(ms.max()),
-            stdev_ms=float(statistics.stdev(ms.tolist())) if len(ms) > 1 else 0.0,
+            stdev_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,  # sample standard deviation
             runs=len(ms),
         )
 
@@ -450,6 +449,7 @@ class _Candidate:
     providers: tuple[str, ...] = ()
     macs: int | None = None
     node_macs: dict[str, int] = field(default_factory=dict)
+    macs_complete: bool = True  # False: some nodes' cost is unknown, so MAC ratios would mislead
     cost_note: str | None = None
     failure: str | None = None
     samples: list[float] = field(default_factory=list)
@@ -482,9 +482,7 @@ def _bench_batch(
     return _rows(candidates, batch)
 
 
-def _prepare(
-    label: str, model: ir.Model, batch: int, options: BenchOptions, stack: contextlib.ExitStack
-) -> _Candidate:
+def _prepare(label: str, model: ir.Model, batch: int, options: BenchOptions, stack: contextlib.ExitStack) -> _Candidate:
     shapes, to_rewrite = _batch_shapes(model, batch, options.input_shapes)  # InputShapeError: the user's to fix
     cand = _Candidate(label, model, shapes, rewritten=bool(to_rewrite))
     try:
@@ -538,7 +536,7 @@ def _with_symbolic_batch(model: ir.Model, names: Sequence[str]) -> tuple[ir.Mode
     Intermediate shapes are dropped: they hold the old batch and ORT infers them again. Returns
     the outputs that must come back with the new batch as their leading dim.
     """
-    copy = load(model)
+    copy = model.clone()  # shares the weight tensors: cheap, and external data stays where it is
     by_name = {v.name: v for v in graph_inputs(copy)}
     old_batch = _leading_dim(by_name[names[0]])
     for name in names:
@@ -556,7 +554,9 @@ def _with_symbolic_batch(model: ir.Model, names: Sequence[str]) -> tuple[ir.Mode
     return copy, frozenset(batched_outputs)
 
 
-def _random_feeds(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], seed: int, batch: int) -> dict[str, np.ndarray]:
+def _random_feeds(
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...]], seed: int, batch: int
+) -> dict[str, np.ndarray]:
     """Seeded random inputs: the same for every model with the same inputs at the same batch."""
     rng = np.random.default_rng([seed, batch])
     feeds = {}
@@ -570,15 +570,13 @@ def _random_feeds(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], seed: 
         elif dtype.kind == "f" or dtype.name.startswith(("float", "bfloat")):  # incl. ml_dtypes' bfloat16/float8
             feeds[value.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
         else:
-            raise _Unsupported(f"input '{value.name}' has element type {dtype.name}; only numeric inputs can be generated")
+            raise _Unsupported(f"input '{value.name}' has element type {dtype.name}: random inputs must be numeric")
     return feeds
 
 
 def _ort_source(model: ir.Model, stack: contextlib.ExitStack) -> bytes | str:
     """Serialized bytes, or a temporary file when the model has external or over-2-GiB weights."""
-    external = any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values() if v.const_value is not None
-    )
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     try:
         if external or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             return str(stack.enter_context(temporary_path(model)))
@@ -599,7 +597,8 @@ def _add_costs(cand: _Candidate) -> None:
     cand.node_macs = {node.name: int(node.macs) for node in cost.nodes}
     unknown = sorted({node.op_type for node in cost.nodes if not node.known})
     if unknown:
-        cand.cost_note = f"MACs leave out ops of unknown cost: {', '.join(unknown)}"
+        cand.macs_complete = False
+        cand.cost_note = f"MACs leave out ops of unknown cost ({', '.join(unknown)}): no theoretical speedup"
 
 
 def _session(source: bytes | str, providers: Sequence[str], threads: int, profile_prefix: str | None = None):
@@ -612,7 +611,7 @@ def _session(source: bytes | str, providers: Sequence[str], threads: int, profil
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3  # shape-mismatch warnings would interleave with the progress bar
+    so.log_severity_level = 4  # failures come back as exceptions and become row reasons; no stderr logs
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -639,7 +638,7 @@ def _start(cand: _Candidate, providers: Sequence[str], threads: int, warmup: int
 def _check_batched_outputs(cand: _Candidate, outputs: Sequence[Any], batch: int) -> None:
     """A graph with a hard-coded batch (Reshape to [1, -1]) can run at another batch and compute nonsense."""
     names = [o.name for o in cand.session.get_outputs()]
-    for name, value in zip(names, outputs):
+    for name, value in zip(names, outputs, strict=True):
         shape = getattr(value, "shape", None)
         if name in cand.batched_outputs and shape is not None and (len(shape) == 0 or shape[0] != batch):
             raise _Unsupported(
@@ -679,7 +678,8 @@ def _rows(cands: Sequence[_Candidate], batch: int) -> list[BenchRow]:
     rows = []
     for cand in cands:
         timing = Timing.from_seconds(cand.samples) if cand.failure is None else None
-        theoretical = _ratio(base.macs if base_timing else None, cand.macs)
+        costed = base_timing is not None and timing is not None and base.macs_complete and cand.macs_complete
+        theoretical = _ratio(base.macs, cand.macs) if costed else None
         measured = _ratio(base_timing.median_ms if base_timing else None, timing.median_ms if timing else None)
         rows.append(
             BenchRow(
@@ -696,7 +696,7 @@ def _rows(cands: Sequence[_Candidate], batch: int) -> list[BenchRow]:
                 measured_speedup=measured,
                 realization=_ratio(measured, theoretical),
                 cost_note=cand.cost_note,
-                layers=tuple(_against(layer, base_layers.get(layer.kernel)) for layer in cand.layers),
+                layers=cand.layers if cand is base else _against_baseline(cand.layers, base_layers),
             )
         )
     return rows
@@ -708,27 +708,43 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return float(num) / float(den)
 
 
-def _against(layer: LayerTime, base: LayerTime | None) -> LayerTime:
-    if base is None or layer.kernel is None:
-        return layer
-    theoretical = _ratio(base.macs, layer.macs)
-    measured = _ratio(base.time_ms, layer.time_ms)
-    return LayerTime(
-        **{**layer.__dict__, "theoretical_speedup": theoretical, "measured_speedup": measured,
-           "realization": _ratio(measured, theoretical)}
-    )
+def _against_baseline(layers: Sequence[LayerTime], base: Mapping[str, LayerTime]) -> tuple[LayerTime, ...]:
+    """Per-layer speedups against the baseline's kernel of the same name (pruning keeps node names)."""
+    out = []
+    for layer in layers:
+        match = base.get(layer.kernel) if layer.kernel is not None else None
+        if match is None:
+            out.append(layer)
+            continue
+        theoretical = _ratio(match.macs, layer.macs)
+        measured = _ratio(match.time_ms, layer.time_ms)
+        realization = _ratio(measured, theoretical)
+        out.append(replace(layer, theoretical_speedup=theoretical, measured_speedup=measured, realization=realization))
+    return tuple(out)
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
+    for pattern in _ORT_ERROR_NOISE:
+        text = pattern.sub("", text)
     return text[:MAX_REASON]
+
+
+#: Parts of ORT's error text that say nothing to a user: status code, source file, C++ signature.
+_ORT_ERROR_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
+    re.compile(r"\S*onnxruntime_src/\S+:\d+\s*"),
+    re.compile(r"onnxruntime::[\w:<>]+\([^()]*\)\s*"),
+)
 
 
 # --------------------------------------------------------------------------------------- profiling
 
 
 @dataclass
-class _Kernel:
+class KernelTime:
+    """One kernel (ORT node) of a profile: its durations in each profiled run, in microseconds."""
+
     name: str
     op_name: str
     provider: str | None
@@ -738,7 +754,7 @@ class _Kernel:
 _KERNEL_SUFFIX = "_kernel_time"
 #: Pieces ORT adds when it renames a node it fused or transformed: "fused fc/MatMulAddFusion",
 #: "<output value>_nchwc", "<name>_token_3".
-_ORT_NAME_PARTS = (re.compile(r"^fused\s+"), re.compile(r"/\w*Fusion$"), re.compile(r"_nchwc$"), re.compile(r"_token_\d+$"))
+_ORT_NAME_PARTS = tuple(re.compile(p) for p in (r"^fused\s+", r"/\w*Fusion$", r"_nchwc$", r"_token_\d+$"))
 #: Kernel op names that are a model op with a prefix or suffix (FusedConv, QLinearMatMul, MatMulInteger).
 _KERNEL_OP_PREFIXES = ("NhwcFused", "Nhwc", "Fused", "QLinear", "DynamicQuantize")
 _KERNEL_OP_SUFFIXES = ("Integer", "NBits")
@@ -763,13 +779,13 @@ def _profile(
     cand.layers = map_layers(kernels, cand.model, cand.node_macs if cand.macs is not None else None)
 
 
-def kernel_times(events: Sequence[Mapping[str, Any]], runs: int) -> list[_Kernel]:
+def kernel_times(events: Sequence[Mapping[str, Any]], runs: int) -> list[KernelTime]:
     """Per-kernel durations (us) in each of the last `runs` model runs of an ORT profile, in execution order."""
     model_runs = sorted(
         (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
     )[-runs:]
     starts = [e["ts"] for e in model_runs]
-    kernels: dict[str, _Kernel] = {}
+    kernels: dict[str, KernelTime] = {}
     for event in sorted((e for e in events if e.get("cat") == "Node"), key=lambda e: e["ts"]):
         name = str(event.get("name", ""))
         if not name.endswith(_KERNEL_SUFFIX):
@@ -779,92 +795,101 @@ def kernel_times(events: Sequence[Mapping[str, Any]], runs: int) -> list[_Kernel
             continue  # a warm-up run
         name = name[: -len(_KERNEL_SUFFIX)]
         args = event.get("args", {})
-        kernel = kernels.setdefault(name, _Kernel(name, str(args.get("op_name", "?")), args.get("provider"), [0.0] * len(model_runs)))
+        if name not in kernels:
+            op_name, provider = str(args.get("op_name", "?")), args.get("provider")
+            kernels[name] = KernelTime(name, op_name, provider, [0.0] * len(model_runs))
+        kernel = kernels[name]
         kernel.per_run_us[index] += float(event["dur"])  # a kernel can run several times per run (loops)
     return list(kernels.values())
 
 
-def map_layers(kernels: Sequence[_Kernel], model: ir.Model, node_macs: Mapping[str, int] | None) -> tuple[LayerTime, ...]:
-    """Match profiled kernels to model nodes: by name, then through ORT's renamings; list what is left."""
-    nodes: dict[str, ir.Node] = {}
-    producers: dict[str, ir.Node] = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        nodes[node.name] = node
-        for out in node.outputs:
-            producers[out.name] = node
+def map_layers(
+    kernels: Sequence[KernelTime], model: ir.Model, node_macs: Mapping[str, int] | None
+) -> tuple[LayerTime, ...]:
+    """Match profiled kernels to model nodes: by name, then through ORT's renamings; list what is left.
+
+    Claims go from the surest to the least sure, and a node is claimed once: exact names; then
+    renamed kernels whose name leads straight to a node of the kernel's op; then renamed kernels
+    that must be traced upstream through fused nodes (Conv <- BatchNorm <- Add <- Relu).
+    """
+    nodes = {node.name: node for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+    producers = {out.name: node for node in nodes.values() for out in node.outputs}
     claimed: set[str] = set()
     groups: dict[str, tuple[tuple[str, ...], str]] = {}
-    for kernel in kernels:  # exact names first, so renamed kernels cannot take a node that has its own
+    anchors: dict[str, ir.Node | None] = {}
+    for kernel in kernels:
         if kernel.name in nodes:
             groups[kernel.name] = ((kernel.name,), "exact")
             claimed.add(kernel.name)
-    for kernel in kernels:
-        if kernel.name in groups:
-            continue
-        members = [n for n in _renamed_group(kernel, nodes, producers) if n not in claimed]
-        groups[kernel.name] = (tuple(members), "renamed" if members else "unmatched")
+        else:
+            anchors[kernel.name] = _renamed_anchor(kernel.name, nodes, producers)
+    direct = [k for k in kernels if k.name in anchors and _is_op(anchors[k.name], k.op_name)]
+    traced = [k for k in kernels if k.name in anchors and not _is_op(anchors[k.name], k.op_name)]
+    for kernel in direct + traced:
+        anchor = anchors[kernel.name]
+        members = _fused_path(anchor, _base_op(kernel.op_name), claimed) if anchor is not None else ()
+        groups[kernel.name] = (members, "renamed" if members else "unmatched")
         claimed.update(members)
-
-    def macs_of(names: Sequence[str]) -> int | None:
-        if node_macs is None or not names:
-            return None
-        return sum(node_macs.get(n, 0) for n in names)
 
     layers = []
     for kernel in kernels:
         members, match = groups[kernel.name]
         time_ms = float(np.median(kernel.per_run_us)) / 1e3
-        macs = macs_of(members)
-        layers.append(
-            LayerTime(
-                kernel=kernel.name,
-                op_name=kernel.op_name,
-                nodes=members,
-                match=match,
-                time_ms=time_ms,
-                macs=macs,
-                gmacs_per_s=macs / (time_ms * 1e-3) / 1e9 if macs and time_ms > 0 else None,
-                provider=kernel.provider,
-            )
-        )
+        macs = sum(node_macs.get(n, 0) for n in members) if node_macs is not None and members else None
+        gmacs = macs / (time_ms * 1e-3) / 1e9 if macs and time_ms > 0 else None
+        layers.append(LayerTime(kernel.name, kernel.op_name, members, match, time_ms, macs, gmacs, kernel.provider))
     for name, node in nodes.items():
         if name not in claimed and node_macs is not None and node_macs.get(name, 0) > 0:
             layers.append(LayerTime(None, node.op_type, (name,), "absorbed", None, node_macs[name], None, None))
     return tuple(layers)
 
 
-def _renamed_group(kernel: _Kernel, nodes: Mapping[str, ir.Node], producers: Mapping[str, ir.Node]) -> list[str]:
-    """The model nodes an ORT-renamed kernel computes, from the node or value name ORT built its name from.
-
-    ORT names a fused kernel after the output value of its last node ("r_nchwc" for Conv+Relu
-    writing "r"): walk upstream from that node to the one whose op the kernel runs.
-    """
-    name = kernel.name
+def _renamed_anchor(kernel_name: str, nodes: Mapping[str, ir.Node], producers: Mapping[str, ir.Node]) -> ir.Node | None:
+    """The node an ORT-made kernel name comes from: ORT names fused kernels after a node or after the
+    output value of the last fused node ("r_nchwc" for Conv+Relu writing "r")."""
+    name = kernel_name
     for pattern in _ORT_NAME_PARTS:
         name = pattern.sub("", name)
-    anchor = nodes.get(name) or producers.get(name)
-    if anchor is None:
-        return []
-    base_op = _base_op(kernel.op_name)
-    path, node = [anchor], anchor
-    while node.op_type != base_op and len(path) <= FUSION_DEPTH:
-        node = next(
-            (v.producer() for v in node.inputs if v is not None and v.producer() is not None
-             and v.producer().op_type != "Constant"),
-            None,
-        )
-        if node is None:
-            break
-        path.append(node)
-    if node is None or node.op_type != base_op:
-        return [anchor.name]
-    return [n.name for n in reversed(path)]
+    return nodes.get(name) or producers.get(name)
+
+
+def _fused_path(anchor: ir.Node, base_op: str, claimed: set[str]) -> tuple[str, ...]:
+    """Nodes from the nearest unclaimed upstream node of `base_op` down to `anchor` (breadth first, so
+    a residual Add reaches its own Conv before the skip branch's); just the anchor if there is none."""
+    if anchor.name in claimed:
+        return ()
+    if anchor.op_type == base_op:
+        return (anchor.name,)
+    parent: dict[ir.Node, ir.Node] = {}
+    frontier = [anchor]
+    for _ in range(FUSION_DEPTH):
+        next_frontier = []
+        for node in frontier:
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is None or producer in parent or producer is anchor:
+                    continue
+                if producer.op_type == "Constant" or producer.name in claimed:
+                    continue
+                parent[producer] = node
+                if producer.op_type == base_op:
+                    path = [producer]
+                    while path[-1] is not anchor:
+                        path.append(parent[path[-1]])
+                    return tuple(n.name for n in path)
+                next_frontier.append(producer)
+        frontier = next_frontier
+    return (anchor.name,)
+
+
+def _is_op(node: ir.Node | None, kernel_op: str) -> bool:
+    return node is not None and node.op_type == _base_op(kernel_op)
 
 
 def _base_op(op_name: str) -> str:
     for prefix in _KERNEL_OP_PREFIXES:
         if op_name.startswith(prefix) and len(op_name) > len(prefix):
-            op_name = op_name[len(prefix):]
+            op_name = op_name[len(prefix) :]
             break
     for suffix in _KERNEL_OP_SUFFIXES:
         if op_name.endswith(suffix) and len(op_name) > len(suffix):
@@ -897,7 +922,7 @@ def render_table(report: BenchReport) -> Table:
     notes = [_row_note(row, env.requested_providers) for row in report.rows]
     if any(notes):
         table.add_column("note")
-    for row, note in zip(report.rows, notes):
+    for row, note in zip(report.rows, notes, strict=True):
         cells = [
             row.model,
             str(row.batch),
@@ -931,11 +956,12 @@ def render_layers(report: BenchReport, top: int = 15) -> list[Table]:
 
     tables = []
     for row in report.rows:
-        timed = sorted((l for l in row.layers if l.time_ms is not None), key=lambda l: -l.time_ms)
+        timed = sorted((layer for layer in row.layers if layer.time_ms is not None), key=lambda layer: -layer.time_ms)
         if not timed:
             continue
-        total = sum(l.time_ms for l in timed)
-        table = Table(title=f"Layers: {row.model} at batch {row.batch} (top {min(top, len(timed))} of {len(timed)} kernels)")
+        total = sum(layer.time_ms for layer in timed)
+        shown = min(top, len(timed))
+        table = Table(title=f"Layers: {row.model} at batch {row.batch} (top {shown} of {len(timed)} kernels)")
         for column in ("kernel", "op", "model nodes", "match", "ms", "share", "MACs", "GMAC/s", "realization"):
             table.add_column(column, justify="left" if column in ("kernel", "op", "model nodes", "match") else "right")
         for layer in timed[:top]:
@@ -991,7 +1017,8 @@ def progress_bar(console: Console | None = None) -> Iterator[ProgressCallback]:
         task = bar.add_task("timing", total=None)
 
         def update(event: BenchProgress) -> None:
-            bar.update(task, completed=event.done, total=event.total, description=f"{event.model} @ batch {event.batch}")
+            description = f"{event.model} @ batch {event.batch}"
+            bar.update(task, completed=event.done, total=event.total, description=description)
 
         yield update
 
@@ -1003,10 +1030,13 @@ __all__ = [
     "BenchProgress",
     "BenchReport",
     "BenchRow",
+    "KernelTime",
     "LayerTime",
     "Timing",
     "benchmark",
     "environment",
+    "kernel_times",
+    "map_layers",
     "parse_batch_sizes",
     "physical_cores",
     "progress_bar",

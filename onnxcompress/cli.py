@@ -90,14 +90,15 @@ def bench(
     json_out: JsonFlag = False,
 ) -> None:
     """Latency on ONNX Runtime, models interleaved; theoretical (MAC) vs measured speedup."""
-    from .bench import BenchOptions, benchmark, render_table
+    from .bench import BenchOptions, benchmark, progress_bar, render
     from .model import parse_input_shapes
 
     options = BenchOptions(
         provider=ep, batch_sizes=_parse_batches(batch), runs=runs, warmup=warmup, threads=threads,
         input_shapes=parse_input_shapes(input_shape), profile=profile,
     )
-    report = _with_progress("benchmarking", lambda progress: benchmark([str(m) for m in models], options, progress=progress))
+    with progress_bar(console) as progress:
+        report = benchmark([str(m) for m in models], options, progress=progress)
     if plot:
         from .plots import plot_speedups
 
@@ -105,7 +106,8 @@ def bench(
     if json_out:
         out.print_json(report.to_json())
     else:
-        console.print(render_table(report))
+        for table in render(report):
+            console.print(table)
         if plot:
             console.print(f"plot written to {plot}")
 
