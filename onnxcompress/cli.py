@@ -53,6 +53,7 @@ def analyze(
     input_shape: InputShapes = None,
     top: Annotated[int, typer.Option(help="How many layers to list by MACs.")] = 10,
     fold: Annotated[bool, typer.Option(help="Fold constant subgraphs first (weights stored as nodes count as weights).")] = True,
+    channels: Annotated[bool, typer.Option(help="Show the coupled channel groups and what blocks pruning.")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Ops, parameters, MACs/FLOPs, sizes, inputs/outputs and the heaviest layers of a model."""
@@ -70,6 +71,11 @@ def analyze(
         FoldConstants().run(m, PassContext(model=m))
     cost = analyze_cost(m, resolved)
     data = analysis_dict(m, cost, resolved, file_bytes=model.stat().st_size, top=top)
+    if channels:
+        from .analysis.channels import ChannelGraph, prepare
+        from .render import channel_groups_dict
+
+        data["channel_groups"] = channel_groups_dict(ChannelGraph.build(prepare(m), resolved))
     if json_out:
         out.print_json(json.dumps(data))
     else:
@@ -121,9 +127,15 @@ def optimize(
     input_shape: InputShapes = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the run report as JSON here.")] = None,
     verify: Annotated[bool, typer.Option(help="Check, load and compare the model after every pass.")] = True,
+    prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (adds prune-channels).")] = None,
+    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn or random.")] = None,
+    target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
+    round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Run a recipe of passes over MODEL and write the result to OUTPUT."""
+    """Run a recipe of passes over MODEL and write the result to OUTPUT.
+
+    Without --recipe the exact cleanup recipe runs; --prune/--target-macs add channel pruning."""
     from .calibration import Calibration
     from .errors import ModelLoadError
     from .model import load, parse_input_shapes, save
@@ -134,6 +146,15 @@ def optimize(
     if output.resolve() == model.resolve():
         raise ModelLoadError(f"{output}: output would overwrite the input model; choose another path")
     pipeline = Pipeline.from_recipe(recipe)
+    prune_options = {k: v for k, v in {"ratio": prune, "importance": importance, "target_macs": target_macs,
+                                       "round_to": round_to}.items() if v is not None}
+    if prune_options:
+        from .pipeline import build_pass
+
+        existing = [p.options() for p in pipeline.passes if p.name == "prune-channels"]
+        spec = {**(existing[0] if existing else {}), **prune_options, "type": "prune-channels"}
+        pipeline.passes = [p for p in pipeline.passes if p.name != "prune-channels"]
+        pipeline.passes.append(build_pass(spec, where="--prune options"))
     if not verify:
         pipeline.verify = VerifyOptions(enabled=False)
     shapes = parse_input_shapes(input_shape)

@@ -139,6 +139,9 @@ class Pipeline:
         reference = outputs(original, feeds, "input model") if self.verify.enabled else []
 
         current = load(original)  # passes work on a copy; the original stays the reference
+        notes = []
+        if _fill_output_shapes(current):
+            notes.append("graph output shapes were missing and have been inferred (the full checker requires them)")
         ctx.model, ctx._cache = current, {}
         records: list[PassRecord] = []
         fidelity: Fidelity | None = None
@@ -163,7 +166,6 @@ class Pipeline:
                 )
             )
         after: ModelStats = ctx.get(cost_analysis).stats
-        notes = []
         if self.verify.enabled and calibration is None:
             notes.append(f"verified on {feed_source} inputs: pass --calib for fidelity on real data")
         report = RunReport(
@@ -177,6 +179,19 @@ class Pipeline:
         if ctx.calibration is not None:
             return list(ctx.calibration.batches(1, limit=n)), ctx.calibration.source
         return random_feeds(model, ctx.input_shapes, count=n, seed=self.verify.seed), f"random (seed {self.verify.seed})"
+
+
+def _fill_output_shapes(model: ir.Model) -> bool:
+    """Infer the shapes of graph outputs that declare none (symbolic dims stay symbolic)."""
+    if all(v.shape is not None for v in model.graph.outputs):
+        return False
+    import onnx_ir.passes.common as common
+
+    try:
+        common.ShapeInferencePass(strict_mode=False)(model)
+    except Exception:  # verification will report what is wrong, with the pass name
+        return False
+    return all(v.shape is not None for v in model.graph.outputs)
 
 
 # ---------------------------------------------------------------------------- recipes

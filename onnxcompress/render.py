@@ -64,6 +64,33 @@ def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> No
     for n in data["top_layers"]:
         layers.add_row(n["name"], n["op_type"], human(n["macs"]), f"{100 * n['macs'] / total:.1f}%", human(n["params"]))
     console.print(layers)
+    if "channel_groups" in data:
+        render_channel_groups(console, data["channel_groups"])
+
+
+def channel_groups_dict(graph) -> dict[str, Any]:
+    """The channel groups of a ChannelGraph as data: sizes, sources, prunable units, blocking reasons."""
+    groups = []
+    for g in graph.groups:
+        reasons = sorted(set(g.frozen.values()))
+        groups.append({"id": g.id, "sources": g.sources, "channels": g.channels, "units": len(g.classes),
+                       "prunable_units": len(g.prunable), "members": g.members, "blocked_by": reasons})
+    total = sum(x["units"] for x in groups)
+    prunable = sum(x["prunable_units"] for x in groups)
+    return {"groups": groups, "units": total, "prunable_units": prunable,
+            "blocked_fraction": (total - prunable) / total if total else 0.0}
+
+
+def render_channel_groups(console: Console, data: Mapping[str, Any]) -> None:
+    table = Table(title=f"channel groups: {data['prunable_units']} of {data['units']} units prunable "
+                        f"({100 * data['blocked_fraction']:.1f}% blocked)", title_justify="left")
+    for col in ("group", "sources", "channels", "units", "prunable", "blocked by"):
+        table.add_column(col, justify="right" if col in ("group", "channels", "units", "prunable") else "left")
+    for g in data["groups"]:
+        sources = ", ".join(g["sources"][:3]) + (f" +{len(g['sources']) - 3}" if len(g["sources"]) > 3 else "")
+        table.add_row(str(g["id"]), sources, str(g["channels"]), str(g["units"]), str(g["prunable_units"]),
+                      "; ".join(g["blocked_by"][:2]))
+    console.print(table)
 
 
 def render_run(console: Console, report: RunReport) -> None:

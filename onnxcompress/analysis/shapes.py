@@ -20,10 +20,8 @@ The caller's model is never modified.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -36,10 +34,13 @@ from ..model import graph_inputs, input_dtype, resolve_input_shapes
 SMALL_TENSOR_ELEMENTS = 1024
 #: Dtypes whose constants are shapes, indices or axes: always kept with their data.
 _INDEX_DTYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32})
-#: Protobuf cannot serialize a model above 2 GiB in one piece.
-_PROTO_LIMIT = 2**31 - 2**20
+#: onnxruntime's symbolic shape inference refuses older models.
+_SYMBOLIC_MIN_OPSET = 7
 #: Operator domains onnxruntime's CPU provider implements.
 _ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+#: Ops whose output shapes depend on input values: a run on zeros would give the wrong shape for
+#: them and everything downstream, so those values are left unknown.
+_DATA_DEPENDENT_SHAPE_OPS = frozenset({"NonZero", "NonMaxSuppression", "Unique", "Compress", "Loop", "If"})
 
 _log = logging.getLogger(__name__)
 
@@ -114,11 +115,10 @@ def _missing(wanted: Mapping[str, ir.Value], found: Mapping[str, ShapeInfo]) -> 
 def _merge(found: dict[str, ShapeInfo], new: Mapping[str, ShapeInfo]) -> None:
     """Take a new result where the old one is missing or unknown; keep a known dtype."""
     for name, info in new.items():
-        old = found.get(name)
-        if old is None or (not old.known and info.known):
-            found[name] = ShapeInfo(info.shape, info.dtype if info.dtype is not None else (old and old.dtype))
-        elif old.dtype is None and info.dtype is not None:
-            found[name] = ShapeInfo(old.shape, info.dtype)
+        old = found.get(name, ShapeInfo(None, None))
+        shape = old.shape if old.known else info.shape
+        dtype = old.dtype if old.dtype is not None else info.dtype
+        found[name] = ShapeInfo(shape, dtype)
 
 
 def _declared(value: ir.Value) -> ShapeInfo:
@@ -158,7 +158,7 @@ def _light_proto(model: ir.Model, static_inputs: Mapping[str, tuple[int, ...]]) 
     proto = onnx.helper.make_model(
         graph,
         opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()],
-        ir_version=model.ir_version,
+        ir_version=max(model.ir_version, 4),  # IR 4+: initializers need not be listed as inputs
     )
     for function in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(function))
@@ -239,6 +239,12 @@ def _symbolic_inference(light: onnx.ModelProto) -> dict[str, ShapeInfo]:
     # The loop of SymbolicShapeInference.infer_shapes, minus its ending: on an incomplete result
     # that method writes "sym_shape_infer_temp.onnx" into the working directory and raises, and
     # the partial result is still worth having.
+    if _default_opset(light) < _SYMBOLIC_MIN_OPSET:
+        return {}
+    # Its warnings are about merging symbolic dims; with static inputs they are noise to a user.
+    engine_log = logging.getLogger(SymbolicShapeInference.__module__)
+    level = engine_log.level
+    engine_log.setLevel(logging.ERROR)
     try:
         engine = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0)
         engine._preprocess(light)
@@ -248,6 +254,12 @@ def _symbolic_inference(light: onnx.ModelProto) -> dict[str, ShapeInfo]:
     except Exception as exc:
         _log.debug("symbolic shape inference failed: %s", exc)
         return {}
+    finally:
+        engine_log.setLevel(level)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 # ---------------------------------------------------------------- tier 3: one ORT run
@@ -258,9 +270,9 @@ def _runtime_shapes(
 ) -> dict[str, ShapeInfo]:
     """Run the nodes the missing values depend on once, as extra outputs, and read their shapes.
 
-    Runs the light copy: declared weights are fed zeros (np.zeros does not touch memory until
-    read), so no weight is copied; only integer and small constants, kept with their data, can
-    steer a shape.
+    Runs the light copy: declared weights are fed zeros (untouched pages of np.zeros cost no
+    memory), so no weight is copied; only integer and small constants, kept with their data, can
+    steer a shape. Values whose shapes depend on input data are not run: they stay unknown.
     """
     try:
         import onnxruntime as ort
@@ -276,11 +288,10 @@ def _runtime_shapes(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        with tempfile.TemporaryDirectory(prefix="onnxcompress-shapes-") as tmp:
-            session = ort.InferenceSession(_serialized(proto, Path(tmp)), options, providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            needed = {i.name for i in session.get_inputs()}
-            results = session.run(names, {k: v for k, v in feeds.items() if k in needed})
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        needed = {i.name for i in session.get_inputs()}
+        results = session.run(names, {k: v for k, v in feeds.items() if k in needed})
     except Exception as exc:  # unsupported ops, invalid graphs: leave the values unknown
         _log.debug("shape inference by running the model failed: %s", exc)
         return {}
@@ -300,7 +311,8 @@ def _runnable(light: onnx.ModelProto) -> bool:
 def _needed_for(light: onnx.ModelProto, missing: Sequence[str], found: Mapping[str, ShapeInfo]) -> onnx.ModelProto:
     """The light copy cut down to the nodes the missing values depend on, which become its outputs."""
     produced = {out for node in light.graph.node for out in node.output if out}
-    targets = [name for name in missing if name in produced]
+    data_dependent = _data_dependent_shapes(light.graph)
+    targets = [name for name in missing if name in produced and name not in data_dependent]
     wanted = set(targets)
     kept: list[onnx.NodeProto] = []
     for node in reversed(light.graph.node):
@@ -316,6 +328,15 @@ def _needed_for(light: onnx.ModelProto, missing: Sequence[str], found: Mapping[s
     proto.CopyFrom(light)  # the light copy holds no large weights: cheap
     proto.graph.CopyFrom(graph)
     return proto
+
+
+def _data_dependent_shapes(graph: onnx.GraphProto) -> set[str]:
+    """Values downstream of an op whose output shape depends on input values (NonZero, ...)."""
+    tainted: set[str] = set()
+    for node in graph.node:
+        if node.op_type in _DATA_DEPENDENT_SHAPE_OPS or tainted.intersection(_node_inputs(node)):
+            tainted.update(node.output)
+    return tainted
 
 
 def _node_inputs(node: onnx.NodeProto) -> set[str]:
@@ -337,8 +358,8 @@ def _feeds(inputs: Iterable[onnx.ValueInfoProto]) -> dict[str, np.ndarray] | Non
         if shape_info.shape is None or shape_info.dtype is None:
             return None
         dtype = shape_info.dtype
-        fill = 0 if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating) else 1
-        feeds[info.name] = np.zeros(shape_info.shape, dtype) if fill == 0 else np.ones(shape_info.shape, dtype)
+        is_float = np.issubdtype(dtype, np.inexact)
+        feeds[info.name] = (np.zeros if is_float else np.ones)(shape_info.shape, dtype)
     return feeds
 
 
@@ -347,12 +368,3 @@ def _output_info(name: str, info: ShapeInfo | None) -> onnx.ValueInfoProto:
     if info is not None and info.dtype is not None:
         output.type.tensor_type.elem_type = ir.DataType.from_numpy(info.dtype).value
     return output
-
-
-def _serialized(proto: onnx.ModelProto, folder: Path) -> bytes | str:
-    """Bytes for ORT, or a file with external data for a model past protobuf's 2 GiB limit."""
-    if proto.ByteSize() < _PROTO_LIMIT:
-        return proto.SerializeToString()
-    path = folder / "model.onnx"
-    onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-    return str(path)

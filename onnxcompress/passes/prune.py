@@ -1,0 +1,204 @@
+"""PruneChannels: structured channel (filter) pruning over coupled channel groups.
+
+The channel graph (analysis/channels.py) says which channels must go together; this pass ranks the
+prunable units of every group, decides how many to remove (uniform ratio, global ranking, or a MAC
+target), and slices them out physically. Removed channel indices are recorded per group so anyone
+can check the result against the original with those channels masked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ..analysis.channels import ChannelGraph, prepare
+from ..model import load
+from ..pipeline import Pass, PassContext, PassResult
+
+
+@dataclass
+class PruneChannels(Pass):
+    """Remove the least important channels of every prunable group."""
+
+    name: ClassVar[str] = "prune-channels"
+    exact: ClassVar[bool] = False
+
+    ratio: float = 0.3  # fraction of each group's channels to remove (or of all channels, global)
+    allocation: Literal["uniform", "global"] = "uniform"
+    importance: Literal["l2", "l1", "bn", "random"] = "l2"
+    target_macs: float | None = None  # keep this fraction of the MACs; overrides `ratio`
+    max_group_ratio: float = 0.8  # never remove more than this fraction of one group
+    round_to: int = 8  # kept channel counts are multiples of this (ORT CPU kernels pad to blocks)
+    protect: tuple[str, ...] = ()  # node names whose output channels are never pruned
+    seed: int = 0  # for importance "random"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ValueError(f"target_macs must be in (0, 1], got {self.target_macs}")
+        if not 0.0 < self.max_group_ratio < 1.0:
+            raise ValueError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        prepare(model)
+        graph = ChannelGraph.build(model, ctx.input_shapes)
+        scores = self._scores(graph)
+        protected = self._protected(graph)
+        if self.target_macs is not None:
+            ratio, removed = self._search_target(model, graph, scores, protected, ctx)
+        else:
+            ratio, removed = self.ratio, self._decide(graph, scores, protected, self.ratio)
+        records = _group_records(graph, removed)
+        blocked = sum(len(g.frozen) for g in graph.groups)
+        total = sum(len(g.classes) for g in graph.groups)
+        details = {
+            "ratio": ratio,
+            "importance": self.importance,
+            "allocation": self.allocation,
+            "channels": total,
+            "blocked_channels": blocked,
+            "blocked_fraction": blocked / total if total else 0.0,
+            "removed_units": len(removed),
+            "groups": records,
+            "blocked_reasons": sorted({g.frozen[c] for g in graph.groups for c in g.frozen}),
+        }
+        if removed:
+            graph.prune(removed)
+        changes = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['channels']} -> {r['kept']} channels"
+                   for r in records if r["removed"]]
+        skipped = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['frozen_reason']}"
+                   for r in records if r["frozen_reason"] and not r["removed"]]
+        return self.result(model, changes=changes, skipped=skipped, details=details, modified=bool(removed))
+
+    # ------------------------------------------------------------------ ranking and allocation
+
+    def _scores(self, graph: ChannelGraph) -> dict[int, float]:
+        if self.importance == "random":
+            rng = np.random.default_rng(self.seed)
+            return {c: float(rng.random()) for g in graph.groups for c in g.classes}
+        if self.importance == "bn":
+            scores = _bn_scores(graph)
+            if scores:
+                return scores
+        return graph.importance("l1" if self.importance == "l1" else "l2")
+
+    def _protected(self, graph: ChannelGraph) -> set[int]:
+        if not self.protect:
+            return set()
+        names = set(self.protect)
+        return {c for g in graph.groups if names & set(g.sources) for c in g.classes}
+
+    def _decide(self, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int], ratio: float) -> set[int]:
+        """Classes to remove: per group, the `ratio` least important (uniform), or the least important
+        across all groups after normalizing each group's scores by its mean (global)."""
+        quota: dict[int, int] = {}
+        candidates = {g.id: sorted((c for c in g.prunable if c not in protected), key=lambda c: scores.get(c, 0.0))
+                      for g in graph.groups}
+        if self.allocation == "uniform":
+            for g in graph.groups:
+                quota[g.id] = int(math.floor(ratio * len(g.classes)))
+        else:
+            ranked = []
+            for g in graph.groups:
+                values = [scores.get(c, 0.0) for c in g.classes]
+                mean = float(np.mean(values)) if values and np.mean(values) > 0 else 1.0
+                ranked += [(scores.get(c, 0.0) / mean, g.id) for c in candidates[g.id]]
+            ranked.sort()
+            budget = int(math.floor(ratio * sum(len(g.classes) for g in graph.groups)))
+            counts: dict[int, int] = {g.id: 0 for g in graph.groups}
+            limit = {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
+            for _, gid in ranked:
+                if budget <= 0:
+                    break
+                if counts[gid] < limit[gid]:
+                    counts[gid] += 1
+                    budget -= 1
+            quota = counts
+        removed: set[int] = set()
+        for g in graph.groups:
+            n = len(g.classes)
+            k = min(quota.get(g.id, 0), int(self.max_group_ratio * n), len(candidates[g.id]))
+            k = _round_removal(n, k, self.round_to)
+            removed.update(candidates[g.id][:k])
+        return removed
+
+    def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
+        """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs
+        (bisection on trial copies; class ids are deterministic for the same model)."""
+        from ..analysis.cost import analyze_cost
+
+        base = analyze_cost(model, ctx.input_shapes).stats.macs
+        cache: dict[float, tuple[float, set[int]]] = {}
+
+        def macs_at(ratio: float) -> tuple[float, set[int]]:
+            if ratio not in cache:
+                removed = self._decide(graph, scores, protected, ratio)
+                trial = load(model)
+                trial_graph = ChannelGraph.build(trial, ctx.input_shapes)
+                trial_graph.prune(removed)
+                cache[ratio] = (analyze_cost(trial, ctx.input_shapes).stats.macs / base, removed)
+            return cache[ratio]
+
+        lo, hi = 0.0, self.max_group_ratio - 1e-9
+        if macs_at(hi)[0] > self.target_macs:
+            return hi, macs_at(hi)[1]  # the target is out of reach; prune as far as allowed
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if macs_at(mid)[0] <= self.target_macs:
+                hi = mid
+            else:
+                lo = mid
+        return hi, macs_at(hi)[1]
+
+
+def _round_removal(n: int, k: int, round_to: int) -> int:
+    """Adjust a removal count so the kept count is a multiple of `round_to` (never below round_to)."""
+    if round_to <= 1 or k <= 0 or n <= round_to:
+        return max(k, 0)
+    kept = n - k
+    kept = max(round_to, int(math.ceil(kept / round_to)) * round_to)
+    return max(0, n - kept)
+
+
+def _bn_scores(graph: ChannelGraph) -> dict[int, float]:
+    """|gamma| of BatchNormalization layers, summed per class (empty when the model has no BN)."""
+    gammas = {n.inputs[1].name for n in graph.model.graph if n.op_type == "BatchNormalization"}
+    scores: dict[int, float] = {}
+    for s in graph.slices:
+        if s.value.name in gammas and s.value.const_value is not None:
+            for root, value in zip(graph.class_of(s.atoms), np.abs(s.value.const_value.numpy()).ravel()):
+                scores[int(root)] = scores.get(int(root), 0.0) + float(value)
+    return scores
+
+
+def _group_records(graph: ChannelGraph, removed: set[int]) -> list[dict]:
+    """Per group: its sources, channel counts, the removed channel indices of its first source."""
+    records = []
+    first_atoms = {}
+    for name, atoms in graph.sources:
+        first_atoms.setdefault(name, atoms)
+    for g in graph.groups:
+        atoms = first_atoms[g.sources[0]]
+        roots = graph.class_of(atoms)
+        gone = np.flatnonzero(np.isin(roots, list(removed))) if removed else np.array([], int)
+        records.append({
+            "id": g.id,
+            "sources": g.sources,
+            "channels": g.channels,
+            "kept": g.channels - len(gone),
+            "units": len(g.classes),
+            "prunable_units": len(g.prunable),
+            "frozen_units": len(g.frozen),
+            "removed": [int(i) for i in gone],
+            "frozen_reason": next(iter(g.frozen.values()), None) if len(g.frozen) == len(g.classes) else None,
+        })
+    return records
+
