@@ -149,3 +149,24 @@ def test_console_script_exit_code_for_missing_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnxcompress", "analyze", str(tmp_path / "nope.onnx")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_two_models_json_and_plot(capsys, tmp_path, model_path):
+    pruned = tmp_path / "pruned.onnx"
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", pruned, "--prune", "0.5", "--round-to", "1")
+    assert code == 0, err
+    plot = tmp_path / "speedup.png"
+    code, out, err = run_cli(capsys, "bench", model_path, pruned, "--runs", "20", "--batch", "1,4", "--json",
+                             "--plot", plot)
+    assert code == 0, err
+    data = json.loads(out)
+    assert sorted((r["model"] == data["baseline"], r["batch"]) for r in data["rows"]) == [
+        (False, 1), (False, 4), (True, 1), (True, 4)]
+    for row in data["rows"]:
+        assert row["supported"] and row["timing"]["runs"] == 20 and row["timing"]["median_ms"] > 0
+    pr = [r for r in data["rows"] if r["model"] != data["baseline"] and r["batch"] == 1][0]
+    bs = [r for r in data["rows"] if r["model"] == data["baseline"] and r["batch"] == 1][0]
+    assert pr["theoretical_speedup"] == pytest.approx(bs["macs"] / pr["macs"])
+    assert pr["measured_speedup"] == pytest.approx(bs["timing"]["median_ms"] / pr["timing"]["median_ms"])
+    assert pr["realization"] == pytest.approx(pr["measured_speedup"] / pr["theoretical_speedup"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
