@@ -112,6 +112,15 @@ class Calibration:
         return cls(feeds, f"random (seed {seed})", is_random=True)
 
 
+def batch_size_for(model: ir.Model, requested: int) -> int:
+    """`requested`, unless an input fixes its leading (batch) dimension: then that size."""
+    for value in graph_inputs(model):
+        dims = list(value.shape.dims) if value.shape is not None else []
+        if dims and isinstance(dims[0], int) and dims[0] > 0:
+            return dims[0]
+    return requested
+
+
 def _fit_to_input(value: ir.Value, array: np.ndarray, source: str) -> np.ndarray:
     dtype = input_dtype(value)
     if value.shape is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import yaml
 
-from .calibration import Calibration
+from .calibration import Calibration, batch_size_for
 from .errors import RecipeError
 from .model import ModelLike, load, resolve_input_shapes
 from .report import Fidelity, ModelStats, PassRecord, RunReport
@@ -177,7 +177,9 @@ class Pipeline:
     def _verification_feeds(self, model: ir.Model, ctx: PassContext) -> tuple[list[dict[str, np.ndarray]], str]:
         n = self.verify.samples
         if ctx.calibration is not None:
-            return list(ctx.calibration.batches(1, limit=n)), ctx.calibration.source
+            size = batch_size_for(model, 1)
+            feeds = [f for f in ctx.calibration.batches(size, limit=max(n, size)) if len(next(iter(f.values()))) == size]
+            return feeds, ctx.calibration.source
         return random_feeds(model, ctx.input_shapes, count=n, seed=self.verify.seed), f"random (seed {self.verify.seed})"
 
 

@@ -141,3 +141,28 @@ def test_verification_of_pruned_model_on_random_inputs_is_labelled():
     pipeline.verify = VerifyOptions(samples=2)
     report = pipeline.run(conv_bn_relu_gemm(channels=16)).report
     assert report.fidelity.inputs.startswith("random")
+
+
+@pytest.mark.parametrize("importance", ["apoz", "activation"])
+def test_activation_importance_removes_dead_channels(importance):
+    """Channels whose ReLU output is always zero on the calibration data are the first to go."""
+    from onnxcompress.calibration import Calibration
+
+    model = _wide_model(16)
+    dead = [1, 5, 9, 14]
+    bn_beta = model.graph.initializers["bn1_beta"].const_value.numpy().copy()
+    bn_beta[dead] = -1e3  # after BN and ReLU these channels are always 0
+    model.graph.initializers["bn1_beta"].const_value = ir.tensor(bn_beta, name="bn1_beta")
+    calib = Calibration.random(model, {"x": (1, 3, 6, 6)}, count=16, seed=2)
+    p = PruneChannels(ratio=0.25, round_to=1, importance=importance)
+    result = p.run(model, PassContext(model=model, calibration=calib, input_shapes={"x": (1, 3, 6, 6)}))
+    group = next(g for g in result.record.details["groups"] if g["sources"] == ["conv1"])
+    assert group["removed"] == dead
+
+
+def test_activation_importance_needs_calibration():
+    from onnxcompress.errors import OnnxCompressError
+
+    model = _wide_model(16)
+    with pytest.raises(OnnxCompressError, match="needs calibration data"):
+        PruneChannels(importance="apoz").run(model, PassContext(model=model, input_shapes={"x": (1, 3, 6, 6)}))

@@ -325,6 +325,41 @@ class ChannelGraph:
                 scores[int(root)] += float(value)
         return dict(scores)
 
+    def sink_inputs(self) -> dict[str, int]:
+        """Activations that consumers of tracked channels read (value name -> channel axis): where
+        activation statistics say how much each channel matters."""
+        nodes = {n.name: n for n in self.model.graph}
+        found: dict[str, int] = {}
+        for s in self.slices:
+            if s.role != "in":
+                continue
+            node = nodes[s.node]
+            x = node.inputs[0]
+            shape = self.shape(x)
+            if shape is None:
+                continue
+            found[x.name] = len(shape) - 1 if node.op_type == "MatMul" else 1
+        return found
+
+    def activation_importance(self, stats, kind: str = "mean_abs") -> dict[int, float]:
+        """Per class, from statistics of the sink inputs: mean |x| ("mean_abs") or 1 - APoZ ("apoz"),
+        each sink's vector divided by its mean, summed over the sinks that read the class."""
+        nodes = {n.name: n for n in self.model.graph}
+        scores: dict[int, float] = defaultdict(float)
+        for s in self.slices:
+            if s.role != "in":
+                continue
+            channel = stats.values.get(nodes[s.node].inputs[0].name)
+            if channel is None or len(channel.total) != len(s.atoms):
+                continue
+            per = channel.mean_abs if kind == "mean_abs" else 1.0 - channel.apoz
+            mean = float(per.mean())
+            if mean <= 0:
+                continue
+            for root, value in zip(self.class_of(s.atoms), per / mean):
+                scores[int(root)] += float(value)
+        return dict(scores)
+
     # ---------------------------------------------------------------- applying a decision
 
     def prune(self, removed: Iterable[int]) -> ir.Model:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..analysis.channels import ChannelGraph, prepare
+from ..errors import OnnxCompressError
 from ..model import load
 from ..pipeline import Pass, PassContext, PassResult
 
@@ -30,12 +31,13 @@ class PruneChannels(Pass):
 
     ratio: float = 0.3  # fraction of each group's channels to remove (or of all channels, global)
     allocation: Literal["uniform", "global"] = "uniform"
-    importance: Literal["l2", "l1", "bn", "random"] = "l2"
+    importance: Literal["l2", "l1", "bn", "activation", "apoz", "random"] = "l2"
     target_macs: float | None = None  # keep this fraction of the MACs; overrides `ratio`
     max_group_ratio: float = 0.8  # never remove more than this fraction of one group
     round_to: int = 8  # kept channel counts are multiples of this (ORT CPU kernels pad to blocks)
     protect: tuple[str, ...] = ()  # node names whose output channels are never pruned
     seed: int = 0  # for importance "random"
+    calibration_samples: int = 256  # samples used for activation statistics
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -50,7 +52,17 @@ class PruneChannels(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         prepare(model)
         graph = ChannelGraph.build(model, ctx.input_shapes)
-        scores = self._scores(graph)
+        notes: list[str] = []
+        stats = None
+        if self.importance in ("activation", "apoz"):
+            if ctx.calibration is None:
+                raise OnnxCompressError(f"importance '{self.importance}' needs calibration data (--calib)")
+            from ..analysis.activations import collect
+
+            stats = collect(model, graph.sink_inputs(), ctx.calibration, limit=self.calibration_samples)
+            if ctx.calibration.is_random:
+                notes.append("activation importance measured on random data")
+        scores = self._scores(graph, stats)
         protected = self._protected(graph)
         if self.target_macs is not None:
             ratio, removed = self._search_target(model, graph, scores, protected, ctx)
@@ -69,6 +81,7 @@ class PruneChannels(Pass):
             "removed_units": len(removed),
             "groups": records,
             "blocked_reasons": sorted({g.frozen[c] for g in graph.groups for c in g.frozen}),
+            "notes": notes,
         }
         if removed:
             graph.prune(removed)
@@ -80,7 +93,9 @@ class PruneChannels(Pass):
 
     # ------------------------------------------------------------------ ranking and allocation
 
-    def _scores(self, graph: ChannelGraph) -> dict[int, float]:
+    def _scores(self, graph: ChannelGraph, stats=None) -> dict[int, float]:
+        if stats is not None:
+            return graph.activation_importance(stats, "mean_abs" if self.importance == "activation" else "apoz")
         if self.importance == "random":
             rng = np.random.default_rng(self.seed)
             return {c: float(rng.random()) for g in graph.groups for c in g.classes}
