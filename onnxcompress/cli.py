@@ -180,6 +180,28 @@ def optimize(
 
 
 @app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the compressed model.")] = Path("onnxcompress-demo"),
+    recipe: Annotated[str, typer.Option(help="Recipe to run (see `onnxcompress recipes`).")] = "demo",
+    runs: Annotated[int, typer.Option(help="Timed runs per model and batch.")] = 30,
+    json_out: JsonFlag = False,
+) -> None:
+    """Compress the bundled digits CNN and show accuracy, MACs, size and latency before and after."""
+    from .bench import progress_bar
+    from .demo import run_demo
+    from .render import render_demo
+
+    console.print("compressing the bundled CNN (trained on scikit-learn's digits) ...")
+    with progress_bar(console) as progress:
+        result = run_demo(output_dir, recipe=recipe, runs=runs,
+                          on_pass=lambda name: console.print(f"  running {name}"), progress=progress)
+    if json_out:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        render_demo(console, result)
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     from .pipeline import RECIPES_DIR, load_recipe, recipe_names

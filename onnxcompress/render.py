@@ -123,3 +123,28 @@ def fidelity_line(f: Fidelity) -> str:
     if f.top1_agreement is not None:
         parts.append(f"top-1 agreement {100 * f.top1_agreement:.1f}%")
     return ", ".join(parts) + f" ({f.samples} samples, {f.inputs})"
+
+
+def render_demo(console: Console, demo) -> None:
+    """Before/after: accuracy on the held-out digits, params, MACs, file size, latency."""
+    r = demo.report
+    table = Table(title="bundled digits CNN: original vs compressed", title_justify="left")
+    for col in ("", "original", "compressed", "change"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row(f"accuracy ({demo.test_samples} held-out digits)", f"{100 * demo.accuracy_before:.2f}%",
+                  f"{100 * demo.accuracy_after:.2f}%", f"{100 * (demo.accuracy_after - demo.accuracy_before):+.2f} pts")
+    for label, x, y, unit in (("parameters", r.before.params, r.after.params, ""), ("MACs per image", r.before.macs, r.after.macs, ""),
+                              ("file size", r.before.file_bytes, r.after.file_bytes, "B")):
+        table.add_row(label, human(x, unit), human(y, unit), f"{x / y:.2f}x smaller" if x and y else "-")
+    for batch in sorted({row.batch for row in demo.bench.rows}):
+        base = demo.bench.row("original", batch)
+        cand = demo.bench.row("compressed", batch)
+        if base.timing is None or cand.timing is None:
+            continue
+        table.add_row(f"latency, batch {batch} (ORT CPU median)", f"{base.timing.median_ms:.3f} ms",
+                      f"{cand.timing.median_ms:.3f} ms", f"{cand.measured_speedup:.2f}x faster")
+    console.print(table)
+    for p in r.passes:
+        mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
+        console.print(f"  {p.name}: {mark}, {len(p.changes)} changes in {p.seconds:.2f}s")
+    console.print(f"  compressed model written to {demo.output}")

@@ -139,6 +139,19 @@ class Contraction:
     atoms: np.ndarray
 
 
+@dataclass(frozen=True)
+class Sink:
+    """A consumer layer reading tracked channels: what recovery refits after pruning."""
+
+    node: str  # node name (unchanged by pruning)
+    op_type: str  # Conv, Gemm or MatMul
+    weight: str  # initializer name
+    axis: int  # weight axis indexing the input channels
+    input: str  # name of the activation it reads
+    input_axis: int  # channel axis of that activation
+    keep: np.ndarray  # bool per original input position: kept after pruning
+
+
 @dataclass
 class Group:
     """Classes that share a source: pruned with one ratio, ranked against each other."""
@@ -340,6 +353,24 @@ class ChannelGraph:
                 continue
             found[x.name] = len(shape) - 1 if node.op_type == "MatMul" else 1
         return found
+
+    def sinks(self, removed: Iterable[int]) -> list[Sink]:
+        """Consumers that lose input channels when `removed` is pruned, in graph order."""
+        removed = {int(self.uf.find(int(c))) for c in removed}
+        nodes = {n.name: n for n in self.model.graph}
+        order = {n.name: i for i, n in enumerate(self.model.graph)}
+        found = []
+        for s in self.slices:
+            if s.role != "in":
+                continue
+            keep = self.kept(s.atoms, removed)
+            if keep.all():
+                continue
+            node = nodes[s.node]
+            rank = len(self.shape(node.inputs[0]) or ())
+            axis = rank - 1 if node.op_type == "MatMul" else 1
+            found.append(Sink(node.name, node.op_type, s.value.name, s.axis, node.inputs[0].name, axis, keep))
+        return sorted(found, key=lambda k: order[k.node])
 
     def activation_importance(self, stats, kind: str = "mean_abs") -> dict[int, float]:
         """Per class, from statistics of the sink inputs: mean |x| ("mean_abs") or 1 - APoZ ("apoz"),

@@ -37,7 +37,11 @@ class PruneChannels(Pass):
     round_to: int = 8  # kept channel counts are multiples of this (ORT CPU kernels pad to blocks)
     protect: tuple[str, ...] = ()  # node names whose output channels are never pruned
     seed: int = 0  # for importance "random"
-    calibration_samples: int = 256  # samples used for activation statistics
+    calibration_samples: int = 256  # samples used for activation statistics and recovery
+    # Training-free recovery when calibration data is given: "bias" compensates each consumer's bias
+    # with the removed channels' mean activation; "refit" also refits the consumers' weights by ridge
+    # least squares to the original model's outputs (held-out samples choose the ridge strength).
+    recover: Literal["none", "bias", "refit"] = "refit"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -83,8 +87,17 @@ class PruneChannels(Pass):
             "blocked_reasons": sorted({g.frozen[c] for g in graph.groups for c in g.frozen}),
             "notes": notes,
         }
+        recovery_inputs = None
+        if removed and self.recover != "none" and ctx.calibration is not None:
+            recovery_inputs = (load(model), graph.sinks(removed))  # the unpruned weights, before slicing
         if removed:
             graph.prune(removed)
+        if recovery_inputs is not None:
+            from .recover import recover
+
+            original, sinks = recovery_inputs
+            details["recovery"] = recover(original, model, sinks, ctx.calibration, mode=self.recover,
+                                          samples=self.calibration_samples, seed=self.seed)
         changes = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['channels']} -> {r['kept']} channels"
                    for r in records if r["removed"]]
         skipped = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['frozen_reason']}"
