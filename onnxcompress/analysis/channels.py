@@ -135,7 +135,7 @@ class Contraction:
 
     node: ir.Node
     input_index: int
-    axis: int
+    axes: tuple[int, ...]  # the operand's channel axes (its whole layout, so per-head masks stay per head)
     atoms: np.ndarray
 
 
@@ -469,7 +469,8 @@ class ChannelGraph:
             operand = node.inputs[c.input_index]
             rank = len(self.shape(c.node.inputs[c.input_index]))
             shape = [1] * rank
-            shape[c.axis] = len(keep)
+            for ax, size in zip(c.axes, keep.shape):
+                shape[ax] = size
             const = ir.Value(name=f"{node.name}_mask{c.input_index}",
                              const_value=ir.tensor(keep.astype(np.float32).reshape(shape)))
             masked.graph.register_initializer(const)
@@ -843,8 +844,8 @@ def _matmul_activations(g: ChannelGraph, node: ir.Node, la, lb, ra: int, rb: int
         if b_atoms.shape != la.atoms.shape:
             return fail("operands' channel sizes differ")
         g.uf.union_arrays(la.atoms, b_atoms)
-        g.contractions.append(Contraction(node, 0, a_k, _along(la, a_k)))
-        g.contractions.append(Contraction(node, 1, b_k, _along(lb, b_k)))
+        g.contractions.append(Contraction(node, 0, la.axes, la.atoms))
+        g.contractions.append(Contraction(node, 1, lb.axes, lb.atoms))
     # The output carries the operands' remaining channel axes.
     parts = []
     for lay, mapping, k in ((la, out_a, a_k), (lb, out_b, b_k)):
@@ -865,9 +866,18 @@ def _matmul_activations(g: ChannelGraph, node: ir.Node, la, lb, ra: int, rb: int
     if not parts:
         return
     if len(parts) == 2:
-        if parts[0].axes != parts[1].axes or parts[0].atoms.shape != parts[1].atoms.shape:
+        small, large = sorted(parts, key=lambda p: len(p.axes))
+        if not set(small.axes) <= set(large.axes):
             return fail("operands carry channels on different output axes")
-        g.uf.union_arrays(parts[0].atoms, parts[1].atoms)
+        # Shared (batch) axes are one space: e.g. attention weights per head and V's head channels.
+        extra = [large.axes.index(ax) for ax in large.axes if ax not in small.axes]
+        reduced = large.atoms
+        for pos in sorted(extra, reverse=True):
+            reduced = np.take(reduced, 0, axis=pos)
+        if reduced.shape != small.atoms.shape:
+            return fail("operands' batch channel sizes differ")
+        g.uf.union_arrays(small.atoms, reduced)
+        parts = [large]
     g.set(node.outputs[0], parts[0].moved(parts[0].axes))
 
 
