@@ -43,6 +43,7 @@ class FoldConstants(Pass):
         limit = int(self.max_tensor_mb * 2**20)
         onnxscript_optimizer.fold_constants(
             model,
+            onnx_shape_inference=True,  # lets Shape -> Gather chains on static dims fold to constants
             input_size_limit=limit,
             output_size_limit=limit,
             should_fold=lambda node: True if node.op_type in _ALWAYS_FOLD else None,
