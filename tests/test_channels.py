@@ -11,11 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxcompress import model as M
 from onnxcompress.analysis.channels import ChannelGraph, prepare
 from onnxcompress.pipeline import Pipeline
-from onnxcompress.verify import VerifyOptions, check_model, outputs, random_feeds
+from onnxcompress.verify import VerifyOptions
+from tests.exactness import assert_prune_is_exact
 from tests.graphs import OPSET
-
-# Pruned and masked models compute the same sums with the removed terms absent vs multiplied by 0.
-EXACT_RTOL = 1e-4
 
 
 def _conv(name, x, c_in, c_out, rng, group=1, k=3):
@@ -44,22 +42,6 @@ def _group_of(g: ChannelGraph, source: str):
     return next(gr for gr in g.groups if source in gr.sources)
 
 
-def _assert_exact(g: ChannelGraph, removed) -> ir.Model:
-    original = M.load(g.model)
-    masked = g.mask(removed)
-    pruned = g.prune(removed)
-    feeds = random_feeds(original, M.resolve_input_shapes(original), count=2, seed=3)
-    with M.temporary_path(pruned, external_data=True) as path:
-        check_model(path, "pruned")
-        got = outputs(path, feeds, "pruned")
-    ref = outputs(masked, feeds, "masked")
-    for r_sample, g_sample in zip(ref, got):
-        for r, p in zip(r_sample, g_sample):
-            assert r.shape == p.shape
-            np.testing.assert_allclose(p, r, rtol=0, atol=EXACT_RTOL * float(np.max(np.abs(r))))
-    return pruned
-
-
 def test_residual_add_couples_both_branches():
     rng = np.random.default_rng(0)
     c1, i1 = _conv("c1", "x", 4, 8, rng)
@@ -73,7 +55,7 @@ def test_residual_add_couples_both_branches():
     assert set(residual.sources) == {"c1", "c3"} and len(residual.classes) == 8
     inner = _group_of(g, "c2")
     assert inner.sources == ["c2"] and not inner.frozen
-    pruned = _assert_exact(g, residual.classes[:3] + inner.classes[:5])
+    pruned = assert_prune_is_exact(g, residual.classes[:3] + inner.classes[:5])
     assert pruned.graph.initializers["c1_w"].const_value.shape == (5, 4, 3, 3)
     assert pruned.graph.initializers["c3_w"].const_value.shape == (5, 3, 3, 3)
     assert pruned.graph.initializers["fc_w"].const_value.shape == (3, 5)
@@ -90,7 +72,7 @@ def test_concat_offsets_and_flatten_into_gemm():
     g = ChannelGraph.build(_model(nodes, ia + ib + [w], out_shape=(1, 2)))
     ga, gb = _group_of(g, "a"), _group_of(g, "b")
     assert ga is not gb and len(ga.classes) == 3 and len(gb.classes) == 5
-    pruned = _assert_exact(g, [ga.classes[1], gb.classes[0], gb.classes[4]])
+    pruned = assert_prune_is_exact(g, [ga.classes[1], gb.classes[0], gb.classes[4]])
     # Each channel owns 36 flattened features; 3 channels removed -> 5 * 36 rows of the Gemm weight.
     assert pruned.graph.initializers["fc_w"].const_value.shape == (5 * 36, 2)
 
@@ -103,7 +85,7 @@ def test_depthwise_ties_input_and_output_channels():
     g = ChannelGraph.build(_model([c1, dw, *head], i1 + idw + ih))
     group = _group_of(g, "c1")
     assert len(group.classes) == 8
-    pruned = _assert_exact(g, group.classes[:2])
+    pruned = assert_prune_is_exact(g, group.classes[:2])
     dw_node = next(n for n in pruned.graph if n.name == "dw")
     assert dw_node.attributes.get_int("group") == 6
     assert pruned.graph.initializers["dw_w"].const_value.shape == (12, 1, 3, 3)
@@ -122,7 +104,7 @@ def test_grouped_conv_units(groups, c_mid):
         assert len(group.classes) == groups and "gc" in group.sources
     else:  # the same index in every group
         assert len(group.classes) == per_group
-    _assert_exact(g, group.classes[:1])
+    assert_prune_is_exact(g, group.classes[:1])
 
 
 def test_blockers_freeze_only_what_they_touch():
@@ -185,5 +167,5 @@ def test_light_zoo_pruning_is_exact(light_model_paths, name):
     removed = [c for gr in g.groups for c in rng.permutation(gr.prunable)[: len(gr.prunable) // 2]]
     assert removed
     params_before = sum(v.const_value.size for v in model.graph.initializers.values())
-    pruned = _assert_exact(g, removed)
+    pruned = assert_prune_is_exact(g, removed)
     assert sum(v.const_value.size for v in pruned.graph.initializers.values()) < params_before

@@ -7,14 +7,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from onnxcompress import model as M  # noqa: E402
 from onnxcompress.analysis.channels import ChannelGraph, prepare  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
-from onnxcompress.verify import VerifyOptions, check_model, compare, outputs, random_feeds  # noqa: E402
+from onnxcompress.verify import VerifyOptions  # noqa: E402
+from tests.exactness import assert_prune_is_exact  # noqa: E402
 from tests import zoo  # noqa: E402
 
-# Pruned and masked models compute the same sums with the removed terms absent instead of times zero.
-EXACT_RTOL = 1e-4
 CASES = [pytest.param(name, dynamo, id=f"{name}-{'dynamo' if dynamo else 'torchscript'}")
          for name, dynamo in zoo.export_cases()]
 
@@ -32,17 +30,7 @@ def test_random_pruning_equals_masking(tmp_path_factory, name, dynamo):
     rng = np.random.default_rng(0)
     removed = [c for g in graph.groups for c in rng.permutation(g.prunable)[: len(g.prunable) // 2]]
     assert removed, "every family has prunable channels"
-    original = M.load(model)
-    masked = graph.mask(removed)
-    pruned = graph.prune(removed)
-    feeds = random_feeds(original, M.resolve_input_shapes(original), count=2, seed=1)
-    with M.temporary_path(pruned, external_data=True) as path:
-        check_model(path, "pruned")
-        got = outputs(path, feeds, "pruned")
-    fidelity = compare(outputs(masked, feeds, "masked"), got, "random")
-    assert fidelity.max_rel_error <= EXACT_RTOL
-    # The masked reference really differs from the original: the test compares something removed.
-    assert compare(outputs(original, feeds, "original"), got, "random").max_rel_error > EXACT_RTOL
+    assert_prune_is_exact(graph, removed, seed=1)
 
 
 @pytest.mark.parametrize("name, dynamo", CASES)

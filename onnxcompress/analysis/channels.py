@@ -729,7 +729,12 @@ def _conv(g: ChannelGraph, node: ir.Node) -> None:
                 for j in range(c_in_per_group):
                     g.uf.union_all(in_blocks[:, j])
                 g.slice(w, 1, in_blocks[0], "in", node)
-    g.slice(w, 0, out, "out", node)
+    _emit(g, node, w, 0, out, bias)
+
+
+def _emit(g: ChannelGraph, node: ir.Node, weight: ir.Value, axis: int, out: np.ndarray, bias: ir.Value | None) -> None:
+    """A layer's output channels: slice its weight along `axis` and its bias, lay them out on axis 1."""
+    g.slice(weight, axis, out, "out", node)
     if bias is not None:
         g.slice(bias, 0, out, "param", node)
     g.set(node.outputs[0], Layout((1,), out))
@@ -749,11 +754,7 @@ def _conv_transpose(g: ChannelGraph, node: ir.Node) -> None:
         g.block(layout.atoms, f"ConvTranspose at node {node.name}: channels not on axis 1")
     elif layout is not None:
         g.slice(w, 0, layout.atoms, "in", node)
-    out = g.source(node, weight.shape[1])
-    g.slice(w, 1, out, "out", node)
-    if bias is not None:
-        g.slice(bias, 0, out, "param", node)
-    g.set(node.outputs[0], Layout((1,), out))
+    _emit(g, node, w, 1, g.source(node, weight.shape[1]), bias)
 
 
 def _gemm(g: ChannelGraph, node: ir.Node) -> None:
@@ -985,18 +986,9 @@ def _transpose(g: ChannelGraph, node: ir.Node) -> None:
     g.set(node.outputs[0], layout.moved([perm.index(a) for a in layout.axes]))
 
 
-def _squeeze_unsqueeze(g: ChannelGraph, node: ir.Node) -> None:
-    layout = g.layout(node.inputs[0])
-    in_shape, out_shape = g.shape(node.inputs[0]), g.shape(node.outputs[0])
-    if layout is None:
-        return
-    if in_shape is None or out_shape is None:
-        g.block(layout.atoms, f"{node.op_type} at node {node.name}: unknown shapes")
-        return
-    _reshape_layout(g, node, layout, in_shape, out_shape, entries=None)
-
-
-def _reshape(g: ChannelGraph, node: ir.Node) -> None:
+def _regroup(g: ChannelGraph, node: ir.Node) -> None:
+    """Reshape, Flatten, Squeeze, Unsqueeze: dims regrouped in row-major order; a Reshape's shape
+    constant gets its channel entries updated on pruning."""
     layout = g.layout(node.inputs[0])
     in_shape, out_shape = g.shape(node.inputs[0]), g.shape(node.outputs[0])
     if layout is None:
@@ -1048,8 +1040,7 @@ def _reshape_layout(g, node, layout: Layout, in_shape, out_shape, entries: ir.Va
     if blocks is None:
         g.block(layout.atoms, f"{node.op_type} at node {node.name}: cannot map dims {in_shape} -> {out_shape}")
         return
-    out_axes: list[int] = []
-    out_atoms: list[np.ndarray] = []
+    out_atoms: list[tuple] = []
     new_entries = []
     for ii, jj in blocks:
         channel_axes = [ax for ax in layout.axes if ax in ii]
@@ -1078,8 +1069,6 @@ def _reshape_layout(g, node, layout: Layout, in_shape, out_shape, entries: ir.Va
         reduced = field_out
         for k in sorted(set(range(len(jj))) - set(varying), reverse=True):
             reduced = np.take(reduced, 0, axis=k)
-        for k in varying:
-            out_axes.append(jj[k])
         out_atoms.append((jj, varying, reduced))
         if entries is not None:
             for k in varying:
@@ -1142,10 +1131,6 @@ def _entry_source(g: ChannelGraph, value: ir.Value) -> tuple[ir.Value, int] | No
     if _const(value) is not None:
         return (value, 0) if len(value.uses()) == 1 else None
     return None
-
-
-def _flatten(g: ChannelGraph, node: ir.Node) -> None:
-    _reshape(g, node)
 
 
 def _resize(g: ChannelGraph, node: ir.Node) -> None:
@@ -1266,7 +1251,7 @@ RULES: dict[str, Callable[[ChannelGraph, ir.Node], None]] = {
     "LayerNormalization": _layernorm,
     "Softmax": _softmax, "LogSoftmax": _softmax, "Hardmax": _softmax,
     "Concat": _concat, "Split": _split, "Slice": _slice, "Transpose": _transpose,
-    "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze_unsqueeze, "Unsqueeze": _squeeze_unsqueeze,
+    "Reshape": _regroup, "Flatten": _regroup, "Squeeze": _regroup, "Unsqueeze": _regroup,
     "Resize": _resize, "Upsample": _resize, "Pad": _pad, "Gather": _gather,
     "QuantizeLinear": _qdq, "DequantizeLinear": _qdq,
     "Shape": _no_channels, "Size": _no_channels,
