@@ -138,3 +138,15 @@ def test_cleanup_recipe_on_light_zoo(light_model_paths, name):
     assert "ConstantOfShape" not in _ops(result.model)
     assert "BatchNormalization" not in _ops(result.model) or name == "densenet121"  # BN after Concat stays
     assert result.report.after.params > result.report.before.params  # weights became initializers
+
+
+def test_dropout_before_graph_output_keeps_the_output_declaration():
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Dropout", ["r"], ["y"], name="drop")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = M.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]))
+    result = _run(EliminateNoOps(), model)
+    assert [n.op_type for n in result.model.graph] == ["Relu"]
+    (output,) = result.model.graph.outputs
+    assert output.name == "y" and output.type is not None and list(output.shape.dims) == [1, 4]
+    onnx.checker.check_model(M.to_proto(result.model), full_check=True)

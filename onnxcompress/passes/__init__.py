@@ -2,5 +2,6 @@
 
 from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
 from .prune import PruneChannels
+from .prune_blocks import PruneBlocks
 
-__all__ = ["EliminateNoOps", "FoldBatchNorm", "FoldConstants", "PruneChannels"]
+__all__ = ["EliminateNoOps", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels"]

@@ -146,8 +146,10 @@ def _bypass(model: ir.Model, node: ir.Node, replacement: ir.Value) -> None:
         replacement = identity.outputs[0]
     out.replace_all_uses_with(replacement, replace_graph_outputs=True)
     model.graph.remove(node, safe=True)
-    if is_output:
+    if is_output:  # the graph output keeps its name and declared type
         replacement.name = name
+        replacement.type = replacement.type or out.type
+        replacement.shape = replacement.shape or out.shape
 
 
 # Axis of the weight that holds output channels, per op (Gemm depends on transB).
