@@ -256,6 +256,23 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The parser's usage-error classes: typer's own (it vendors click since 0.20), and click's if present."""
+    errors: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        errors.append(typer.TyperException)
+    try:
+        import click
+
+        errors.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_USAGE_ERRORS = _usage_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line on stderr and an exit code."""
     try:
@@ -265,23 +282,21 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         return 130
-    except Exception as exc:  # click usage errors and anything unexpected: one line, no traceback
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            console.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
-            return exc.exit_code
-        if isinstance(exc, KeyboardInterrupt):
-            return 130
-        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                      " (please report it; set ONNXCOMPRESS_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+    except _USAGE_ERRORS as exc:  # unknown option, bad value: the parser's one-line message
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        return getattr(exc, "exit_code", 2)
+    except Exception as exc:  # anything unexpected: still one line, the traceback only on request
         import os
 
         if os.environ.get("ONNXCOMPRESS_DEBUG"):
             raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} "
+                      "(please report it; set ONNXCOMPRESS_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1
     return 0
 
