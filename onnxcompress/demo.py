@@ -26,8 +26,6 @@ class DemoResult:
     output: Path
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import to_jsonable
-
         return {
             "output": str(self.output),
             "accuracy_before": self.accuracy_before,

@@ -393,12 +393,23 @@ class ChannelGraph:
 
     # ---------------------------------------------------------------- applying a decision
 
+    def emptied(self, removed: Iterable[int]) -> list[str]:
+        """Values that would be left with no channels at all (ORT rejects 0-wide tensors, and a grouped
+        Conv with group=0 crashes it), even when their group keeps channels elsewhere."""
+        removed = {int(self.uf.find(int(c))) for c in removed}
+        if not removed:
+            return []
+        return [name for name, layout in self.layouts.items() if not self.kept(layout.atoms, removed).any()]
+
     def prune(self, removed: Iterable[int]) -> ir.Model:
         """Physically remove the channels of `removed` classes from `self.model` (in place)."""
         removed = {int(self.uf.find(int(c))) for c in removed}
         frozen = removed & set(self.blocked_classes)
         if frozen:
             raise ValueError(f"classes {sorted(frozen)[:5]} are frozen: {self.blocked_classes[min(frozen)]}")
+        emptied = self.emptied(removed)
+        if emptied:
+            raise ValueError(f"pruning would leave '{emptied[0]}' with no channels ({len(emptied)} values in all)")
         new_tensors: dict[str, np.ndarray] = {}
 
         def current(value: ir.Value) -> np.ndarray:

@@ -156,7 +156,7 @@ class PruneChannels(Pass):
             k = min(quota.get(g.id, 0), int(self.max_group_ratio * n), len(candidates[g.id]))
             k = _round_removal(n, k, self.round_to)
             removed.update(candidates[g.id][:k])
-        return removed
+        return _keep_every_value_nonempty(graph, removed, scores)
 
     def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
         """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs
@@ -185,6 +185,20 @@ class PruneChannels(Pass):
             else:
                 lo = mid
         return hi, macs_at(hi)[1]
+
+
+def _keep_every_value_nonempty(graph: ChannelGraph, removed: set[int], scores: Mapping[int, float]) -> set[int]:
+    """Give back, for each value that would lose all its channels, its most important class (a split
+    branch or a concat input can be emptied while its group keeps channels elsewhere)."""
+    removed = set(removed)
+    while True:
+        emptied = graph.emptied(removed)
+        if not emptied:
+            return removed
+        for name in emptied:
+            roots = set(graph.class_of(graph.layouts[name].atoms).ravel().tolist()) & removed
+            if roots:
+                removed.discard(max(roots, key=lambda c: scores.get(c, 0.0)))
 
 
 def _round_removal(n: int, k: int, round_to: int) -> int:
