@@ -1,0 +1,42 @@
+"""Write BENCHMARKS.md from the sections the benchmark scripts left in benchmarks/results/.
+
+    python benchmarks/assemble.py
+
+Each script writes its own section (`results/<name>.md`, with the numbers in `<name>.json`); this
+puts them in one page, in the order below, and says which are missing rather than inventing them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common import write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SECTIONS = [
+    ("prune_resnet50", "python benchmarks/prune_resnet50.py"),
+    ("prune_digits", "python benchmarks/prune_digits.py"),
+]
+GPU_NOTE = ("GPU rows (CUDA/TensorRT providers) are not measured yet: no GPU machine was available to the "
+            "sessions that produced these numbers.")
+
+
+def main() -> None:
+    parts = ["# Benchmarks", "",
+             "Every number here was measured by a script in `benchmarks/`, on the machine its section names; "
+             "each section gives the command that reproduces it. Latencies are medians of interleaved runs in one "
+             "process (ORT CPU, fixed intra-op threads, spinning off); theoretical speedup is the MAC ratio, "
+             "realization is measured / theoretical.", "", GPU_NOTE, ""]
+    for name, command in SECTIONS:
+        section = RESULTS / f"{name}.md"
+        if section.is_file():
+            text = section.read_text().replace("](prune_", "](benchmarks/results/prune_")
+            parts += [text.strip(), ""]
+        else:
+            parts += [f"## {name}", "", f"Not measured yet: run `{command}`.", ""]
+    write_text(ROOT / "BENCHMARKS.md", "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
