@@ -63,7 +63,8 @@ def session(
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory model (serialized, or via a temp file above 2 GiB) or a path."""
     providers = provider_chain(provider)
-    options = options or session_options()
+    # Spinning intra-op threads keep cores busy between runs and slow the numpy work done in between.
+    options = options or session_options(spinning=False)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(Path(model)), options, providers=providers)
     if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
