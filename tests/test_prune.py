@@ -166,3 +166,16 @@ def test_activation_importance_needs_calibration():
     model = _wide_model(16)
     with pytest.raises(OnnxCompressError, match="needs calibration data"):
         PruneChannels(importance="apoz").run(model, PassContext(model=model, input_shapes={"x": (1, 3, 6, 6)}))
+
+
+def test_bn_importance_uses_batchnorm_scale_and_says_when_there_is_none():
+    model = _wide_model(16)  # BatchNorm nodes still in the graph
+    gamma = model.graph.initializers["bn1_gamma"].const_value.numpy().copy()
+    gamma[[0, 6]] = 1e-4  # two channels scaled to nothing by their BN
+    model.graph.initializers["bn1_gamma"].const_value = ir.tensor(gamma, name="bn1_gamma")
+    result = _prune(model, ratio=0.125, round_to=1, importance="bn")
+    group = next(g for g in result.record.details["groups"] if "conv1" in g["sources"])
+    assert group["removed"] == [0, 6] and result.record.details["notes"] == []
+    folded = Pipeline.from_recipe(["fold-batchnorm"]).run(conv_bn_relu_gemm(channels=16)).model
+    result = _prune(folded, ratio=0.125, round_to=1, importance="bn")
+    assert result.record.details["notes"] == ["importance 'bn': no BatchNormalization left (fold-batchnorm folds them); used l2"]

@@ -67,6 +67,8 @@ class PruneChannels(Pass):
             if ctx.calibration.is_random:
                 notes.append("activation importance measured on random data")
         scores = self._scores(graph, stats)
+        if self.importance == "bn" and not _bn_scores(graph):
+            notes.append("importance 'bn': no BatchNormalization left (fold-batchnorm folds them); used l2")
         protected = self._protected(graph)
         if self.target_macs is not None:
             ratio, removed = self._search_target(model, graph, scores, protected, ctx)
