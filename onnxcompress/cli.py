@@ -128,7 +128,7 @@ def optimize(
     report: Annotated[Optional[Path], typer.Option(help="Write the run report as JSON here.")] = None,
     verify: Annotated[bool, typer.Option(help="Check, load and compare the model after every pass.")] = True,
     prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (adds prune-channels).")] = None,
-    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn or random.")] = None,
+    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, apoz (the last two need --calib) or random.")] = None,
     target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     json_out: JsonFlag = False,
@@ -166,11 +166,7 @@ def optimize(
 
     result = _with_progress("optimizing", run, steps=len(pipeline.passes))
     save(result.model, output)
-    import dataclasses
-
-    after = dataclasses.replace(result.report.after, file_bytes=output.stat().st_size)
-    before = dataclasses.replace(result.report.before, file_bytes=model.stat().st_size)
-    run_report = dataclasses.replace(result.report, input=str(model), output=str(output), before=before, after=after)
+    run_report = result.report.with_files(model, output)
     if report:
         _write_text_atomic(report, run_report.to_json())
     if json_out:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,5 @@ def run_demo(output_dir: Path, *, recipe: str = DEFAULT_RECIPE, runs: int = 30, 
     after = demo_data.accuracy(output, images, labels)
     bench = benchmark([("original", str(source)), ("compressed", str(output))],
                       BenchOptions(batch_sizes=(1, 16), runs=runs), progress=progress)
-    report = dataclasses.replace(
-        result.report,
-        input=str(source), output=str(output),
-        before=dataclasses.replace(result.report.before, file_bytes=source.stat().st_size),
-        after=dataclasses.replace(result.report.after, file_bytes=output.stat().st_size),
-    )
+    report = result.report.with_files(source, output)
     return DemoResult(report, before, after, len(labels), bench, output)

@@ -72,6 +72,17 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)
 
+    def with_files(self, input_path, output_path) -> RunReport:
+        """The report naming the files it was run on, with their sizes in the before/after stats."""
+        from pathlib import Path
+
+        source, target = Path(input_path), Path(output_path)
+        return dataclasses.replace(
+            self, input=str(source), output=str(target),
+            before=dataclasses.replace(self.before, file_bytes=source.stat().st_size),
+            after=dataclasses.replace(self.after, file_bytes=target.stat().st_size),
+        )
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=True)
 
