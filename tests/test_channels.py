@@ -169,3 +169,21 @@ def test_light_zoo_pruning_is_exact(light_model_paths, name):
     params_before = sum(v.const_value.size for v in model.graph.initializers.values())
     pruned = assert_prune_is_exact(g, removed)
     assert sum(v.const_value.size for v in pruned.graph.initializers.values()) < params_before
+
+
+def test_a_rule_that_fails_blocks_only_its_node(monkeypatch):
+    """Unknown shapes or odd attributes must not stop the analysis: the node's channels are frozen."""
+    from onnxcompress.analysis import channels
+
+    def broken(g, node):
+        raise TypeError("object of type 'NoneType' has no len()")
+
+    monkeypatch.setitem(channels.RULES, "Relu", broken)
+    rng = np.random.default_rng(8)
+    c1, i1 = _conv("c1", "x", 4, 8, rng)
+    c2, i2 = _conv("c2", "r1", 8, 8, rng)
+    head, ih = _head("c2", 8, rng)
+    nodes = [c1, helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), c2, *head]
+    g = ChannelGraph.build(_model(nodes, i1 + i2 + ih))
+    assert next(iter(_group_of(g, "c1").frozen.values())) == "Relu at node relu1: not analyzable (TypeError)"
+    assert not _group_of(g, "c2").frozen

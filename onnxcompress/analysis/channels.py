@@ -208,7 +208,10 @@ class ChannelGraph:
             elif any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
                 g._block_captured(node)
             else:
-                RULES.get(node.op_type, _unknown)(g, node)
+                try:
+                    RULES.get(node.op_type, _unknown)(g, node)
+                except Exception as exc:  # a rule that trips on an odd node blocks that node, not the run
+                    g._block_inputs(node, f"{node.op_type} at node {node.name}: not analyzable ({type(exc).__name__})")
         for value in model.graph.outputs:
             layout = g.layouts.get(value.name)
             if layout is not None:
