@@ -177,9 +177,13 @@ class Pipeline:
     def _verification_feeds(self, model: ir.Model, ctx: PassContext) -> tuple[list[dict[str, np.ndarray]], str]:
         n = self.verify.samples
         if ctx.calibration is not None:
+            # The last samples: passes that fit to calibration data (recovery) hold out the end of it.
+            calib = ctx.calibration
             size = batch_size_for(model, 1)
-            feeds = [f for f in ctx.calibration.batches(size, limit=max(n, size)) if len(next(iter(f.values()))) == size]
-            return feeds, ctx.calibration.source
+            count = min(calib.num_samples, max(n, size) // size * size)
+            tail = Calibration({k: v[calib.num_samples - count:] for k, v in calib.arrays.items()}, calib.source)
+            feeds = [f for f in tail.batches(size) if len(next(iter(f.values()))) == size]
+            return feeds, f"{calib.source} (last {count} samples)"
         return random_feeds(model, ctx.input_shapes, count=n, seed=self.verify.seed), f"random (seed {self.verify.seed})"
 
 

@@ -108,6 +108,14 @@ def render_run(console: Console, report: RunReport) -> None:
     for p in report.passes:
         mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
         console.print(f"  {p.name}: {mark} in {p.seconds:.2f}s; {len(p.changes)} changes, {len(p.skipped)} skipped")
+        recovery = p.details.get("recovery") if isinstance(p.details, Mapping) else None
+        if recovery and isinstance(recovery.get("fidelity"), Mapping):
+            steps = [(label, recovery["fidelity"].get(key)) for key, label in
+                     (("before", "pruned"), ("after_bias", "bias"), ("after", recovery.get("mode", "")))]
+            shown = ", ".join(f"{label} {f['sqnr_db']:.1f} dB" for label, f in steps if f)
+            console.print(f"    recovery ({recovery.get('heldout_samples')} held-out samples, SQNR): {shown}")
+            for warning in recovery.get("warnings", []):
+                console.print(f"    [yellow]warning[/yellow] {warning}", highlight=False)
         for line in p.skipped[:5]:
             console.print(f"    [yellow]skipped[/yellow] {line}", highlight=False)
         if len(p.skipped) > 5:
