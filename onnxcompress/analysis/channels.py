@@ -1094,18 +1094,8 @@ def _reshape_layout(g, node, layout: Layout, in_shape, out_shape, entries: ir.Va
         g.block(layout.atoms, f"{node.op_type} at node {node.name}: channels spread over separate dims")
         return
     jj, varying, reduced = out_atoms[0]
-    if entries is not None and new_entries:
-        target = _entry_source(g, entries)
-        if target is None:
-            g.block(layout.atoms, f"Reshape at node {node.name}: shape is computed, not a constant")
-            return
-        shape_values = target[0].const_value.numpy()
-        for axis, along in new_entries:
-            value, index = target[0], target[1] + axis
-            if shape_values[axis] == 0:
-                g.block(layout.atoms, f"Reshape at node {node.name}: shape copies (0) a channel dim")
-                return
-            g.entries.append(Entry(value, index, along, node.name))
+    if entries is not None and new_entries and not _add_entries(g, node, layout, entries, new_entries):
+        return
     g.set(node.outputs[0], Layout(tuple(jj[k] for k in varying), reduced))
 
 
@@ -1139,12 +1129,46 @@ def _feeds_attention(g: ChannelGraph, value: ir.Value, depth: int = 3) -> bool:
     return False
 
 
-def _entry_source(g: ChannelGraph, value: ir.Value) -> tuple[ir.Value, int] | None:
-    """The constant holding a 1-D shape tensor's entries, and the offset of entry 0 in it.
-    Follows Concat of constants (exporters build shapes that way); None when computed."""
+def _entry_sources(g: ChannelGraph, value: ir.Value) -> list[tuple[ir.Value | None, int]] | None:
+    """Where each entry of a 1-D shape tensor lives: (constant, index in it), or (None, -1) for an
+    entry computed at run time. Follows Concat of pieces, as exporters build dynamic-batch shapes
+    (batch from Shape -> Gather, channel dims as constants). None when the tensor cannot be traced."""
     if _const(value) is not None:
-        return (value, 0) if len(value.uses()) == 1 else None
-    return None
+        return [(value, i) for i in range(value.const_value.size)] if len(value.uses()) == 1 else None
+    producer = value.producer()
+    if producer is None or producer.op_type != "Concat":
+        return None
+    found: list[tuple[ir.Value | None, int]] = []
+    for piece in producer.inputs:
+        shape = g.shape(piece)
+        if shape is None or len(shape) != 1:
+            return None
+        if _const(piece) is not None:
+            if len(piece.uses()) != 1:
+                return None
+            found += [(piece, i) for i in range(shape[0])]
+        else:
+            found += [(None, -1)] * shape[0]
+    return found
+
+
+def _add_entries(g: ChannelGraph, node: ir.Node, layout: Layout, shape_value: ir.Value,
+                 axes_atoms: Sequence[tuple[int, np.ndarray]]) -> bool:
+    """Register the shape entries of the channel axes; False (after blocking) when one cannot be updated."""
+    sources = _entry_sources(g, shape_value)
+    if sources is None:
+        g.block(layout.atoms, f"{node.op_type} at node {node.name}: shape is computed, not a constant")
+        return False
+    for axis, along in axes_atoms:
+        value, index = sources[axis]
+        if value is None:
+            g.block(layout.atoms, f"{node.op_type} at node {node.name}: a channel dim of the shape is computed")
+            return False
+        if value.const_value.numpy().reshape(-1)[index] == 0:
+            g.block(layout.atoms, f"{node.op_type} at node {node.name}: shape copies (0) a channel dim")
+            return False
+        g.entries.append(Entry(value, index, along, node.name))
+    return True
 
 
 def _resize(g: ChannelGraph, node: ir.Node) -> None:
@@ -1157,12 +1181,9 @@ def _resize(g: ChannelGraph, node: ir.Node) -> None:
         return
     sizes = node.inputs[3] if node.op_type == "Resize" and len(node.inputs) > 3 else None
     if sizes is not None:
-        target = _entry_source(g, sizes)
-        if target is None:
-            g.block(layout.atoms, f"Resize at node {node.name}: sizes are computed")
+        axes_atoms = [(ax, _along(layout, ax).reshape(-1, 1)) for ax in layout.axes]
+        if not _add_entries(g, node, layout, sizes, axes_atoms):
             return
-        for ax in layout.axes:
-            g.entries.append(Entry(target[0], target[1] + ax, _along(layout, ax).reshape(-1, 1), node.name))
     g.set(node.outputs[0], layout)
 
 
