@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("torch")
 
 from onnxcompress.analysis.channels import ChannelGraph, prepare  # noqa: E402
+from onnxcompress.passes.prune import keep_every_value_nonempty  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
 from onnxcompress.verify import VerifyOptions  # noqa: E402
 from tests.exactness import assert_prune_is_exact  # noqa: E402
@@ -28,7 +29,8 @@ def test_random_pruning_equals_masking(tmp_path_factory, name, dynamo):
     model = prepare(_cleaned(tmp_path_factory, name, dynamo))
     graph = ChannelGraph.build(model)
     rng = np.random.default_rng(0)
-    removed = [c for g in graph.groups for c in rng.permutation(g.prunable)[: len(g.prunable) // 2]]
+    halves = {c for g in graph.groups for c in rng.permutation(g.prunable)[: len(g.prunable) // 2]}
+    removed = keep_every_value_nonempty(graph, halves, {})  # a split branch may not lose all its channels
     assert removed, "every family has prunable channels"
     assert_prune_is_exact(graph, removed, seed=1)
 
@@ -54,8 +56,7 @@ def test_dynamic_batch_exports_prune_exactly(tmp_path_factory, name):
     pipeline.verify = VerifyOptions(enabled=False)
     path = zoo.exported(tmp_path_factory, name, dynamo=False, dynamic_batch=True)
     graph = ChannelGraph.build(prepare(pipeline.run(path).model))
-    removed = [c for g in graph.groups for c in g.prunable[: len(g.prunable) // 2]]
+    halves = {c for g in graph.groups for c in g.prunable[: len(g.prunable) // 2]}
+    removed = keep_every_value_nonempty(graph, halves, {})
     assert removed
-    if name == "vit":  # the heads' Reshape gets its head count from a Concat of constants
-        assert any(len(g.sources) >= 3 and len(g.prunable) == 4 for g in graph.groups)
     assert_prune_is_exact(graph, removed, seed=2)

@@ -158,7 +158,7 @@ class PruneChannels(Pass):
             k = min(quota.get(g.id, 0), int(self.max_group_ratio * n), len(candidates[g.id]))
             k = _round_removal(n, k, self.round_to)
             removed.update(candidates[g.id][:k])
-        return _keep_every_value_nonempty(graph, removed, scores)
+        return keep_every_value_nonempty(graph, removed, scores)
 
     def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
         """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs
@@ -189,7 +189,7 @@ class PruneChannels(Pass):
         return hi, macs_at(hi)[1]
 
 
-def _keep_every_value_nonempty(graph: ChannelGraph, removed: set[int], scores: Mapping[int, float]) -> set[int]:
+def keep_every_value_nonempty(graph: ChannelGraph, removed: set[int], scores: Mapping[int, float]) -> set[int]:
     """Give back, for each value that would lose all its channels, its most important class (a split
     branch or a concat input can be emptied while its group keeps channels elsewhere)."""
     removed = set(removed)
