@@ -62,19 +62,16 @@ def load_calibration() -> np.ndarray:
 def _session(model: Any) -> Any:
     import onnxruntime as ort
 
+    from . import runtime
+    from .model import load
+
     if isinstance(model, ort.InferenceSession):
         return model
-    if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: no such file")
-        source: Any = str(path)
-    else:  # an in-memory model: onnx.ModelProto or onnx_ir.Model
-        from .model import load, to_proto
-
-        source = to_proto(load(model)).SerializeToString()
+    if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
+        raise ModelLoadError(f"{model}: no such file")
+    source = model if isinstance(model, (str, os.PathLike)) else load(model)
     try:
-        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        return runtime.session(source)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model ({message})") from None
