@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from .errors import OnnxCompressError, ProviderUnavailableError
+from .errors import OnnxCompressError
 from .model import (
     EXTERNAL_DATA_THRESHOLD,
     SOURCE_KEY,
@@ -48,6 +48,7 @@ from .model import (
     weight_bytes,
 )
 from .report import human, to_jsonable
+from .runtime import PROVIDERS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -55,12 +56,6 @@ if TYPE_CHECKING:
 
 #: Fewer timed runs give medians and p90s too noisy to compare models by.
 MIN_RUNS = 20
-#: ORT provider lists per provider name: the requested one first, then its fallbacks.
-PROVIDERS: Mapping[str, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
 #: CPU features that decide which int8/fp32 kernels ORT can use.
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 #: Integer inputs are drawn from {0, 1}: valid token ids, masks and indices for any table size.
@@ -330,19 +325,9 @@ def environment(provider: str, requested: Sequence[str], threads: int) -> BenchE
 
 def session_providers(provider: str) -> tuple[str, ...]:
     """The ORT provider list for `provider`, or ProviderUnavailableError saying what there is."""
-    import onnxruntime as ort
+    from .runtime import provider_chain
 
-    wanted = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if wanted[0] not in available:
-        hint = "pip install onnxcompress[gpu] (onnxruntime-gpu)"
-        if provider == "tensorrt":
-            hint += " with TensorRT installed"
-        raise ProviderUnavailableError(
-            f"provider '{provider}' ({wanted[0]}) is not available in onnxruntime {ort.__version__} "
-            f"(available: {', '.join(available)}); for it: {hint}"
-        )
-    return tuple(p for p in wanted if p in available)
+    return tuple(provider_chain(provider))
 
 
 # --------------------------------------------------------------------------------------- benchmark
@@ -604,17 +589,10 @@ def _add_costs(cand: _Candidate) -> None:
 def _session(source: bytes | str, providers: Sequence[str], threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 4  # failures come back as exceptions and become row reasons; no stderr logs
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
+    from .runtime import session_options
+
+    # Failures come back as exceptions and become row reasons: no stderr logs (level 4).
+    so = session_options(threads=threads, spinning=False, profile_prefix=profile_prefix, log_level=4)
     return ort.InferenceSession(source, so, providers=list(providers))
 
 

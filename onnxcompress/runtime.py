@@ -13,10 +13,11 @@ import onnxruntime as ort
 from .errors import ProviderUnavailableError, VerificationError
 from .model import EXTERNAL_DATA_THRESHOLD, temporary_path, to_proto, weight_bytes
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
+#: Short provider names -> ORT providers in order of preference; CPU is always the last fallback.
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 
 
@@ -26,26 +27,31 @@ def provider_chain(provider: str) -> list[str]:
         raise ProviderUnavailableError(f"unknown provider '{provider}'; choose one of: {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     available = ort.get_available_providers()
-    if wanted not in available:
-        short = [k for k, v in PROVIDERS.items() if v in available]
+    if wanted[0] not in available:
+        hint = "pip install onnxcompress[gpu] (onnxruntime-gpu)"
+        if provider == "tensorrt":
+            hint += " with TensorRT installed"
         raise ProviderUnavailableError(
-            f"ONNX Runtime provider '{provider}' is not available here (available: {', '.join(short)}); "
-            "install onnxcompress[gpu] on a machine with an NVIDIA GPU"
+            f"provider '{provider}' ({wanted[0]}) is not available in onnxruntime {ort.__version__} "
+            f"(available: {', '.join(available)}); for it: {hint}"
         )
-    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+    return [p for p in wanted if p in available]
 
 
 def session_options(
-    *, threads: int | None = None, spinning: bool = True, optimize: bool = True, profile_prefix: str | None = None
+    *, threads: int | None = None, spinning: bool = True, optimize: bool = True, profile_prefix: str | None = None,
+    log_level: int = 3,
 ) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_level
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if not spinning:
         # Interleaved sessions on a small machine starve each other while spin-waiting.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
