@@ -173,12 +173,12 @@ def test_light_zoo_pruning_is_exact(light_model_paths, name):
 
 def test_a_rule_that_fails_blocks_only_its_node(monkeypatch):
     """Unknown shapes or odd attributes must not stop the analysis: the node's channels are frozen."""
-    from onnxcompress.analysis import channels
+    from onnxcompress.analysis import channel_rules
 
     def broken(g, node):
         raise TypeError("object of type 'NoneType' has no len()")
 
-    monkeypatch.setitem(channels.RULES, "Relu", broken)
+    monkeypatch.setitem(channel_rules.RULES, "Relu", broken)
     rng = np.random.default_rng(8)
     c1, i1 = _conv("c1", "x", 4, 8, rng)
     c2, i2 = _conv("c2", "r1", 8, 8, rng)
