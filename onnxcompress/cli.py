@@ -131,6 +131,9 @@ def optimize(
     importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, apoz (the last two need --calib) or random.")] = None,
     target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib).")] = None,
+    calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Run a recipe of passes over MODEL and write the result to OUTPUT.
@@ -149,12 +152,12 @@ def optimize(
     prune_options = {k: v for k, v in {"ratio": prune, "importance": importance, "target_macs": target_macs,
                                        "round_to": round_to}.items() if v is not None}
     if prune_options:
-        from .pipeline import build_pass
-
-        existing = [p.options() for p in pipeline.passes if p.name == "prune-channels"]
-        spec = {**(existing[0] if existing else {}), **prune_options, "type": "prune-channels"}
-        pipeline.passes = [p for p in pipeline.passes if p.name != "prune-channels"]
-        pipeline.passes.append(build_pass(spec, where="--prune options"))
+        _set_pass(pipeline, "prune-channels", prune_options, where="--prune options", before="quantize-int8")
+    if quantize is not None or calib_method is not None or preset is not None:
+        if quantize not in (None, "int8"):
+            raise OnnxCompressError(f"--quantize {quantize}: only int8 is supported (dynamic int8 is planned)")
+        options = {k: v for k, v in {"method": calib_method, "preset": preset}.items() if v is not None}
+        _set_pass(pipeline, "quantize-int8", options, where="--quantize options")
     if not verify:
         pipeline.verify = VerifyOptions(enabled=False)
     shapes = parse_input_shapes(input_shape)
@@ -206,6 +209,22 @@ def recipes() -> None:
         spec = load_recipe(RECIPES_DIR / f"{name}.yaml")
         steps = " -> ".join(p["type"] if isinstance(p, dict) else str(p) for p in spec["passes"])
         console.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
+
+
+def _set_pass(pipeline, name: str, options: dict, *, where: str, before: str | None = None) -> None:
+    """Add pass `name` with `options` (merged into the recipe's own, if it has one) at the recipe's
+    place for it, else at the end (or before pass `before`: pruning goes before quantization)."""
+    from .pipeline import build_pass
+
+    names = [p.name for p in pipeline.passes]
+    existing = pipeline.passes[names.index(name)].options() if name in names else {}
+    new = build_pass({**existing, **options, "type": name}, where=where)
+    if name in names:
+        pipeline.passes[names.index(name)] = new
+    elif before in names:
+        pipeline.passes.insert(names.index(before), new)
+    else:
+        pipeline.passes.append(new)
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:

@@ -170,3 +170,19 @@ def test_bench_two_models_json_and_plot(capsys, tmp_path, model_path):
     assert pr["measured_speedup"] == pytest.approx(bs["timing"]["median_ms"] / pr["timing"]["median_ms"])
     assert pr["realization"] == pytest.approx(pr["measured_speedup"] / pr["theoretical_speedup"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_flags_add_the_int8_pass_after_pruning(capsys, tmp_path, model_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q.onnx", "--quantize", "int8",
+                           "--prune", "0.25", "--round-to", "1", "--calib-method", "minmax", "--calib", calib,
+                           "--report", report)
+    assert code == 0, err
+    passes = json.loads(report.read_text())["passes"]
+    assert [p["name"] for p in passes][-2:] == ["prune-channels", "quantize-int8"]
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q2.onnx", "--quantize", "int4")
+    assert code == 2 and "only int8" in err
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q3.onnx", "--quantize", "int8")
+    assert code == 2 and "needs calibration data" in err

@@ -3,5 +3,6 @@
 from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
 from .prune import PruneChannels
 from .prune_blocks import PruneBlocks
+from .quantize import QuantizeQDQ
 
-__all__ = ["EliminateNoOps", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels"]
+__all__ = ["EliminateNoOps", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeQDQ"]

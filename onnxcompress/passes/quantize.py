@@ -1,0 +1,511 @@
+"""QuantizeQDQ: static int8 quantization as QuantizeLinear/DequantizeLinear pairs that ORT fuses.
+
+Placement: Q/DQ go only around ops the target runs in int8. Conv/MatMul/Gemm anchor the int8
+regions; Add/Mul/Concat/average pooling join only when a neighbour is int8 (an isolated one would
+only add Q/DQ work); MaxPool/Reshape/Transpose/Flatten/Squeeze/Unsqueeze carry int8 through with
+the scale of their input. A Relu right after an anchor is folded into the anchor's output
+quantization (uint8 with zero point 0 clamps at zero exactly as Relu does).
+
+Numbers: per-channel symmetric int8 weights, int32 biases with scale x_scale * w_scale, and
+activations uint8 asymmetric (preset "cpu": the only form x86 ORT fuses into int8 kernels) or int8
+symmetric (preset "tensorrt"). Activation ranges come from streaming histograms
+(analysis/histograms.py) through one calibration method chosen for the whole model.
+
+Later passes (cross-layer equalization, bias correction, SmoothQuant) transform the float model
+before this one; `plan()` and `ranges()` are separate so a tolerance mode can re-run the rewrite
+with layers left in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from ..analysis.histograms import TensorHistogram, clip_range, collect_histograms
+from ..errors import OnnxCompressError
+from ..model import load, to_proto
+from ..pipeline import Pass, PassContext, PassResult
+
+QDQ_MIN_OPSET = 13  # per-axis DequantizeLinear
+ANCHORS = frozenset({"Conv", "MatMul", "Gemm"})
+# int8 only next to another int8 op; all their inputs must be activations
+NEIGHBOURLY = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
+# int8 in, int8 out with the input's scale (ORT drops the Q/DQ pair or runs an int8 kernel)
+SCALE_PRESERVING = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
+INT32_MAX = np.iinfo(np.int32).max
+MIN_SCALE = 1e-12  # an all-zero tensor still needs a positive scale
+WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127]: the range is symmetric around zero
+
+
+class CalibrationNeededError(OnnxCompressError):
+    """Static quantization needs calibration data."""
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    scale: float
+    zero_point: int
+    dtype: int  # TensorProto.UINT8 or INT8
+
+
+@dataclass
+class Plan:
+    """Which nodes run in int8 and which activation values get a Q/DQ pair."""
+
+    nodes: list[str] = field(default_factory=list)  # node names (in graph order)
+    values: list[str] = field(default_factory=list)  # activation values to quantize
+    groups: dict[str, str] = field(default_factory=dict)  # value -> representative of its shared-scale group
+    fused_relus: dict[str, str] = field(default_factory=dict)  # Relu node name -> the anchor it follows
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantizeQDQ(Pass):
+    """Static int8 quantization in QDQ form, calibrated with streaming histograms."""
+
+    name: ClassVar[str] = "quantize-int8"
+    exact: ClassVar[bool] = False
+
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
+    percentile: float = 99.99
+    preset: Literal["cpu", "tensorrt"] = "cpu"
+    per_channel: bool = True
+    skip_nodes: tuple[str, ...] = ()
+    skip_ops: tuple[str, ...] = ()
+    samples: int = 256
+    bins: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.samples < 1 or self.bins < 16:
+            raise ValueError("samples must be >= 1 and bins >= 16")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None:
+            raise CalibrationNeededError(
+                f"{self.name} needs calibration data (--calib FILE.npy/.npz) for static int8 quantization"
+            )
+        from .cleanup import FoldBatchNorm
+
+        changes: list[str] = []
+        folded = FoldBatchNorm().run(model, ctx)
+        model = folded.model
+        changes += folded.record.changes
+        model, note = _ensure_opset(model)
+        if note:
+            changes.append(note)
+        proto = to_proto(model)
+        plan = self.plan(proto)
+        hists, seen = collect_histograms(
+            model, plan.values, ctx.calibration, bins=self.bins, limit=self.samples
+        )
+        params = self.ranges(plan, hists)
+        rewritten, rewrite_notes = quantize_graph(proto, plan, params, per_channel=self.per_channel,
+                                                  drop_relus=self.preset == "cpu")
+        notes = [f"calibrated on {seen} samples of {ctx.calibration.source}"]
+        if ctx.calibration.is_random:
+            notes.append("calibrated on random data: ranges do not reflect real inputs")
+        changes += [f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
+                    f"({self.preset}: {'uint8 asymmetric' if self.preset == 'cpu' else 'int8 symmetric'}, "
+                    f"{self.method})"]
+        details = {
+            "method": self.method, "preset": self.preset, "per_channel": self.per_channel,
+            "samples": seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
+            "fused_relus": sorted(plan.fused_relus), "notes": notes + rewrite_notes,
+        }
+        return self.result(load(rewritten), changes=changes, skipped=plan.skipped, details=details)
+
+    # ------------------------------------------------------------------ placement
+
+    def plan(self, proto: onnx.ModelProto) -> Plan:
+        return plan_placement(proto, skip_nodes=self.skip_nodes, skip_ops=self.skip_ops,
+                              fold_relu=True)
+
+    # ------------------------------------------------------------------ ranges
+
+    def ranges(self, plan: Plan, hists: Mapping[str, TensorHistogram]) -> dict[str, QuantParams]:
+        """Quantization parameters per value; a shared-scale group merges its members' histograms."""
+        merged: dict[str, TensorHistogram] = {}
+        for value in plan.values:
+            if value not in hists:
+                continue
+            root = plan.groups.get(value, value)
+            merged[root] = merged[root].merge(hists[value]) if root in merged else hists[value]
+        symmetric = self.preset == "tensorrt"
+        by_root = {}
+        for root, hist in merged.items():
+            lo, hi = clip_range(hist, self.method, percentile=self.percentile, symmetric=symmetric)
+            by_root[root] = activation_params(lo, hi, symmetric=symmetric)
+        return {v: by_root[plan.groups.get(v, v)] for v in plan.values if plan.groups.get(v, v) in by_root}
+
+
+def activation_params(lo: float, hi: float, *, symmetric: bool) -> QuantParams:
+    """uint8 asymmetric over [lo, hi] (zero exactly representable), or int8 symmetric over max(|lo|, |hi|)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        return QuantParams(max(max(-lo, hi) / 127.0, MIN_SCALE), 0, TensorProto.INT8)
+    scale = max((hi - lo) / 255.0, MIN_SCALE)
+    zero_point = int(np.clip(round(-lo / scale), 0, 255))
+    return QuantParams(scale, zero_point, TensorProto.UINT8)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (per channel along `axis`, or per tensor): (int8 values, float32 scales)."""
+    if axis is None:
+        amax = np.asarray(np.abs(w).max() if w.size else 0.0)
+    else:
+        amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+    scale = np.maximum(amax / WEIGHT_QMAX, MIN_SCALE).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """int32 bias with scale x_scale * w_scale (what QLinearConv/QGemm add to the int32 accumulator);
+    returns (values, scales, saturated)."""
+    scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
+    scale = np.broadcast_to(scale, b.shape) if scale.size == 1 else scale
+    raw = np.round(b.astype(np.float64) / scale.astype(np.float64))
+    saturated = bool(np.any(np.abs(raw) > INT32_MAX))
+    return np.clip(raw, -INT32_MAX, INT32_MAX).astype(np.int32), np.ascontiguousarray(scale), saturated
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+class _Graph:
+    """Producer/consumer maps of a GraphProto."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.constants = {t.name for t in graph.initializer}
+        self.inits = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(node)
+
+    def activations(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and i not in self.constants]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _anchor_reason(g: _Graph, node: onnx.NodeProto) -> str | None:
+    """Why an anchor op cannot run in int8 here (None when it can)."""
+    if node.op_type == "Conv":
+        return None if node.input[1] in g.constants else "weight is not a constant"
+    if node.op_type == "MatMul":
+        if node.input[0] in g.constants:
+            return "constant left operand"
+        if node.input[1] in g.constants and len(g.inits[node.input[1]].dims) != 2:
+            return "weight is not 2-D"
+        return None
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+            return "transA/alpha/beta not supported"
+        if node.input[1] not in g.constants:
+            return "weight is not a constant"
+        if len(node.input) > 2 and node.input[2] and node.input[2] not in g.constants:
+            return "bias is not a constant"
+        return None
+    return "not an int8 op"
+
+
+def plan_placement(
+    proto: onnx.ModelProto, *, skip_nodes: Iterable[str] = (), skip_ops: Iterable[str] = (), fold_relu: bool = True
+) -> Plan:
+    """Decide which nodes run in int8 and which activation values get Q/DQ (see the module doc)."""
+    g = _Graph(proto.graph)
+    skip_nodes, skip_ops = set(skip_nodes), set(skip_ops)
+    plan = Plan()
+    chosen: set[str] = set()
+    names = _ensure_node_names(proto.graph)
+    by_name = {n.name: n for n in proto.graph.node}
+    for node in proto.graph.node:
+        if node.name in skip_nodes or node.op_type in skip_ops:
+            if node.op_type in ANCHORS | NEIGHBOURLY | SCALE_PRESERVING:
+                plan.skipped.append(f"{node.name}: skipped by request")
+            continue
+        if node.op_type in ANCHORS:
+            reason = _anchor_reason(g, node)
+            if reason is None:
+                chosen.add(node.name)
+            else:
+                plan.skipped.append(f"{node.name}: {reason}")
+    del names
+
+    def fused_output(node: onnx.NodeProto) -> str:
+        """The value an int8 node's output quantization applies to: after a following Relu."""
+        out = node.output[0]
+        users = g.consumers.get(out, [])
+        if (fold_relu and node.op_type in ANCHORS and len(users) == 1 and users[0].op_type == "Relu"
+                and out not in g.outputs and users[0].output[0] not in g.outputs
+                and users[0].name not in skip_nodes and "Relu" not in skip_ops):
+            return users[0].output[0]
+        return out
+
+    def producer_of(value: str) -> onnx.NodeProto | None:
+        node = g.producer.get(value)
+        if node is not None and node.op_type == "Relu" and node.input[0] in g.producer:
+            prev = g.producer[node.input[0]]
+            if prev.name in chosen and fused_output(prev) == value:
+                return prev
+        return node
+
+    def output_users(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        return g.consumers.get(fused_output(node), [])
+
+    changed = True
+    while changed:  # grow int8 regions from the anchors until nothing more joins
+        changed = False
+        for node in proto.graph.node:
+            if node.name in chosen or node.name in skip_nodes or node.op_type in skip_ops:
+                continue
+            if node.op_type in NEIGHBOURLY:
+                acts = g.activations(node)
+                if len(acts) != len([i for i in node.input if i]) or not node.output[0]:
+                    continue
+                near = any((p := producer_of(v)) is not None and p.name in chosen for v in acts)
+                near = near or any(u.name in chosen for u in output_users(node))
+                if near:
+                    chosen.add(node.name)
+                    changed = True
+            elif node.op_type in SCALE_PRESERVING:
+                p = producer_of(node.input[0]) if node.input[0] not in g.constants else None
+                if p is not None and p.name in chosen and any(u.name in chosen for u in output_users(node)):
+                    chosen.add(node.name)
+                    changed = True
+
+    values: dict[str, None] = {}
+    parent: dict[str, str] = {}
+
+    def find(v: str) -> str:
+        while parent.setdefault(v, v) != v:
+            v = parent[v]
+        return v
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    for node in proto.graph.node:
+        if node.name not in chosen:
+            continue
+        plan.nodes.append(node.name)
+        inputs = [node.input[0]] if node.op_type in SCALE_PRESERVING else g.activations(node)
+        for v in inputs:
+            values[v] = None
+        out = fused_output(node)
+        if out != node.output[0]:
+            plan.fused_relus[g.consumers[node.output[0]][0].name] = node.name
+        wants_output = node.op_type not in ("MatMul", "Gemm") or any(u.name in chosen for u in g.consumers.get(out, []))
+        # A graph output keeps its name and float type: the DQ produces it (see quantize_graph).
+        if wants_output and (out not in g.outputs or node.op_type not in SCALE_PRESERVING):
+            values[out] = None
+            if node.op_type in SCALE_PRESERVING:
+                union(out, node.input[0])
+        if node.op_type == "Concat" and out not in g.outputs:
+            for v in inputs:
+                union(v, out)
+    plan.values = list(values)
+    plan.groups = {v: find(v) for v in plan.values}
+    del by_name
+    return plan
+
+
+def _ensure_node_names(graph: onnx.GraphProto) -> set[str]:
+    """Give every node a unique name (skip lists and reports refer to nodes by name)."""
+    used = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    return used
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return 1  # MatMul [K, N]: one scale per output column
+
+
+def quantize_graph(
+    proto: onnx.ModelProto,
+    plan: Plan,
+    params: Mapping[str, QuantParams],
+    *,
+    per_channel: bool = True,
+    drop_relus: bool = True,
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of `proto` with Q/DQ pairs on the planned values and int8/int32 weights and biases."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    _ensure_node_names(graph)
+    g = _Graph(graph)
+    notes: list[str] = []
+    taken = {v for n in graph.node for v in (*n.input, *n.output)} | set(g.inits) | {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    new_inits: list[onnx.TensorProto] = []
+
+    def const(base: str, array: np.ndarray) -> str:
+        name = fresh(base)
+        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    # Relus that the uint8 output quantization replaces exactly (zero point at the bottom of the range)
+    dropped: dict[str, str] = {}  # Relu output -> Relu input
+    for relu_name in plan.fused_relus:
+        relu = next(n for n in graph.node if n.name == relu_name)
+        p = params.get(relu.output[0])
+        if drop_relus and p is not None and p.dtype == TensorProto.UINT8 and p.zero_point == 0:
+            dropped[relu.output[0]] = relu.input[0]
+
+    qdq: dict[str, list[onnx.NodeProto]] = {}  # value -> its Q and DQ nodes, placed after its producer
+    renamed: dict[str, str] = {}
+    for v in plan.values:
+        p = params.get(v)
+        if p is None:
+            continue
+        scale = const(f"{v}_scale", np.float32(p.scale))
+        zp = const(f"{v}_zero_point", np.array(p.zero_point, dtype=np.uint8 if p.dtype == TensorProto.UINT8 else np.int8))
+        q, dq = fresh(f"{v}_quantized"), fresh(f"{v}_dequantized")
+        source = dropped.get(v, v)
+        if v in g.outputs:  # the producer writes a new name; the DQ writes the graph output
+            source = fresh(f"{v}_float")
+            g.producer[v].output[list(g.producer[v].output).index(v)] = source
+            dq = v
+        else:
+            renamed[v] = dq
+        qdq[source if v in g.outputs else v] = [
+            helper.make_node("QuantizeLinear", [source, scale, zp], [q], name=fresh(f"{v}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=fresh(f"{v}_DequantizeLinear")),
+        ]
+
+    int8_nodes = set(plan.nodes)
+    weight_dq: dict[tuple[str, int | None], tuple[str, np.ndarray]] = {}
+    pre_nodes: list[onnx.NodeProto] = []
+    saturated: list[str] = []
+    for node in graph.node:
+        if node.name not in int8_nodes or node.op_type not in ANCHORS:
+            continue
+        w_name = node.input[1]
+        if w_name not in g.constants:
+            continue  # MatMul of two activations: both already have Q/DQ
+        x_params = params.get(node.input[0])
+        w = numpy_helper.to_array(g.inits[w_name]).astype(np.float32)
+        axis = _weight_axis(node) if per_channel else None
+        key = (w_name, axis)
+        if key not in weight_dq:
+            wq, ws = quantize_weight(w, axis)
+            scale = const(f"{w_name}_scale", ws if axis is not None else ws.reshape(()))
+            zp = const(f"{w_name}_zero_point", np.zeros(ws.shape, dtype=np.int8))
+            dq_out = fresh(f"{w_name}_dequantized")
+            attrs = {"axis": axis} if axis is not None else {}
+            pre_nodes.append(helper.make_node("DequantizeLinear", [const(f"{w_name}_quantized", wq), scale, zp],
+                                              [dq_out], name=fresh(f"{w_name}_DequantizeLinear"), **attrs))
+            weight_dq[key] = (dq_out, ws)
+        dq_out, ws = weight_dq[key]
+        node.input[1] = dq_out
+        if len(node.input) > 2 and node.input[2] and node.input[2] in g.constants and x_params is not None:
+            b = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float32)
+            if b.ndim == 1 and (ws.size == 1 or ws.size == b.size):
+                bq, bs, sat = quantize_bias(b, x_params.scale, ws)
+                if sat:
+                    saturated.append(node.name)
+                bscale = const(f"{node.input[2]}_scale", bs)
+                bzp = const(f"{node.input[2]}_zero_point", np.zeros(bs.shape, dtype=np.int32))
+                b_out = fresh(f"{node.input[2]}_dequantized")
+                pre_nodes.append(helper.make_node("DequantizeLinear", [const(f"{node.input[2]}_quantized", bq), bscale, bzp],
+                                                  [b_out], name=fresh(f"{node.name}_bias_DequantizeLinear"), axis=0))
+                node.input[2] = b_out
+    if saturated:
+        notes.append(f"int32 bias saturated in {', '.join(saturated)}")
+
+    # Rebuild the node list: Q/DQ right after each quantized value's producer, consumers rewired.
+    nodes: list[onnx.NodeProto] = list(pre_nodes)
+    graph_inputs = {i.name for i in graph.input}
+    for v, pair in qdq.items():
+        if v in graph_inputs:
+            nodes += pair
+    dropped_relus = {n.name for n in graph.node if n.op_type == "Relu" and n.output[0] in dropped}
+    for node in graph.node:
+        if node.name in dropped_relus:
+            for v in node.output:
+                nodes += qdq.get(v, [])
+            continue
+        for k, name in enumerate(node.input):
+            if name in renamed:
+                node.input[k] = renamed[name]
+        nodes.append(node)
+        for v in node.output:
+            nodes += qdq.get(v, [])
+    # Producers feeding dropped Relus: the Q reads the producer output, placed after the Relu's slot,
+    # which is after the producer (graph order is topological).
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    return out, notes
+
+
+def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
+    """Per-axis QDQ needs opset >= 13: convert older models with onnx.version_converter."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if opset >= QDQ_MIN_OPSET:
+        return model, None
+    from onnx import version_converter
+
+    try:
+        proto = version_converter.convert_version(to_proto(model), QDQ_MIN_OPSET)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise OnnxCompressError(
+            f"quantize-int8 needs opset >= {QDQ_MIN_OPSET} and converting from opset {opset} failed ({first})"
+        ) from None
+    proto.ir_version = max(proto.ir_version, 7)
+    return load(proto), f"opset {opset} -> {QDQ_MIN_OPSET} (per-channel QDQ needs opset 13)"
+
+
+__all__ = [
+    "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "plan_placement",
+    "quantize_bias", "quantize_graph", "quantize_weight",
+]

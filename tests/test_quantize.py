@@ -1,0 +1,300 @@
+"""QuantizeQDQ: valid QDQ models that ORT fuses into int8 kernels, with bounded error against float."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.analysis.fusion import fusion_check
+from onnxcompress.analysis.histograms import collect_histograms
+from onnxcompress.calibration import Calibration
+from onnxcompress.errors import OnnxCompressError
+from onnxcompress.model import load, to_proto
+from onnxcompress.passes.quantize import (
+    QuantizeQDQ,
+    activation_params,
+    quantize_bias,
+    quantize_weight,
+)
+from onnxcompress.pipeline import PassContext
+from onnxcompress.verify import compare, outputs
+
+#: SQNR (dB) of the quantized model against float, on inputs held out from calibration.
+SMALL_CNN_MIN_SQNR = 30.0
+ZOO_MIN_SQNR = {"resnet_basic": 30.0, "mobilenet_v2": 20.0, "bert": 22.0}
+#: Ours may trail ORT's quantize_static by at most this (dB) on the same model and data.
+ORT_MARGIN_DB = 0.5
+CALIB, HELD_OUT = 64, 32
+
+
+def _conv_relu_conv(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w1", rng.normal(0, 0.3, (16, 3, 3, 3))), ("b1", rng.normal(0, 0.1, 16)),
+        ("w2", rng.normal(0, 0.1, (16, 16, 3, 3))), ("b2", rng.normal(0, 0.1, 16))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(nodes, "crc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _concat_pool(seed: int = 0) -> onnx.ModelProto:
+    """Two Conv branches -> Concat -> MaxPool -> Conv: shared scales across Concat and MaxPool."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("wa", rng.normal(0, 0.3, (8, 3, 1, 1))), ("wb", rng.normal(0, 0.6, (8, 3, 3, 3))),
+        ("wc", rng.normal(0, 0.2, (4, 16, 1, 1)))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b", pads=[1] * 4),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("MaxPool", ["cat"], ["pool"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool", "wc"], ["y"], name="conv_c"),
+    ]
+    graph = helper.make_graph(nodes, "cat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 32] -> MatMul -> Add(bias) -> Relu -> MatMul -> y: the transformer MatMul path."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w1", rng.normal(0, 0.2, (32, 64))), ("b1", rng.normal(0, 0.1, 64)), ("w2", rng.normal(0, 0.2, (64, 16)))]]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _data(shape: tuple[int, ...], n: int = CALIB + HELD_OUT, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)
+
+
+def _quantize(proto_or_model, data: np.ndarray, name: str = "x", **options):
+    model = load(proto_or_model)
+    calib = Calibration.from_arrays(model, {name: data[:CALIB]})
+    result = QuantizeQDQ(**options).run(load(model), PassContext(calibration=calib, model=model))
+    return model, result
+
+
+def _sqnr(original, quantized, data: np.ndarray, name: str = "x") -> float:
+    feeds = [{name: data[i : i + 8]} for i in range(CALIB, len(data), 8)]
+    return compare(outputs(original, feeds, "float"), outputs(quantized, feeds, "int8"), "held out").sqnr_db
+
+
+def _checked(model) -> onnx.ModelProto:
+    proto = to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _init(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+
+
+# ---------------------------------------------------------------------------- small graphs
+
+
+def test_without_calibration_a_clear_error():
+    model = load(_conv_relu_conv())
+    with pytest.raises(OnnxCompressError, match="needs calibration data") as info:
+        QuantizeQDQ().run(model, PassContext(model=model))
+    assert "\n" not in str(info.value)
+
+
+def test_conv_relu_conv_fuses_into_qlinearconv_and_keeps_io():
+    data = _data((3, 16, 16))
+    original, result = _quantize(_conv_relu_conv(), data)
+    proto = _checked(result.model)
+    assert [i.name for i in proto.graph.input] == ["x"] and [o.name for o in proto.graph.output] == ["y"]
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert "Relu" not in {n.op_type for n in proto.graph.node}  # folded into conv1's uint8 output
+    report = fusion_check(result.model)
+    assert report.int8 == {"QLinearConv": 2}
+    assert report.float_compute == {}
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
+
+
+def test_int32_bias_is_round_of_bias_over_input_times_weight_scale():
+    data = _data((3, 16, 16))
+    _, result = _quantize(_conv_relu_conv(), data)
+    proto = to_proto(result.model)
+    b = numpy_helper.to_array(next(t for t in _conv_relu_conv().graph.initializer if t.name == "b2"))
+    sx = float(_init(proto, "r1_scale"))
+    sw = _init(proto, "w2_scale")
+    bq = _init(proto, "b2_quantized")
+    assert bq.dtype == np.int32
+    np.testing.assert_array_equal(bq, np.round(b.astype(np.float64) / (np.float32(sx) * sw).astype(np.float64)))
+    np.testing.assert_array_equal(_init(proto, "b2_scale"), (np.float32(sx) * sw).astype(np.float32))
+
+
+def test_weights_are_per_channel_symmetric_int8():
+    w = np.random.default_rng(0).normal(0, 1, (4, 3, 2, 2)).astype(np.float32)
+    q, scale = quantize_weight(w, 0)
+    assert q.dtype == np.int8 and scale.shape == (4,)
+    assert np.all(np.abs(q).reshape(4, -1).max(1) == 127)  # each channel uses its full range
+    assert np.max(np.abs(q * scale[:, None, None, None] - w)) <= scale.max() / 2 * (1 + 1e-6)
+
+
+def test_activation_params_cpu_uint8_and_tensorrt_int8():
+    cpu = activation_params(-1.0, 3.0, symmetric=False)
+    assert cpu.dtype == TensorProto.UINT8 and cpu.scale == pytest.approx(4 / 255) and cpu.zero_point == 64
+    trt = activation_params(-1.0, 3.0, symmetric=True)
+    assert trt.dtype == TensorProto.INT8 and trt.zero_point == 0 and trt.scale == pytest.approx(3 / 127)
+
+
+def test_bias_saturation_is_reported():
+    q, _, saturated = quantize_bias(np.array([1e6], dtype=np.float32), 1e-4, np.array([1e-4], dtype=np.float32))
+    assert saturated and q[0] == np.iinfo(np.int32).max
+
+
+def test_concat_and_maxpool_share_one_scale():
+    data = _data((3, 8, 8))
+    original, result = _quantize(_concat_pool(), data)
+    proto = _checked(result.model)
+    zps = {n.input[0]: (float(_init(proto, n.input[1])), int(_init(proto, n.input[2])))
+           for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert zps["a"] == zps["b"] == zps["cat"] == zps["pool"]
+    report = fusion_check(result.model)
+    assert report.int8.get("QLinearConv") == 3 and report.float_compute == {}
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
+
+
+def test_mlp_matmuls_run_as_int8():
+    data = _data((32,))
+    original, result = _quantize(_mlp(), data)
+    _checked(result.model)
+    report = fusion_check(result.model)
+    assert report.float_compute == {}
+    assert report.int8_count == 2, report.summary()
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
+
+
+def test_skip_lists_leave_nodes_in_float():
+    data = _data((3, 16, 16))
+    _, by_name = _quantize(_conv_relu_conv(), data, skip_nodes=("conv2",))
+    assert by_name.record.details["int8_nodes"] == ["conv1"]
+    report = fusion_check(by_name.model)
+    assert report.int8 == {"QLinearConv": 1} and report.float_compute_count == 1  # ORT runs it as nchwc.Conv
+    _, by_op = _quantize(_conv_relu_conv(), data, skip_ops=("Conv",))
+    assert by_op.record.details["int8_nodes"] == []
+    assert not any(n.op_type == "QuantizeLinear" for n in to_proto(by_op.model).graph.node)
+
+
+def test_isolated_elementwise_ops_stay_float():
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"], name="add")], "add",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    calib = Calibration.from_arrays(model, {"a": _data((4,)), "b": _data((4,), seed=2)})
+    result = QuantizeQDQ().run(model, PassContext(calibration=calib, model=model))
+    assert result.record.details["int8_nodes"] == []
+    assert not any(n.op_type == "QuantizeLinear" for n in to_proto(result.model).graph.node)
+
+
+def test_tensorrt_preset_is_symmetric_int8_and_keeps_relu():
+    data = _data((3, 16, 16))
+    original, result = _quantize(_conv_relu_conv(), data, preset="tensorrt")
+    proto = _checked(result.model)
+    zero_points = [_init(proto, n.input[2]) for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and z == 0 for z in zero_points)
+    assert "Relu" in {n.op_type for n in proto.graph.node}
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR - 6  # one bit fewer for Relu outputs
+
+
+def test_old_opset_is_upgraded_to_13():
+    data = _data((3, 16, 16))
+    original, result = _quantize(_conv_relu_conv(opset=11), data)
+    proto = _checked(result.model)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 13
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
+
+
+def test_calibration_statistics_do_not_grow_with_samples():
+    model = load(_conv_relu_conv())
+    sizes = {}
+    for n in (32, 256):
+        calib = Calibration.from_arrays(model, {"x": _data((3, 16, 16), n=n)})
+        hists, seen = collect_histograms(model, ["x", "c1", "r1", "y"], calib, bins=512)
+        assert seen == n
+        sizes[n] = sum(h.counts.nbytes for h in hists.values())
+    assert sizes[32] == sizes[256] == 4 * 512 * 8
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_method_gives_a_valid_fused_model(method):
+    data = _data((3, 16, 16))
+    original, result = _quantize(_conv_relu_conv(), data, method=method)
+    _checked(result.model)
+    assert fusion_check(result.model).int8 == {"QLinearConv": 2}
+    assert np.isfinite(_sqnr(original, result.model, data))
+
+
+# ---------------------------------------------------------------------------- zoo families and ORT
+
+
+def _zoo_data(zoo, name: str) -> tuple[str, np.ndarray]:
+    key, example = next(iter(zoo.numpy_inputs(name).items()))
+    rng = np.random.default_rng(3)
+    if example.dtype == np.int64:
+        return key, rng.integers(0, zoo.BERT_VOCAB, (CALIB + HELD_OUT, *example.shape[1:])).astype(np.int64)
+    return key, rng.normal(0, 1, (CALIB + HELD_OUT, *example.shape[1:])).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_MIN_SQNR))
+def test_zoo_family_quantizes_fuses_and_stays_close(tmp_path_factory, name):
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from tests import zoo
+
+    path = zoo.exported(tmp_path_factory, name, dynamo=False, dynamic_batch=True)
+    key, data = _zoo_data(zoo, name)
+    original, result = _quantize(path, data, name=key)
+    _checked(result.model)
+    report = fusion_check(result.model)
+    assert report.float_compute == {}, report.summary()
+    assert report.int8_count >= len(result.record.details["int8_nodes"]) // 2, report.summary()
+    assert _sqnr(original, result.model, data, key) >= ZOO_MIN_SQNR[name]
+
+
+def test_side_by_side_with_ort_quantize_static(tmp_path_factory, tmp_path):
+    pytest.importorskip("torch")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from tests import zoo
+
+    path = zoo.exported(tmp_path_factory, "resnet_basic", dynamo=False, dynamic_batch=True)
+    key, data = _zoo_data(zoo, "resnet_basic")
+    original, ours = _quantize(path, data, name=key)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{key: data[i : i + 1]} for i in range(CALIB)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    ort_path = tmp_path / "ort_int8.onnx"
+    quantize_static(str(path), str(ort_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ours_db, ort_db = _sqnr(original, ours.model, data, key), _sqnr(original, str(ort_path), data, key)
+    print(f"resnet_basic SQNR: onnxcompress {ours_db:.2f} dB, ORT quantize_static {ort_db:.2f} dB")
+    assert ours_db >= ort_db - ORT_MARGIN_DB
