@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import OnnxCompressError
@@ -115,7 +116,7 @@ def bench(
         for table in render(report):
             console.print(table)
         if plot:
-            console.print(f"plot written to {plot}")
+            console.print(f"plot written to {escape(str(plot))}")
 
 
 @app.command()
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except OnnxCompressError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _USAGE_ERRORS as exc:  # unknown option, bad value: the parser's one-line message
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         return getattr(exc, "exit_code", 2)
     except Exception as exc:  # anything unexpected: still one line, the traceback only on request
         import os
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ONNXCOMPRESS_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {first} "
+        console.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} "
                       "(please report it; set ONNXCOMPRESS_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import onnx_ir as ir
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .model import graph_inputs
@@ -39,7 +40,7 @@ def _dims(value: ir.Value) -> list[int | str] | None:
 
 def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> None:
     s = data["stats"]
-    table = Table(title=f"{title}", show_header=False, title_justify="left")
+    table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_row("parameters", human(s["params"]))
     table.add_row("MACs", human(s["macs"]))
     table.add_row("FLOPs", human(s["flops"]))
@@ -49,9 +50,9 @@ def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> No
         table.add_row("file", human(s["file_bytes"], "B"))
     table.add_row("opset", ", ".join(f"{d} {v}" for d, v in data["opset"].items()))
     for v in data["inputs"]:
-        table.add_row("input", f"{v['name']}  {v['dtype']}  {v['shape']}  (analyzed at {v['analyzed_shape']})")
+        table.add_row("input", escape(f"{v['name']}  {v['dtype']}  {v['shape']}  (analyzed at {v['analyzed_shape']})"))
     for v in data["outputs"]:
-        table.add_row("output", f"{v['name']}  {v['dtype']}  {v['shape']}")
+        table.add_row("output", escape(f"{v['name']}  {v['dtype']}  {v['shape']}"))
     ops = sorted(s["op_counts"].items(), key=lambda kv: -kv[1])
     table.add_row("ops", ", ".join(f"{k} {n}" for k, n in ops))
     if data["unknown_ops"]:
@@ -62,7 +63,7 @@ def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> No
         layers.add_column(col, justify="right" if col in ("MACs", "share", "params") else "left")
     total = max(s["macs"], 1)
     for n in data["top_layers"]:
-        layers.add_row(n["name"], n["op_type"], human(n["macs"]), f"{100 * n['macs'] / total:.1f}%", human(n["params"]))
+        layers.add_row(escape(n["name"]), n["op_type"], human(n["macs"]), f"{100 * n['macs'] / total:.1f}%", human(n["params"]))
     console.print(layers)
     if "channel_groups" in data:
         render_channel_groups(console, data["channel_groups"])
@@ -88,15 +89,15 @@ def render_channel_groups(console: Console, data: Mapping[str, Any]) -> None:
         table.add_column(col, justify="right" if col in ("group", "channels", "units", "prunable") else "left")
     for g in data["groups"]:
         sources = ", ".join(g["sources"][:3]) + (f" +{len(g['sources']) - 3}" if len(g["sources"]) > 3 else "")
-        table.add_row(str(g["id"]), sources, str(g["channels"]), str(g["units"]), str(g["prunable_units"]),
-                      "; ".join(g["blocked_by"][:2]))
+        table.add_row(str(g["id"]), escape(sources), str(g["channels"]), str(g["units"]), str(g["prunable_units"]),
+                      escape("; ".join(g["blocked_by"][:2])))
     console.print(table)
 
 
 def render_run(console: Console, report: RunReport) -> None:
     """Before/after table and one line per pass."""
     b, a = report.before, report.after
-    table = Table(title=f"{report.input} -> {report.output}", title_justify="left")
+    table = Table(title=escape(f"{report.input} -> {report.output}"), title_justify="left")
     for col in ("", "before", "after", "ratio"):
         table.add_column(col, justify="left" if not col else "right")
     rows = [("parameters", b.params, a.params, ""), ("MACs", b.macs, a.macs, ""),
@@ -115,15 +116,15 @@ def render_run(console: Console, report: RunReport) -> None:
             shown = ", ".join(f"{label} {f['sqnr_db']:.1f} dB" for label, f in steps if f)
             console.print(f"    recovery ({recovery.get('heldout_samples')} held-out samples, SQNR): {shown}")
             for warning in recovery.get("warnings", []):
-                console.print(f"    [yellow]warning[/yellow] {warning}", highlight=False)
+                console.print(f"    [yellow]warning[/yellow] {escape(warning)}", highlight=False)
         for line in p.skipped[:5]:
-            console.print(f"    [yellow]skipped[/yellow] {line}", highlight=False)
+            console.print(f"    [yellow]skipped[/yellow] {escape(line)}", highlight=False)
         if len(p.skipped) > 5:
             console.print(f"    ... {len(p.skipped) - 5} more skipped (see --report)")
     if report.fidelity:
         console.print("  fidelity vs input: " + fidelity_line(report.fidelity))
     for note in report.notes:
-        console.print(f"  [dim]{note}[/dim]")
+        console.print(f"  [dim]{escape(note)}[/dim]")
 
 
 def fidelity_line(f: Fidelity) -> str:
@@ -155,4 +156,4 @@ def render_demo(console: Console, demo) -> None:
     for p in r.passes:
         mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
         console.print(f"  {p.name}: {mark}, {len(p.changes)} changes in {p.seconds:.2f}s")
-    console.print(f"  compressed model written to {demo.output}")
+    console.print(f"  compressed model written to {escape(str(demo.output))}")

@@ -186,3 +186,10 @@ def test_quantize_flags_add_the_int8_pass_after_pruning(capsys, tmp_path, model_
     assert code == 2 and "only int8" in err
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q3.onnx", "--quantize", "int8")
     assert code == 2 and "needs calibration data" in err
+
+
+def test_error_messages_keep_bracketed_text(capsys, tmp_path):
+    """Messages are printed literally: '[batchxseq]' must not be eaten as console markup."""
+    onnx.save(dynamic_matmul(), tmp_path / "dyn.onnx")
+    code, _, err = run_cli(capsys, "analyze", tmp_path / "dyn.onnx")
+    assert code == 2 and "dynamic shape [batchxseqx16]" in err
