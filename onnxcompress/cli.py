@@ -132,6 +132,8 @@ def optimize(
     importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, apoz (the last two need --calib) or random.")] = None,
     target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
+    factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
+    factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
     quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib).")] = None,
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
@@ -154,6 +156,9 @@ def optimize(
                                        "round_to": round_to}.items() if v is not None}
     if prune_options:
         _set_pass(pipeline, "prune-channels", prune_options, where="--prune options", before="quantize-int8")
+    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
+    if factorize_options:
+        _set_pass(pipeline, "factorize", factorize_options, where="--factorize options", before="quantize-int8")
     if quantize is not None or calib_method is not None or preset is not None:
         if quantize not in (None, "int8"):
             raise OnnxCompressError(f"--quantize {quantize}: only int8 is supported (dynamic int8 is planned)")

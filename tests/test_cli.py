@@ -193,3 +193,16 @@ def test_error_messages_keep_bracketed_text(capsys, tmp_path):
     onnx.save(dynamic_matmul(), tmp_path / "dyn.onnx")
     code, _, err = run_cli(capsys, "analyze", tmp_path / "dyn.onnx")
     assert code == 2 and "dynamic shape [batchxseqx16]" in err
+
+
+def test_factorize_flags(capsys, tmp_path, model_path):
+    report = tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "f.onnx", "--factorize", "0.25",
+                           "--report", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    factorize = data["passes"][-1]
+    assert factorize["name"] == "factorize"
+    onnx.checker.check_model(str(tmp_path / "f.onnx"), full_check=True)
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "g.onnx", "--factorize", "2")
+    assert code == 2 and "rank_ratio" in err
