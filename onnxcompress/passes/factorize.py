@@ -32,6 +32,7 @@ from ..analysis.shapes import infer_shapes
 from ..calibration import Calibration, batch_size_for
 from ..model import load
 from ..pipeline import Pass, PassContext, PassResult
+from .linear import matmul_bias_add
 
 ConvForm = Literal["channel", "spatial", "squeeze"]
 CONV_FORMS: tuple[ConvForm, ...] = ("channel", "spatial", "squeeze")
@@ -228,21 +229,11 @@ def _layer(node: ir.Node, shapes: Mapping) -> tuple[Layer | None, str]:
 
 
 def _bias_add(node: ir.Node, n_out: int) -> tuple[ir.Node, np.ndarray] | None:
-    """The Add that holds a MatMul's bias (its only consumer, a private constant of shape [..1, N])."""
-    y = node.outputs[0]
-    uses = list(y.uses())
-    if len(uses) != 1 or y.is_graph_output():
+    """The Add holding a MatMul's float32 bias, and the bias as a vector."""
+    found = matmul_bias_add(node, n_out)
+    if found is None or found[1].const_value.dtype != ir.DataType.FLOAT:
         return None
-    add, index = uses[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    const = add.inputs[1 - index]
-    array = _const(const)
-    if array is None or len(list(const.uses())) != 1 or array.dtype != np.float32:
-        return None
-    if not array.shape or array.shape[-1] != n_out or any(d != 1 for d in array.shape[:-1]):
-        return None
-    return add, array.reshape(-1)
+    return found[0], found[1].const_value.numpy().reshape(-1)
 
 
 def _explicit_pads(node: ir.Node, kernel, strides, dilations, in_size, out_size) -> tuple[tuple[int, ...], tuple[int, ...]]:

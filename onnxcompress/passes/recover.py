@@ -41,6 +41,7 @@ from ..calibration import Calibration, batch_size_for
 from ..model import EXTERNAL_DATA_THRESHOLD
 from ..report import to_jsonable
 from ..verify import compare, outputs
+from .linear import matmul_bias_add
 
 try:  # optional (comes with scikit-learn): lets the ridge solves run on one BLAS thread, see _one_blas_thread
     from threadpoolctl import threadpool_limits
@@ -303,22 +304,7 @@ def _const_input(node: ir.Node, index: int) -> np.ndarray | None:
 
 
 def _bias_add(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
-    """The Add holding a MatMul's bias: the MatMul's only consumer, adding a private constant [.., N]."""
-    y = node.outputs[0]
-    n_out = node.inputs[1].const_value.shape[1]
-    uses = y.uses()
-    if len(uses) != 1 or y.is_graph_output():
-        return None
-    add, index = uses[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    const = add.inputs[1 - index]
-    if const is None or const.const_value is None or len(const.uses()) != 1 or const.is_graph_input():
-        return None
-    shape = tuple(const.const_value.shape)
-    if not shape or shape[-1] != n_out or any(d != 1 for d in shape[:-1]):
-        return None
-    return add, const
+    return matmul_bias_add(node, node.inputs[1].const_value.shape[1])
 
 
 # ------------------------------------------------------------------------------ writing parameters
