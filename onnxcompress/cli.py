@@ -43,7 +43,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True)] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Compress ONNX models and measure them on ONNX Runtime."""
 
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _USAGE_ERRORS as exc:  # unknown option, bad value: the parser's one-line message
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        if message.strip():  # the help screen for a bare `onnxcompress` comes with an empty message
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         return getattr(exc, "exit_code", 2)
     except Exception as exc:  # anything unexpected: still one line, the traceback only on request
         import os

@@ -206,3 +206,8 @@ def test_factorize_flags(capsys, tmp_path, model_path):
     onnx.checker.check_model(str(tmp_path / "f.onnx"), full_check=True)
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "g.onnx", "--factorize", "2")
     assert code == 2 and "rank_ratio" in err
+
+
+def test_bare_command_shows_help_without_an_empty_error(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "Commands" in out + err and "error:" not in err
