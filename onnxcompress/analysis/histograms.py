@@ -148,19 +148,25 @@ def percentile_range(hist: TensorHistogram, percentile: float = 99.99) -> tuple[
 
 def entropy_range(hist: TensorHistogram, levels: int = 128, max_candidates: int = 512) -> tuple[float, float]:
     """KL-divergence threshold on |x| (TensorRT's calibration): the clip whose `levels`-level
-    quantization of the clipped distribution stays closest to the original."""
+    quantization of the clipped distribution stays closest to the original. Exact zeros do not
+    weigh in (see below), so a Relu output gets the threshold of its positive part."""
     if not hist.count:
         return 0.0, 0.0
     folded, width = hist.folded()
     last = int(np.nonzero(folded)[0].max()) + 1
-    folded = folded[:last]
+    folded = folded[:last].astype(np.float64)
     if last <= levels:
         return minmax_range(hist)
+    # Exact zeros (Relu outputs, padding) pile up in the first bin. Zero is exact at any threshold,
+    # yet that spike, spread over the first quantized group of q, dominates the divergence and pulls
+    # the clip far in (to ~2 sigma on a Relu'd Gaussian). TensorRT's calibrator levels it to its
+    # neighbour for the same reason.
+    folded[0] = folded[1]
     step = max(1, (last - levels) // max_candidates)
     candidates = list(range(levels, last, step)) + [last]
     best, best_kl = last, math.inf
     for i in candidates:
-        p = folded[:i].astype(np.float64).copy()
+        p = folded[:i].copy()
         p[-1] += folded[i:].sum()  # outliers clipped into the last bin
         nonzero = folded[:i] > 0
         # q: the first i bins merged into `levels` groups, each group's mass spread over its non-empty bins

@@ -3,8 +3,10 @@
 Placement: Q/DQ go only around ops the target runs in int8. Conv/MatMul/Gemm anchor the int8
 regions; Add/Mul/Concat/average pooling join only when a neighbour is int8 (an isolated one would
 only add Q/DQ work); MaxPool/Reshape/Transpose/Flatten/Squeeze/Unsqueeze carry int8 through with
-the scale of their input. A Relu right after an anchor is folded into the anchor's output
-quantization (uint8 with zero point 0 clamps at zero exactly as Relu does).
+the scale of their input. A Relu, or a Clip with constant bounds (ReLU6), right after an anchor is
+folded into the anchor's output quantization when the uint8 range clamps exactly as it does (zero
+point 0 for a lower bound of 0, the top code at or below an upper bound): ORT then runs the pair as
+one int8 kernel instead of requantizing around a float Clip.
 
 Numbers: per-channel symmetric int8 weights, int32 biases with scale x_scale * w_scale, and
 activations uint8 asymmetric (preset "cpu": the only form x86 ORT fuses into int8 kernels) or int8
@@ -61,7 +63,7 @@ class Plan:
     nodes: list[str] = field(default_factory=list)  # node names (in graph order)
     values: list[str] = field(default_factory=list)  # activation values to quantize
     groups: dict[str, str] = field(default_factory=dict)  # value -> representative of its shared-scale group
-    fused_relus: dict[str, str] = field(default_factory=dict)  # Relu node name -> the anchor it follows
+    fused_activations: dict[str, str] = field(default_factory=dict)  # Relu/Clip node name -> the anchor it follows
     skipped: list[str] = field(default_factory=list)
 
 
@@ -118,7 +120,7 @@ class QuantizeQDQ(Pass):
         details = {
             "method": self.method, "preset": self.preset, "per_channel": self.per_channel,
             "samples": seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
-            "fused_relus": sorted(plan.fused_relus), "notes": notes + rewrite_notes,
+            "fused_activations": sorted(plan.fused_activations), "notes": notes + rewrite_notes,
         }
         return self.result(load(rewritten), changes=changes, skipped=plan.skipped, details=details)
 
@@ -211,6 +213,54 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def _constant_scalar(g: _Graph, name: str) -> float | None:
+    """The value of a scalar constant (an initializer or a Constant node's output), else None."""
+    if name in g.inits:
+        array = numpy_helper.to_array(g.inits[name])
+    else:
+        node = g.producer.get(name)
+        if node is None or node.op_type != "Constant" or len(node.attribute) != 1:
+            return None
+        attr = node.attribute[0]
+        if attr.name == "value":
+            array = numpy_helper.to_array(attr.t)
+        elif attr.name in ("value_float", "value_int"):
+            array = np.asarray(helper.get_attribute_value(attr))
+        else:
+            return None
+    return float(array.reshape(-1)[0]) if array.size == 1 and np.isfinite(array).all() else None
+
+
+def clamp_bounds(g: _Graph, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """(lower, upper) of a Relu or of a Clip whose bounds are constants (absent = unbounded); else None."""
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    if node.op_type != "Clip":
+        return None
+    bounds = [-np.inf, np.inf]
+    if any(a.name in ("min", "max") for a in node.attribute):  # opset < 11: bounds are attributes
+        return float(_attr(node, "min", -np.inf)), float(_attr(node, "max", np.inf))
+    for k, name in enumerate(node.input[1:3]):
+        if name:
+            value = _constant_scalar(g, name)
+            if value is None:
+                return None
+            bounds[k] = value
+    return bounds[0], bounds[1]
+
+
+def quantization_clamps_to(p: QuantParams, lower: float, upper: float) -> bool:
+    """Whether Q(x) == Q(clip(x, lower, upper)) for every x: Q is monotone, so it suffices that the
+    bounds themselves quantize to the bottom and top codes (float32 divide, round half to even, as ORT)."""
+    info = np.iinfo(np.uint8 if p.dtype == TensorProto.UINT8 else np.int8)
+    scale = np.float32(p.scale)
+
+    def code(x: float) -> float:
+        return float(np.clip(np.rint(np.float32(x) / scale) + p.zero_point, info.min, info.max))
+
+    return (lower == -np.inf or code(lower) == info.min) and (upper == np.inf or code(upper) == info.max)
+
+
 def _anchor_reason(g: _Graph, node: onnx.NodeProto) -> str | None:
     """Why an anchor op cannot run in int8 here (None when it can)."""
     if node.op_type == "Conv":
@@ -256,18 +306,19 @@ def plan_placement(
     del names
 
     def fused_output(node: onnx.NodeProto) -> str:
-        """The value an int8 node's output quantization applies to: after a following Relu."""
+        """The value an int8 node's output quantization applies to: after a following Relu/Clip."""
         out = node.output[0]
         users = g.consumers.get(out, [])
-        if (fold_relu and node.op_type in ANCHORS and len(users) == 1 and users[0].op_type == "Relu"
+        if (fold_relu and node.op_type in ANCHORS and len(users) == 1 and users[0].input[0] == out
+                and clamp_bounds(g, users[0]) is not None
                 and out not in g.outputs and users[0].output[0] not in g.outputs
-                and users[0].name not in skip_nodes and "Relu" not in skip_ops):
+                and users[0].name not in skip_nodes and users[0].op_type not in skip_ops):
             return users[0].output[0]
         return out
 
     def producer_of(value: str) -> onnx.NodeProto | None:
         node = g.producer.get(value)
-        if node is not None and node.op_type == "Relu" and node.input[0] in g.producer:
+        if node is not None and node.op_type in ("Relu", "Clip") and node.input[0] in g.producer:
             prev = g.producer[node.input[0]]
             if prev.name in chosen and fused_output(prev) == value:
                 return prev
@@ -317,7 +368,7 @@ def plan_placement(
             values[v] = None
         out = fused_output(node)
         if out != node.output[0]:
-            plan.fused_relus[g.consumers[node.output[0]][0].name] = node.name
+            plan.fused_activations[g.consumers[node.output[0]][0].name] = node.name
         wants_output = node.op_type not in ("MatMul", "Gemm") or any(u.name in chosen for u in g.consumers.get(out, []))
         # A graph output keeps its name and float type: the DQ produces it (see quantize_graph).
         if wants_output and (out not in g.outputs or node.op_type not in SCALE_PRESERVING):
@@ -389,13 +440,14 @@ def quantize_graph(
         new_inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    # Relus that the uint8 output quantization replaces exactly (zero point at the bottom of the range)
-    dropped: dict[str, str] = {}  # Relu output -> Relu input
-    for relu_name in plan.fused_relus:
-        relu = next(n for n in graph.node if n.name == relu_name)
-        p = params.get(relu.output[0])
-        if drop_relus and p is not None and p.dtype == TensorProto.UINT8 and p.zero_point == 0:
-            dropped[relu.output[0]] = relu.input[0]
+    # Relu/Clip nodes that the output quantization replaces exactly (its clamp is theirs)
+    dropped: dict[str, str] = {}  # activation output -> activation input
+    by_name = {n.name: n for n in graph.node}
+    for act_name in plan.fused_activations:
+        act = by_name[act_name]
+        p, bounds = params.get(act.output[0]), clamp_bounds(g, act)
+        if drop_relus and p is not None and bounds is not None and quantization_clamps_to(p, *bounds):
+            dropped[act.output[0]] = act.input[0]
 
     qdq: dict[str, list[onnx.NodeProto]] = {}  # value -> its Q and DQ nodes, placed after its producer
     renamed: dict[str, str] = {}
@@ -464,9 +516,9 @@ def quantize_graph(
     for v, pair in qdq.items():
         if v in graph_inputs:
             nodes += pair
-    dropped_relus = {n.name for n in graph.node if n.op_type == "Relu" and n.output[0] in dropped}
+    dropped_acts = {n.name for n in graph.node if n.name in plan.fused_activations and n.output[0] in dropped}
     for node in graph.node:
-        if node.name in dropped_relus:
+        if node.name in dropped_acts:
             for v in node.output:
                 nodes += qdq.get(v, [])
             continue
@@ -476,11 +528,14 @@ def quantize_graph(
         nodes.append(node)
         for v in node.output:
             nodes += qdq.get(v, [])
-    # Producers feeding dropped Relus: the Q reads the producer output, placed after the Relu's slot,
-    # which is after the producer (graph order is topological).
+    # Producers feeding dropped activations: the Q reads the producer output, placed after the
+    # activation's slot, which is after the producer (graph order is topological).
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    bound_inputs = {i for n in graph.node if n.name in dropped_acts for i in n.input[1:]}
+    # Constant nodes that only held a dropped Clip's bounds go with it.
+    nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] in bound_inputs and n.output[0] not in used)]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
     kept = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
@@ -506,6 +561,6 @@ def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
 
 
 __all__ = [
-    "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "plan_placement",
-    "quantize_bias", "quantize_graph", "quantize_weight",
+    "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "clamp_bounds", "plan_placement",
+    "quantization_clamps_to", "quantize_bias", "quantize_graph", "quantize_weight",
 ]
