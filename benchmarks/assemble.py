@@ -17,6 +17,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = [
     ("prune_resnet50", "python benchmarks/prune_resnet50.py"),
     ("prune_digits", "python benchmarks/prune_digits.py"),
+    ("factorize", "python benchmarks/factorize.py"),
+    ("quantize_vs_ort", "python benchmarks/quantize_vs_ort.py"),
 ]
 GPU_NOTE = ("GPU rows (CUDA/TensorRT providers) are not measured yet: no GPU machine was available to the "
             "sessions that produced these numbers.")
@@ -31,7 +33,7 @@ def main() -> None:
     for name, command in SECTIONS:
         section = RESULTS / f"{name}.md"
         if section.is_file():
-            text = section.read_text().replace("](prune_", "](benchmarks/results/prune_")
+            text = section.read_text().replace(f"]({name}", f"](benchmarks/results/{name}")
             parts += [text.strip(), ""]
         else:
             parts += [f"## {name}", "", f"Not measured yet: run `{command}`.", ""]
