@@ -102,6 +102,29 @@ def _mlp(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _residual_head(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
+    """x[N, 8, 8, 8] -> Conv -> Add(skip x) -> Relu (or Clip(1, 6)) -> GlobalAveragePool -> Flatten -> Gemm:
+    the end of a ResNet basic block and its classifier head."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w", rng.normal(0, 0.2, (8, 8, 3, 3))), ("b", rng.normal(0, 0.1, 8)),
+        ("fc_w", rng.normal(0, 0.3, (10, 8))), ("fc_b", rng.normal(0, 0.1, 10)),
+        ("lo", np.array(1.0)), ("hi", np.array(6.0))]]
+    act = (helper.make_node("Relu", ["sum"], ["act"], name="relu") if activation == "Relu"
+           else helper.make_node("Clip", ["sum", "lo", "hi"], ["act"], name="clip"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1] * 4),
+        helper.make_node("Add", ["c", "x"], ["sum"], name="add"),
+        act,
+        helper.make_node("GlobalAveragePool", ["act"], ["pool"], name="gap"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _data(shape: tuple[int, ...], n: int = CALIB + HELD_OUT, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)
 
@@ -206,6 +229,47 @@ def test_quantization_clamps_to_checks_both_bound_codes():
     shifted = activation_params(-1.0, 5.0, symmetric=False)
     assert not quantization_clamps_to(shifted, 0.0, 6.0)  # zero point above 0: negatives survive Q
     assert not quantization_clamps_to(QuantParams(6 / 127, 0, TensorProto.INT8), 0.0, 6.0)  # int8: -128 is the bottom
+
+
+def test_residual_add_relu_folds_and_pooling_runs_in_int8():
+    """Add -> Relu folds into the Add's uint8 output, so GlobalAveragePool sees an int8 producer: ORT
+    runs the whole block as int8 kernels with only the graph input's Q left (QGemm writes float)."""
+    data = _data((8, 8, 8))
+    original, result = _quantize(_residual_head(), data)
+    proto = _checked(result.model)
+    assert "Relu" not in {n.op_type for n in proto.graph.node}
+    assert result.record.details["fused_activations"] == ["relu"]
+    assert result.record.details["int8_nodes"] == ["conv", "add", "gap", "flatten", "fc"]
+    report = fusion_check(result.model)
+    assert report.int8 == {"QLinearConv": 1, "QLinearAdd": 1, "QLinearGlobalAveragePool": 1, "QGemm": 1}, report.summary()
+    assert report.float_compute == {} and "Relu" not in report.op_counts
+    assert report.qdq == {"QuantizeLinear": 1}, report.summary()
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dropping_the_relu_after_add_changes_no_output(method):
+    """The Add's output quantization clamps at zero exactly as the Relu does: bit-equal outputs."""
+    proto, data = _residual_head(), _data((8, 8, 8))
+    quantizer = QuantizeQDQ(method=method)
+    plan = quantizer.plan(proto)
+    hists, _ = collect_histograms(load(proto), plan.values, Calibration.from_arrays(load(proto), {"x": data[:CALIB]}))
+    params = quantizer.ranges(plan, hists)
+    folded, _ = quantize_graph(proto, plan, params, drop_relus=True)
+    kept, _ = quantize_graph(proto, plan, params, drop_relus=False)
+    assert "Relu" not in {n.op_type for n in folded.graph.node} and "Relu" in {n.op_type for n in kept.graph.node}
+    held_out = data[CALIB:]
+    np.testing.assert_array_equal(_unoptimized_outputs(folded, held_out), _unoptimized_outputs(kept, held_out))
+
+
+def test_clip_after_add_that_cannot_clamp_exactly_stays():
+    """Clip(1, 6) after the residual Add: a uint8 range holds zero, so the Clip is not folded."""
+    data = _data((8, 8, 8))
+    original, result = _quantize(_residual_head("Clip"), data)
+    proto = _checked(result.model)
+    assert "Clip" in {n.op_type for n in proto.graph.node}
+    assert result.record.details["fused_activations"] == ["clip"]  # planned, but kept: not exact
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
 
 
 def test_int32_bias_is_round_of_bias_over_input_times_weight_scale():
@@ -360,7 +424,10 @@ def test_zoo_cnn_every_method_stays_close(tmp_path_factory, name, method):
     key, data = _zoo_data(zoo, name)
     original, result = _quantize(path, data, name=key, method=method)
     report = fusion_check(result.model)
-    assert report.float_compute == {} and "Clip" not in report.op_counts, report.summary()
+    assert report.float_compute == {}, report.summary()
+    # activations folded (after Conv and after the residual Add) and pooling in int8
+    assert not {"Clip", "Relu", "GlobalAveragePool"} & set(report.op_counts), report.op_counts
+    assert report.int8.get("QLinearGlobalAveragePool") == 1, report.summary()
     sqnr = _sqnr(original, result.model, data, key)
     print(f"{name} {method}: {sqnr:.2f} dB")
     assert sqnr >= METHOD_MIN_SQNR[name]

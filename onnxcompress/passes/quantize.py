@@ -3,10 +3,11 @@
 Placement: Q/DQ go only around ops the target runs in int8. Conv/MatMul/Gemm anchor the int8
 regions; Add/Mul/Concat/average pooling join only when a neighbour is int8 (an isolated one would
 only add Q/DQ work); MaxPool/Reshape/Transpose/Flatten/Squeeze/Unsqueeze carry int8 through with
-the scale of their input. A Relu, or a Clip with constant bounds (ReLU6), right after an anchor is
-folded into the anchor's output quantization when the uint8 range clamps exactly as it does (zero
-point 0 for a lower bound of 0, the top code at or below an upper bound): ORT then runs the pair as
-one int8 kernel instead of requantizing around a float Clip.
+the scale of their input. A Relu, or a Clip with constant bounds (ReLU6), right after an anchor or
+an int8 Add/Mul (the residual Add -> Relu) is folded into that op's output quantization when the
+uint8 range clamps exactly as it does (zero point 0 for a lower bound of 0, the top code at or below
+an upper bound): ORT then runs the pair as one int8 kernel instead of requantizing around a float
+Relu/Clip, and a pooling op after it sees an int8 producer and joins the region.
 
 Numbers: per-channel symmetric int8 weights, int32 biases with scale x_scale * w_scale, and
 activations uint8 asymmetric (preset "cpu": the only form x86 ORT fuses into int8 kernels) or int8
@@ -40,6 +41,9 @@ ANCHORS = frozenset({"Conv", "MatMul", "Gemm"})
 NEIGHBOURLY = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
 # int8 in, int8 out with the input's scale (ORT drops the Q/DQ pair or runs an int8 kernel)
 SCALE_PRESERVING = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
+# int8 ops whose output gets its own quantization, so a following Relu/Clip can fold into it
+# (Concat shares its inputs' scale and the scale-preserving ops their input's: nothing to fold into)
+FOLDS_ACTIVATION = ANCHORS | frozenset({"Add", "Mul"})
 INT32_MAX = np.iinfo(np.int32).max
 MIN_SCALE = 1e-12  # an all-zero tensor still needs a positive scale
 WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127]: the range is symmetric around zero
@@ -63,7 +67,7 @@ class Plan:
     nodes: list[str] = field(default_factory=list)  # node names (in graph order)
     values: list[str] = field(default_factory=list)  # activation values to quantize
     groups: dict[str, str] = field(default_factory=dict)  # value -> representative of its shared-scale group
-    fused_activations: dict[str, str] = field(default_factory=dict)  # Relu/Clip node name -> the anchor it follows
+    fused_activations: dict[str, str] = field(default_factory=dict)  # Relu/Clip node name -> the int8 op it follows
     skipped: list[str] = field(default_factory=list)
 
 
@@ -309,7 +313,7 @@ def plan_placement(
         """The value an int8 node's output quantization applies to: after a following Relu/Clip."""
         out = node.output[0]
         users = g.consumers.get(out, [])
-        if (fold_relu and node.op_type in ANCHORS and len(users) == 1 and users[0].input[0] == out
+        if (fold_relu and node.op_type in FOLDS_ACTIVATION and len(users) == 1 and users[0].input[0] == out
                 and clamp_bounds(g, users[0]) is not None
                 and out not in g.outputs and users[0].output[0] not in g.outputs
                 and users[0].name not in skip_nodes and users[0].op_type not in skip_ops):
