@@ -1,9 +1,10 @@
 """Built-in passes; importing this module registers them with the pipeline by name."""
 
 from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
+from .equalize import Equalize
 from .factorize import Factorize
 from .prune import PruneChannels
 from .prune_blocks import PruneBlocks
 from .quantize import QuantizeQDQ
 
-__all__ = ["EliminateNoOps", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeQDQ"]
+__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeQDQ"]
