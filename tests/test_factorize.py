@@ -302,6 +302,22 @@ def test_transformer_encoders_data_aware_through_the_pipeline(tmp_path_factory, 
     _assert_valid_layers(record.details, 8)
     layers = record.details["layers"]
     assert {r["op"] for r in layers} >= {"MatMul"}
-    assert all(r["data_aware"] and r["output_error"] is not None for r in layers)
+    notes = " ".join(record.details["notes"])
+    # Whitened, unless the layer saw too few calibration rows (e.g. a pooler that reads one token).
+    assert all(r["data_aware"] or f"{r['node']}: " in notes for r in layers)
+    assert sum(r["data_aware"] for r in layers) >= len(layers) // 2
+    assert all(r["output_error"] is not None for r in layers if r["data_aware"])
     print(f"{family}: {len(layers)} layers, MACs {record.before.macs} -> {record.after.macs}, "
           f"cosine {record.fidelity.cosine:.4f}")
+
+
+def test_too_few_calibration_rows_fall_back_to_plain_svd():
+    """A layer seeing fewer calibration rows than twice its input width is not whitened: the covariance
+    would be rank-deficient and the factorization would only fit the rows it saw."""
+    rng = np.random.default_rng(7)
+    proto = _batch_free(matmul_add_model(k=32, n=32))
+    calib = {"x": _correlated(rng, 6, 32, (5, 32))}  # 30 rows for 32 input features
+    result = _factorize(proto, calibration=calib, rank_ratio=0.25, round_to=1, forms=("channel",))
+    [layer] = result.record.details["layers"]
+    assert not layer["data_aware"]
+    assert any("30 calibration rows for 32 input features" in n for n in result.record.details["notes"])

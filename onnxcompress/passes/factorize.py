@@ -41,6 +41,8 @@ DEFAULT_ENERGY = 0.95
 #: Eigenvalues of the input covariance are floored at this fraction of the largest, so whitening
 #: stays well conditioned when calibration inputs do not span every direction.
 WHITEN_FLOOR = 1e-10
+#: Data-aware factorization needs at least this many calibration rows per input feature.
+MIN_ROWS_PER_FEATURE = 2
 
 
 @dataclass
@@ -88,6 +90,14 @@ class Factorize(Pass):
             big = [l.node.name for l in layers if l.node.name not in stats]
             if big:
                 notes.append(f"{len(big)} layers have more than {self.max_gram_features} input features: factorized without data")
+            # With fewer rows than features the covariance is rank-deficient and whitening fits the
+            # calibration rows exactly while discarding what they do not show: plain SVD is safer.
+            thin = [l for l in layers if l.node.name in stats
+                    and stats[l.node.name].count < MIN_ROWS_PER_FEATURE * l.input_features()]
+            for layer in thin:
+                rows = stats.pop(layer.node.name).count
+                notes.append(f"{layer.node.name}: {rows} calibration rows for {layer.input_features()} input features "
+                             f"(fewer than {MIN_ROWS_PER_FEATURE} per feature): factorized without data")
         options = {l.node.name: candidates(l, self.forms, stats.get(l.node.name)) for l in layers}
         if self.mac_budget is not None:
             from ..analysis.cost import analyze_cost
