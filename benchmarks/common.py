@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,3 +194,17 @@ def fmt_percent(value: float | None) -> str:
 
 def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def script_main(parse_args: Callable[[list[str] | None], Any], run: Callable[[Any], Any],
+                argv: list[str] | None = None) -> int:
+    """A benchmark script's entry point: a user error is one line on stderr and its exit code."""
+    from onnxcompress.errors import OnnxCompressError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except OnnxCompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    return 0

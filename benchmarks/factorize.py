@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     markdown_table,
     repo_root_on_path,
     report_without_layers,
+    script_main,
     write_json,
     write_text,
 )
@@ -54,9 +55,15 @@ from common import (  # noqa: E402
 import onnxcompress  # noqa: E402
 from onnxcompress import demo_data  # noqa: E402
 from onnxcompress.analysis.cost import analyze_cost  # noqa: E402
-from onnxcompress.bench import MIN_RUNS, BenchOptions, BenchReport, BenchRow, benchmark, parse_batch_sizes  # noqa: E402
+from onnxcompress.bench import (  # noqa: E402
+    MIN_RUNS,
+    BenchOptions,
+    BenchReport,
+    BenchRow,
+    benchmark,
+    parse_batch_sizes,
+)
 from onnxcompress.calibration import Calibration  # noqa: E402
-from onnxcompress.errors import OnnxCompressError  # noqa: E402
 from onnxcompress.passes.factorize import Factorize  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
 from onnxcompress.plots import plot_speedups  # noqa: E402
@@ -655,13 +662,7 @@ def combined(families: dict[str, tuple[BenchReport, list[Variant]]]) -> BenchRep
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except OnnxCompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    return 0
+    return script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     markdown_table,
     repo_root_on_path,
     report_without_layers,
+    script_main,
     write_json,
     write_text,
 )
@@ -60,7 +61,6 @@ from onnxcompress.bench import (  # noqa: E402
     benchmark,
     parse_batch_sizes,
 )
-from onnxcompress.errors import OnnxCompressError  # noqa: E402
 from onnxcompress.passes.prune import PruneChannels  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
 from onnxcompress.plots import plot_speedups  # noqa: E402
@@ -675,7 +675,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from onnxcompress.bench import environment, progress_bar, render_environment, render_table, session_providers
+    from onnxcompress.bench import (
+        environment,
+        progress_bar,
+        render_environment,
+        render_table,
+        session_providers,
+    )
 
     console = Console()
     options = BenchOptions(
@@ -742,13 +748,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except OnnxCompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    return 0
+    return script_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
