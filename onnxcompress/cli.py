@@ -134,7 +134,7 @@ def optimize(
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
     factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
-    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib) or dynamic (int8 weights, no calibration).")] = None,
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     json_out: JsonFlag = False,
@@ -159,9 +159,13 @@ def optimize(
     factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
     if factorize_options:
         _set_pass(pipeline, "factorize", factorize_options, where="--factorize options", before="quantize-int8")
-    if quantize is not None or calib_method is not None or preset is not None:
+    if quantize == "dynamic":
+        if calib_method is not None or preset is not None:
+            raise OnnxCompressError("--calib-method and --preset apply to --quantize int8, not dynamic")
+        _set_pass(pipeline, "quantize-dynamic", {}, where="--quantize options")
+    elif quantize is not None or calib_method is not None or preset is not None:
         if quantize not in (None, "int8"):
-            raise OnnxCompressError(f"--quantize {quantize}: only int8 is supported (dynamic int8 is planned)")
+            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
         options = {k: v for k, v in {"method": calib_method, "preset": preset}.items() if v is not None}
         _set_pass(pipeline, "quantize-int8", options, where="--quantize options")
     if not verify:

@@ -183,7 +183,7 @@ def test_quantize_flags_add_the_int8_pass_after_pruning(capsys, tmp_path, model_
     passes = json.loads(report.read_text())["passes"]
     assert [p["name"] for p in passes][-2:] == ["prune-channels", "quantize-int8"]
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q2.onnx", "--quantize", "int4")
-    assert code == 2 and "only int8" in err
+    assert code == 2 and "choose int8" in err
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q3.onnx", "--quantize", "int8")
     assert code == 2 and "needs calibration data" in err
 

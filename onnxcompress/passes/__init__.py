@@ -6,5 +6,6 @@ from .factorize import Factorize
 from .prune import PruneChannels
 from .prune_blocks import PruneBlocks
 from .quantize import QuantizeQDQ
+from .quantize_dynamic import QuantizeDynamic
 
-__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeQDQ"]
+__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ"]
