@@ -687,15 +687,35 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 
 def _against_baseline(layers: Sequence[LayerTime], base: Mapping[str, LayerTime]) -> tuple[LayerTime, ...]:
-    """Per-layer speedups against the baseline's kernel of the same name (pruning keeps node names)."""
+    """Per-layer speedups against the baseline's kernel of the same name (pruning keeps node names).
+
+    A layer that became several (factorization writes `<name>_lowrank` before `<name>`) is compared
+    as a whole: the kernels named after one baseline kernel are summed, time and MACs."""
+
+    def origin(kernel: str | None) -> str | None:
+        if kernel is None:
+            return None
+        if kernel in base:
+            return kernel
+        stem = kernel.split("_lowrank")[0]
+        return stem if stem != kernel and stem in base else None
+
+    totals: dict[str, list[float | None]] = {}
+    for layer in layers:
+        key = origin(layer.kernel)
+        if key is not None:
+            total = totals.setdefault(key, [0.0, 0])
+            for i, part in enumerate((layer.time_ms, layer.macs)):  # an unknown part makes the total unknown
+                total[i] = None if part is None or total[i] is None else total[i] + part
     out = []
     for layer in layers:
-        match = base.get(layer.kernel) if layer.kernel is not None else None
-        if match is None:
+        key = origin(layer.kernel)
+        if key is None:
             out.append(layer)
             continue
-        theoretical = _ratio(match.macs, layer.macs)
-        measured = _ratio(match.time_ms, layer.time_ms)
+        match, (time_ms, macs) = base[key], totals[key]
+        theoretical = _ratio(match.macs, macs)
+        measured = _ratio(match.time_ms, time_ms)
         realization = _ratio(measured, theoretical)
         out.append(replace(layer, theoretical_speedup=theoretical, measured_speedup=measured, realization=realization))
     return tuple(out)

@@ -538,3 +538,25 @@ def test_kernel_names_ort_made_up_are_traced_back_to_model_nodes():
     assert absorbed.nodes == ("conv_side",) and absorbed.match == "absorbed" and absorbed.time_ms is None
     assert absorbed.macs == node_macs["conv_side"]
     assert sum(layer.macs or 0 for layer in layers.values()) == sum(node_macs.values())
+
+
+def test_a_factorized_layer_is_compared_as_a_whole():
+    """Factorization turns `proj` into `proj_lowrank` then `proj`: per-layer speedup sums both halves."""
+    from onnxcompress.passes import Factorize
+    from onnxcompress.pipeline import PassContext
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 256])], [w])
+    original = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    factored = load(original)
+    Factorize(rank_ratio=0.25, round_to=8).run(factored, PassContext(model=factored))
+    assert {n.name for n in factored.graph} == {"proj", "proj_lowrank"}
+    report = benchmark([("base", original), ("lowrank", factored)], BenchOptions(runs=20, profile=True))
+    layers = [layer for layer in report.row("lowrank", 1).layers if layer.kernel in ("proj", "proj_lowrank")]
+    assert len(layers) == 2
+    # Rank 64 of 256: 256x64 + 64x256 MACs per row instead of 256x256, exactly half, whatever the batch.
+    assert [layer.theoretical_speedup for layer in layers] == [pytest.approx(2.0)] * 2
+    assert layers[0].measured_speedup == layers[1].measured_speedup  # one comparison for the pair
