@@ -17,10 +17,13 @@ from onnxcompress.passes.quantize import (
     QuantizeQDQ,
     QuantParams,
     activation_params,
+    bias_shift,
+    correct_biases,
     quantization_clamps_to,
     quantize_bias,
     quantize_graph,
     quantize_weight,
+    weight_rounding_error,
 )
 from onnxcompress.pipeline import PassContext
 from onnxcompress.verify import compare, outputs
@@ -34,6 +37,14 @@ METHOD_MIN_SQNR = {"resnet_basic": 33.0, "mobilenet_v2": 26.0}
 #: Ours may trail ORT's quantize_static by at most this (dB) on the same model and data.
 ORT_MARGIN_DB = 0.5
 CALIB, HELD_OUT = 64, 32
+#: Bias correction on inputs with a large mean: the worst per-channel mean output error (q - f) must
+#: shrink at least this much (measured: 6-10x on the small Conv/Gemm model), and SQNR may drop by at
+#: most BIAS_CORRECTION_SQNR_MARGIN_DB (measured: it rises 5-6 dB).
+MEAN_ERROR_REDUCTION = 3.0
+BIAS_CORRECTION_SQNR_MARGIN_DB = 0.5
+INPUT_MEAN = 4.0
+#: float32 rounding of the corrected bias (values are O(1)).
+BIAS_ATOL = 1e-6
 
 
 def _conv_relu_conv(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
@@ -125,8 +136,28 @@ def _residual_head(activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _data(shape: tuple[int, ...], n: int = CALIB + HELD_OUT, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0, 1, (n, *shape)).astype(np.float32)
+def _conv1x1_gemm(seed: int = 0, conv_bias: bool = True) -> onnx.ModelProto:
+    """x[N, 8, 8, 8] -> 1x1 Conv -> GlobalAveragePool -> Flatten -> Gemm(transB=1): every layer a
+    plain dot product over channels, so the expected outputs are linear in the input means."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w", rng.normal(0, 0.3, (16, 8, 1, 1))), ("b", rng.normal(0, 0.1, 16)),
+        ("fc_w", rng.normal(0, 0.3, (10, 16))), ("fc_b", rng.normal(0, 0.1, 10))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"] if conv_bias else ["x", "w"], ["c"], name="conv"),
+        helper.make_node("GlobalAveragePool", ["c"], ["pool"], name="gap"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    if not conv_bias:
+        inits = [t for t in inits if t.name != "b"]
+    graph = helper.make_graph(nodes, "c1g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _data(shape: tuple[int, ...], n: int = CALIB + HELD_OUT, seed: int = 1, mean: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(mean, 1, (n, *shape)).astype(np.float32)
 
 
 def _quantize(proto_or_model, data: np.ndarray, name: str = "x", **options):
@@ -274,7 +305,7 @@ def test_clip_after_add_that_cannot_clamp_exactly_stays():
 
 def test_int32_bias_is_round_of_bias_over_input_times_weight_scale():
     data = _data((3, 16, 16))
-    _, result = _quantize(_conv_relu_conv(), data)
+    _, result = _quantize(_conv_relu_conv(), data, bias_correction=False)  # the float bias as given
     proto = to_proto(result.model)
     b = numpy_helper.to_array(next(t for t in _conv_relu_conv().graph.initializer if t.name == "b2"))
     sx = float(_init(proto, "r1_scale"))
@@ -283,6 +314,94 @@ def test_int32_bias_is_round_of_bias_over_input_times_weight_scale():
     assert bq.dtype == np.int32
     np.testing.assert_array_equal(bq, np.round(b.astype(np.float64) / (np.float32(sx) * sw).astype(np.float64)))
     np.testing.assert_array_equal(_init(proto, "b2_scale"), (np.float32(sx) * sw).astype(np.float32))
+
+
+def _mean_output_error(original, quantized, data: np.ndarray, name: str = "x") -> np.ndarray:
+    """Per output channel, the mean over held-out samples of (quantized - float)."""
+    feeds = [{name: data[i : i + 8]} for i in range(CALIB, len(data), 8)]
+    ref = np.concatenate([o[0] for o in outputs(original, feeds, "float")])
+    got = np.concatenate([o[0] for o in outputs(quantized, feeds, "int8")])
+    return np.moveaxis(got - ref, 1, 0).reshape(ref.shape[1], -1).mean(axis=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bias_correction_removes_the_mean_output_error(seed):
+    data = _data((8, 8, 8), seed=seed + 1, mean=INPUT_MEAN)
+    original, plain = _quantize(_conv1x1_gemm(seed), data, bias_correction=False)
+    _, corrected = _quantize(_conv1x1_gemm(seed), data, bias_correction=True)
+    before = np.abs(_mean_output_error(original, plain.model, data)).max()
+    after = np.abs(_mean_output_error(original, corrected.model, data)).max()
+    assert after * MEAN_ERROR_REDUCTION <= before, (before, after)
+    sqnr_plain, sqnr_corrected = _sqnr(original, plain.model, data), _sqnr(original, corrected.model, data)
+    assert sqnr_corrected >= sqnr_plain - BIAS_CORRECTION_SQNR_MARGIN_DB
+    assert set(corrected.record.details["bias_shift_max_abs"]) == {"conv", "fc"}
+    assert plain.record.details["bias_shift_max_abs"] == {}
+
+
+def test_bias_correction_is_weight_rounding_error_times_input_mean():
+    """1x1 Conv and Gemm: corrected bias = b - (dequant(W_q) - W) @ E[x], E[x] computed in numpy
+    (the Gemm input is the pooled 1x1 Conv output, whose mean is W_conv @ E[x] + b_conv)."""
+    data = _data((8, 8, 8), mean=INPUT_MEAN)
+    proto = _conv1x1_gemm()
+    calib = data[:CALIB].astype(np.float64)
+    w, b = _init(proto, "w").reshape(16, 8), _init(proto, "b")
+    fc_w, fc_b = _init(proto, "fc_w"), _init(proto, "fc_b")
+    x_mean = calib.mean(axis=(0, 2, 3))
+    flat_mean = w.astype(np.float64) @ x_mean + b
+    conv_shift = (weight_rounding_error(_init(proto, "w"), 0).reshape(16, 8)).astype(np.float64) @ x_mean
+    fc_shift = weight_rounding_error(fc_w, 0).astype(np.float64) @ flat_mean
+    plan = QuantizeQDQ().plan(proto)
+    fixed, shifts, skipped = correct_biases(proto, plan, {}, {"x": x_mean, "flat": flat_mean})
+    conv, fc = (next(n for n in fixed.graph.node if n.name == k) for k in ("conv", "fc"))
+    np.testing.assert_allclose(_init(fixed, conv.input[2]), b - conv_shift, rtol=0, atol=BIAS_ATOL)
+    np.testing.assert_allclose(_init(fixed, fc.input[2]), fc_b - fc_shift, rtol=0, atol=BIAS_ATOL)
+    assert shifts == pytest.approx({"conv": np.abs(conv_shift).max(), "fc": np.abs(fc_shift).max()})
+    assert skipped == []
+    # Through the pass (means streamed by ORT): the int32 bias rounds the corrected float bias.
+    _, result = _quantize(proto, data)
+    q = to_proto(result.model)
+    bias_dq = next(n for n in q.graph.node if n.name == "fc_bias_DequantizeLinear")
+    bq, bs = _init(q, bias_dq.input[0]).astype(np.float64), _init(q, bias_dq.input[1]).astype(np.float64)
+    assert np.all(np.abs(bq * bs - (fc_b - fc_shift)) <= bs / 2 + BIAS_ATOL)
+
+
+def test_grouped_conv_shift_equals_the_dense_block_diagonal_shift():
+    """Depthwise and grouped Conv: the shift equals that of the same Conv written densely (zeros
+    off the group blocks), where every output sees every input channel."""
+    rng = np.random.default_rng(0)
+    for groups, channels, out_channels in [(8, 8, 8), (8, 8, 16), (2, 8, 6)]:
+        delta = rng.normal(0, 1, (out_channels, channels // groups, 3, 3))
+        mean = rng.normal(0, 1, channels)
+        dense = np.zeros((out_channels, channels, 3, 3))
+        per_group = out_channels // groups
+        for m in range(out_channels):
+            g = m // per_group
+            dense[m, g * (channels // groups) : (g + 1) * (channels // groups)] = delta[m]
+        node = helper.make_node("Conv", ["x", "w"], ["y"], group=groups)
+        expected = bias_shift(helper.make_node("Conv", ["x", "w"], ["y"]), dense, mean)
+        np.testing.assert_allclose(bias_shift(node, delta, mean), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bias_correction_adds_a_bias_where_there_was_none():
+    data = _data((8, 8, 8), mean=INPUT_MEAN)
+    original, result = _quantize(_conv1x1_gemm(conv_bias=False), data)
+    conv = next(n for n in to_proto(result.model).graph.node if n.name == "conv")
+    assert "conv" in result.record.details["bias_shift_max_abs"]
+    assert len(conv.input) == 3 and conv.input[2]
+    _, plain = _quantize(_conv1x1_gemm(conv_bias=False), data, bias_correction=False)
+    before = np.abs(_mean_output_error(original, plain.model, data)).max()
+    after = np.abs(_mean_output_error(original, result.model, data)).max()
+    assert after * MEAN_ERROR_REDUCTION <= before, (before, after)
+
+
+def test_matmul_correction_goes_into_its_bias_add():
+    data = _data((32,), mean=INPUT_MEAN)
+    _, result = _quantize(_mlp(), data)
+    details = result.record.details
+    assert set(details["bias_shift_max_abs"]) == {"fc1"}
+    assert details["bias_correction_skipped"] == ["fc2: MatMul without a constant bias Add"]
+    add = next(n for n in to_proto(result.model).graph.node if n.name == "bias1")
+    assert "b1_corrected" in add.input
 
 
 def test_weights_are_per_channel_symmetric_int8():

@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from ..analysis.activations import collect
 from ..analysis.histograms import TensorHistogram, clip_range, collect_histograms
 from ..errors import OnnxCompressError
 from ..model import load, to_proto
@@ -86,6 +87,7 @@ class QuantizeQDQ(Pass):
     skip_ops: tuple[str, ...] = ()
     samples: int = 256
     bins: int = 2048
+    bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -113,6 +115,14 @@ class QuantizeQDQ(Pass):
             model, plan.values, ctx.calibration, bins=self.bins, limit=self.samples
         )
         params = self.ranges(plan, hists)
+        shifts: dict[str, float] = {}
+        uncorrected: list[str] = []
+        if self.bias_correction:
+            axes = correction_inputs(proto, plan)
+            stats = collect(model, axes, ctx.calibration, limit=self.samples) if axes else None
+            means = {v: s.mean for v, s in stats.values.items()} if stats else {}
+            proto, shifts, uncorrected = correct_biases(proto, plan, params, means, per_channel=self.per_channel)
+            changes.append(f"bias correction on {len(shifts)} layers")
         rewritten, rewrite_notes = quantize_graph(proto, plan, params, per_channel=self.per_channel,
                                                   drop_relus=self.preset == "cpu")
         notes = [f"calibrated on {seen} samples of {ctx.calibration.source}"]
@@ -125,6 +135,8 @@ class QuantizeQDQ(Pass):
             "method": self.method, "preset": self.preset, "per_channel": self.per_channel,
             "samples": seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
             "fused_activations": sorted(plan.fused_activations), "notes": notes + rewrite_notes,
+            "bias_correction": self.bias_correction, "bias_shift_max_abs": shifts,
+            "bias_correction_skipped": uncorrected,
         }
         return self.result(load(rewritten), changes=changes, skipped=plan.skipped, details=details)
 
@@ -546,6 +558,126 @@ def quantize_graph(
     return out, notes
 
 
+# ---------------------------------------------------------------------------- bias correction
+# Nagel et al. 2019 ("Data-Free Quantization", empirical bias correction): rounding the weights
+# moves each output's expected value by (W_q - W) . E[x]; subtracting that from the bias makes the
+# int8 layer unbiased. E[x] is the float model's per-channel input mean over the calibration data.
+
+
+def _input_axis(node: onnx.NodeProto) -> int:
+    """The axis of the node's activation input that the weight contracts over."""
+    return -1 if node.op_type == "MatMul" else 1  # Conv NCHW channels; Gemm [M, K] (transA=0)
+
+
+def _correctable(g: _Graph, plan: Plan) -> list[onnx.NodeProto]:
+    """int8 anchors with a constant weight (the weights quantize_graph rounds)."""
+    chosen = set(plan.nodes)
+    return [n for n in g.graph.node if n.name in chosen and n.op_type in ANCHORS and n.input[1] in g.constants]
+
+
+def correction_inputs(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
+    """{activation input: channel axis} whose per-channel means bias correction needs."""
+    g = _Graph(proto.graph)
+    axes: dict[str, int] = {}
+    for node in _correctable(g, plan):
+        axes.setdefault(node.input[0], _input_axis(node))
+    return axes
+
+
+def weight_rounding_error(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """dequantize(quantize(W)) - W, with the same quantization (and float32 arithmetic) as quantize_graph."""
+    q, scale = quantize_weight(w, axis)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return q.astype(np.float32) * scale.reshape(shape) - w
+
+
+def bias_shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Per-output change of the expected output, sum over inputs (and kernel taps) of delta * mean.
+
+    Conv: every tap sees the channel mean; zero padding makes border outputs see fewer taps, which
+    this ignores (the interior dominates and the shift is an expectation, not a per-pixel term)."""
+    mean = mean.astype(np.float64)
+    delta = delta.astype(np.float64)
+    if node.op_type == "Conv":
+        groups = int(_attr(node, "group", 1))
+        per_tap = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(axis=2)  # [M, C/groups]
+        group_means = mean.reshape(groups, -1)  # [groups, C/groups]
+        group_of_output = np.arange(delta.shape[0]) // (delta.shape[0] // groups)
+        return np.einsum("mc,mc->m", per_tap, group_means[group_of_output])
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return delta @ mean  # W [N, K]
+    return mean @ delta  # Gemm/MatMul W [K, N]
+
+
+def correct_biases(
+    proto: onnx.ModelProto,
+    plan: Plan,
+    params: Mapping[str, QuantParams],
+    means: Mapping[str, np.ndarray],
+    *,
+    per_channel: bool = True,
+) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
+    """A copy of `proto` whose int8 layers' float biases absorb their weight-rounding shift;
+    returns (model, {node: max |shift|}, ["node: why not corrected"])."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    _ensure_node_names(graph)
+    g = _Graph(graph)
+    taken = {v for n in graph.node for v in (*n.input, *n.output)} | set(g.inits) | {i.name for i in graph.input}
+    shifts: dict[str, float] = {}
+    skipped: list[str] = []
+
+    def new_bias(base: str, array: np.ndarray) -> str:
+        name, k = f"{base}_corrected", 0
+        while name in taken:
+            k += 1
+            name = f"{base}_corrected_{k}"
+        taken.add(name)
+        graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    for node in _correctable(g, plan):
+        mean = means.get(node.input[0])
+        w = numpy_helper.to_array(g.inits[node.input[1]]).astype(np.float32)
+        k_in = w.shape[1] * int(_attr(node, "group", 1)) if node.op_type == "Conv" else (
+            w.shape[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else w.shape[0])
+        if mean is None or mean.size != k_in:
+            skipped.append(f"{node.name}: no input mean")
+            continue
+        axis = _weight_axis(node) if per_channel else None
+        shift = bias_shift(node, weight_rounding_error(w, axis), mean)
+        if node.op_type == "MatMul":  # no bias slot: fold into a following Add of a constant
+            users = g.consumers.get(node.output[0], [])
+            add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+            slot = next((k for k, v in enumerate(add.input) if v != node.output[0] and v in g.inits), None) if add else None
+            if slot is None:
+                skipped.append(f"{node.name}: MatMul without a constant bias Add")
+                continue
+            b = numpy_helper.to_array(g.inits[add.input[slot]]).astype(np.float64)
+            if b.ndim > 1 and b.shape[-1] not in (1, shift.size):
+                skipped.append(f"{node.name}: bias Add does not broadcast along the output columns")
+                continue
+            add.input[slot] = new_bias(add.input[slot], b - shift)
+        elif len(node.input) > 2 and node.input[2]:
+            b = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float64)
+            corrected = b - shift  # Gemm's C broadcasts over [M, N]: the shift runs along N
+            node.input[2] = new_bias(node.input[2], corrected.reshape(-1) if corrected.size == shift.size else corrected)
+        else:
+            x = params.get(node.input[0])
+            _, ws = quantize_weight(w, axis)
+            # create a bias only when the shift survives int32 rounding (half a bias step)
+            if x is None or not np.any(np.abs(shift) >= 0.5 * x.scale * ws.astype(np.float64)):
+                continue
+            while len(node.input) < 2:
+                node.input.append("")
+            node.input.append(new_bias(f"{node.name}_bias", -shift))
+        shifts[node.name] = float(np.max(np.abs(shift)))
+    return out, shifts, skipped
+
+
 def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
     """Per-axis QDQ needs opset >= 13: convert older models with onnx.version_converter."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
@@ -565,6 +697,7 @@ def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
 
 
 __all__ = [
-    "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "clamp_bounds", "plan_placement",
-    "quantization_clamps_to", "quantize_bias", "quantize_graph", "quantize_weight",
+    "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "bias_shift", "clamp_bounds",
+    "correct_biases", "correction_inputs", "plan_placement", "quantization_clamps_to", "quantize_bias", "quantize_graph",
+    "quantize_weight", "weight_rounding_error",
 ]
