@@ -228,21 +228,6 @@ def _unoptimized_outputs(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_dropping_the_clip_changes_no_output(method):
-    """Q(x) == Q(Clip(x)) when the output range clamps as the Clip does: folded and unfolded agree bit for bit."""
-    proto, data = _conv_clip_conv(), _data((3, 16, 16))
-    quantizer = QuantizeQDQ(method=method)
-    plan = quantizer.plan(proto)
-    hists, _ = collect_histograms(load(proto), plan.values, Calibration.from_arrays(load(proto), {"x": data[:CALIB]}))
-    params = quantizer.ranges(plan, hists)
-    folded, _ = quantize_graph(proto, plan, params, drop_relus=True)
-    kept, _ = quantize_graph(proto, plan, params, drop_relus=False)
-    assert "Clip" not in {n.op_type for n in folded.graph.node} and "Clip" in {n.op_type for n in kept.graph.node}
-    held_out = data[CALIB:]
-    np.testing.assert_array_equal(_unoptimized_outputs(folded, held_out), _unoptimized_outputs(kept, held_out))
-
-
 def test_clip_the_output_range_cannot_clamp_exactly_stays():
     """Clip(x, 1, 6): a uint8 range must hold zero, so its bottom code is 0, not 1; the Clip stays."""
     data = _data((3, 16, 16))
@@ -262,6 +247,25 @@ def test_quantization_clamps_to_checks_both_bound_codes():
     assert not quantization_clamps_to(QuantParams(6 / 127, 0, TensorProto.INT8), 0.0, 6.0)  # int8: -128 is the bottom
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("build, shape, activation", [
+    (_conv_clip_conv, (3, 16, 16), "Clip"),  # Q(x) == Q(Clip(x)) when the output range clamps as the Clip does
+    (_residual_head, (8, 8, 8), "Relu"),  # the Add's output quantization clamps at zero as the Relu does
+], ids=["clip-after-conv", "relu-after-add"])
+def test_dropping_a_folded_activation_changes_no_output(method, build, shape, activation):
+    """Folded and unfolded graphs agree bit for bit with every ORT rewrite off."""
+    proto, data = build(), _data(shape)
+    quantizer = QuantizeQDQ(method=method)
+    plan = quantizer.plan(proto)
+    hists, _ = collect_histograms(load(proto), plan.values, Calibration.from_arrays(load(proto), {"x": data[:CALIB]}))
+    params = quantizer.ranges(plan, hists)
+    folded, _ = quantize_graph(proto, plan, params, drop_relus=True)
+    kept, _ = quantize_graph(proto, plan, params, drop_relus=False)
+    assert activation not in {n.op_type for n in folded.graph.node} and activation in {n.op_type for n in kept.graph.node}
+    held_out = data[CALIB:]
+    np.testing.assert_array_equal(_unoptimized_outputs(folded, held_out), _unoptimized_outputs(kept, held_out))
+
+
 def test_residual_add_relu_folds_and_pooling_runs_in_int8():
     """Add -> Relu folds into the Add's uint8 output, so GlobalAveragePool sees an int8 producer: ORT
     runs the whole block as int8 kernels with only the graph input's Q left (QGemm writes float)."""
@@ -276,21 +280,6 @@ def test_residual_add_relu_folds_and_pooling_runs_in_int8():
     assert report.float_compute == {} and "Relu" not in report.op_counts
     assert report.qdq == {"QuantizeLinear": 1}, report.summary()
     assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_dropping_the_relu_after_add_changes_no_output(method):
-    """The Add's output quantization clamps at zero exactly as the Relu does: bit-equal outputs."""
-    proto, data = _residual_head(), _data((8, 8, 8))
-    quantizer = QuantizeQDQ(method=method)
-    plan = quantizer.plan(proto)
-    hists, _ = collect_histograms(load(proto), plan.values, Calibration.from_arrays(load(proto), {"x": data[:CALIB]}))
-    params = quantizer.ranges(plan, hists)
-    folded, _ = quantize_graph(proto, plan, params, drop_relus=True)
-    kept, _ = quantize_graph(proto, plan, params, drop_relus=False)
-    assert "Relu" not in {n.op_type for n in folded.graph.node} and "Relu" in {n.op_type for n in kept.graph.node}
-    held_out = data[CALIB:]
-    np.testing.assert_array_equal(_unoptimized_outputs(folded, held_out), _unoptimized_outputs(kept, held_out))
 
 
 def test_clip_after_add_that_cannot_clamp_exactly_stays():
