@@ -19,7 +19,7 @@ model equals the original with the removed channels' consumers masked (`ChannelG
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,6 +317,19 @@ class ChannelGraph:
                 members=sum(member_count[c] for c in classes), frozen=frozen, channels=len(srcs[0][1]),
             ))
 
+    def _roots(self, classes: Iterable[int]) -> set[int]:
+        """Class ids as their union-find roots (callers may pass any atom of a class)."""
+        return {int(self.uf.find(int(c))) for c in classes}
+
+    def _cut_consumers(self, removed: set[int]) -> Iterator[tuple[Slice, np.ndarray]]:
+        """Each consumer slice ("in") that loses positions, with its keep mask."""
+        for s in self.slices:
+            if s.role != "in":
+                continue
+            keep = self.kept(s.atoms, removed)
+            if not keep.all():
+                yield s, keep
+
     def class_of(self, atoms: np.ndarray) -> np.ndarray:
         return self.uf.roots(np.asarray(atoms))
 
@@ -351,28 +364,23 @@ class ChannelGraph:
             if s.role != "in":
                 continue
             node = nodes[s.node]
-            x = node.inputs[0]
-            shape = self.shape(x)
-            if shape is None:
-                continue
-            found[x.name] = len(shape) - 1 if node.op_type == "MatMul" else 1
+            if self.shape(node.inputs[0]) is not None:
+                found[node.inputs[0].name] = self._input_channel_axis(node)
         return found
+
+    def _input_channel_axis(self, node: ir.Node) -> int:
+        """The channel axis of what a consumer reads: last for MatMul, 1 for Conv and Gemm."""
+        return len(self.shape(node.inputs[0]) or ()) - 1 if node.op_type == "MatMul" else 1
 
     def sinks(self, removed: Iterable[int]) -> list[Sink]:
         """Consumers that lose input channels when `removed` is pruned, in graph order."""
-        removed = {int(self.uf.find(int(c))) for c in removed}
+        removed = self._roots(removed)
         nodes = {n.name: n for n in self.model.graph}
         order = {n.name: i for i, n in enumerate(self.model.graph)}
         found = []
-        for s in self.slices:
-            if s.role != "in":
-                continue
-            keep = self.kept(s.atoms, removed)
-            if keep.all():
-                continue
+        for s, keep in self._cut_consumers(removed):
             node = nodes[s.node]
-            rank = len(self.shape(node.inputs[0]) or ())
-            axis = rank - 1 if node.op_type == "MatMul" else 1
+            axis = self._input_channel_axis(node)
             found.append(Sink(node.name, node.op_type, s.value.name, s.axis, node.inputs[0].name, axis, keep))
         return sorted(found, key=lambda k: order[k.node])
 
@@ -400,14 +408,14 @@ class ChannelGraph:
     def emptied(self, removed: Iterable[int]) -> list[str]:
         """Values that would be left with no channels at all (ORT rejects 0-wide tensors, and a grouped
         Conv with group=0 crashes it), even when their group keeps channels elsewhere."""
-        removed = {int(self.uf.find(int(c))) for c in removed}
+        removed = self._roots(removed)
         if not removed:
             return []
         return [name for name, layout in self.layouts.items() if not self.kept(layout.atoms, removed).any()]
 
     def prune(self, removed: Iterable[int]) -> ir.Model:
         """Physically remove the channels of `removed` classes from `self.model` (in place)."""
-        removed = {int(self.uf.find(int(c))) for c in removed}
+        removed = self._roots(removed)
         frozen = removed & set(self.blocked_classes)
         if frozen:
             raise ValueError(f"classes {sorted(frozen)[:5]} are frozen: {self.blocked_classes[min(frozen)]}")
@@ -461,14 +469,9 @@ class ChannelGraph:
         removed channel sees zero weight for it (and contractions between activations a zero mask)."""
         from ..model import load
 
-        removed = {int(self.uf.find(int(c))) for c in removed}
+        removed = self._roots(removed)
         masked = load(self.model)
-        for s in self.slices:
-            if s.role != "in":
-                continue
-            keep = self.kept(s.atoms, removed)
-            if keep.all():
-                continue
+        for s, keep in self._cut_consumers(removed):
             value = masked.graph.initializers[s.value.name]
             arr = value.const_value.numpy().copy()
             index = [slice(None)] * arr.ndim
