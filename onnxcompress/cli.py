@@ -123,14 +123,21 @@ def bench(
 def optimize(
     model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.")],
-    recipe: Annotated[str, typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`).")] = "cleanup",
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy or .npz named by input).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy or .npz named by input): enables the tolerance search and static int8.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
+    target: Annotated[str, typer.Option(help="Deployment target: cpu, cuda or tensorrt (picks the int8 form).")] = "cpu",
+    max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Tolerance metric: top1, cosine or mse (default: top1 for class scores, else cosine).")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option(help="Tolerance as a minimum output SQNR in dB (instead of --max-drop).")] = None,
+    target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
+    target_speedup: Annotated[Optional[float], typer.Option(help="Search until the model is measured this much faster on ORT CPU.")] = None,
     input_shape: InputShapes = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the run report as JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: the search's trade-off curve, else the before/after speedup.")] = None,
     verify: Annotated[bool, typer.Option(help="Check, load and compare the model after every pass.")] = True,
-    prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (adds prune-channels).")] = None,
+    bench_runs: Annotated[int, typer.Option(help="Timed runs for the before/after latency (0 skips it).")] = 20,
+    prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (a fixed recipe: no search).")] = None,
     importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, apoz (the last two need --calib) or random.")] = None,
-    target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
     factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
@@ -139,53 +146,109 @@ def optimize(
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Run a recipe of passes over MODEL and write the result to OUTPUT.
+    """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
 
-    Without --recipe the exact cleanup recipe runs; --prune/--target-macs add channel pruning."""
+    With --calib and no recipe: prune as far as the tolerance allows (default: top-1 or cosine drop
+    <= 0.01 on held-out calibration samples), then int8 for the target. Without --calib: exact
+    cleanup, plus dynamic int8 for MatMul-heavy models. Exit codes: 0 done and within tolerance,
+    4 written but outside the tolerance, 5 within tolerance but short of --target-macs/--target-speedup,
+    2 bad input, 3 a pass failed verification."""
     from .calibration import Calibration
     from .errors import ModelLoadError
     from .model import load, parse_input_shapes, save
-    from .pipeline import Pipeline
+    from .optimize import OptimizeOptions
+    from .optimize import optimize as run_optimize
     from .render import render_run
-    from .verify import VerifyOptions
 
     if output.resolve() == model.resolve():
         raise ModelLoadError(f"{output}: output would overwrite the input model; choose another path")
-    pipeline = Pipeline.from_recipe(recipe)
-    prune_options = {k: v for k, v in {"ratio": prune, "importance": importance, "target_macs": target_macs,
-                                       "round_to": round_to}.items() if v is not None}
-    if prune_options:
-        _set_pass(pipeline, "prune-channels", prune_options, where="--prune options", before="quantize-int8")
-    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
-    if factorize_options:
-        _set_pass(pipeline, "factorize", factorize_options, where="--factorize options", before="quantize-int8")
-    if quantize == "dynamic":
-        if calib_method is not None or preset is not None:
-            raise OnnxCompressError("--calib-method and --preset apply to --quantize int8, not dynamic")
-        _set_pass(pipeline, "quantize-dynamic", {}, where="--quantize options")
-    elif quantize is not None or calib_method is not None or preset is not None:
-        if quantize not in (None, "int8"):
-            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
-        options = {k: v for k, v in {"method": calib_method, "preset": preset}.items() if v is not None}
-        _set_pass(pipeline, "quantize-int8", options, where="--quantize options")
-    if not verify:
-        pipeline.verify = VerifyOptions(enabled=False)
+    options = OptimizeOptions(
+        recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
+        target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
+                                                          quantize, calib_method, preset, target),
+        prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
+        verify=verify, bench_runs=bench_runs,
+    )
+    if bench_runs and bench_runs < 20:
+        raise OnnxCompressError(f"--bench-runs must be 0 (skip) or at least 20, got {bench_runs}")
+    if plot and not (plot.parent if str(plot.parent) else Path(".")).is_dir():
+        raise OnnxCompressError(f"{plot.parent}: plot folder does not exist")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
     calibration = Calibration.from_path(source, calib) if calib else None
 
-    def run(progress):
-        return pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=lambda name: progress(name))
+    def work(progress):
+        return run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
+                            on_step=lambda name: progress(name))
 
-    result = _with_progress("optimizing", run, steps=len(pipeline.passes))
+    result = _with_progress("optimizing", work)
     save(result.model, output)
     run_report = result.report.with_files(model, output)
+    code = 4 if result.meets_tolerance is False else 5 if result.meets_target is False else 0
+    data = {**run_report.to_dict(), "mode": result.mode, "exit_code": code}
     if report:
-        _write_text_atomic(report, run_report.to_json())
+        _write_text_atomic(report, json.dumps(data, indent=2, allow_nan=True))
+    if plot:
+        from .plots import plot_reductions, plot_tradeoff
+
+        if run_report.search:
+            plot_tradeoff(run_report.search, plot)
+        else:
+            plot_reductions(run_report, plot)
     if json_out:
-        out.print_json(run_report.to_json())
+        out.print_json(json.dumps(data, allow_nan=True))
     else:
         render_run(console, run_report)
+        if plot:
+            console.print(f"plot written to {escape(str(plot))}")
+        if code == 4:
+            console.print(f"[red]outside the tolerance[/red] ({escape(run_report.tolerance['description'])}): "
+                          "the model was written but does not meet it", highlight=False)
+        elif code == 5:
+            console.print("[yellow]the target was not reached within the tolerance[/yellow]: the model written "
+                          "is the most compressed one that meets it", highlight=False)
+    if code:
+        raise typer.Exit(code)
+
+
+def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | None):
+    """The tolerance the flags ask for, or None (then optimize uses its default with --calib)."""
+    from .tolerance import Tolerance
+
+    if min_sqnr is not None:
+        if max_drop is not None or metric not in (None, "sqnr"):
+            raise OnnxCompressError("--min-sqnr is a tolerance of its own: drop --max-drop/--metric")
+        return Tolerance("sqnr", min_sqnr)
+    if metric == "sqnr":
+        raise OnnxCompressError("for an SQNR tolerance give --min-sqnr DB (a minimum, not a drop)")
+    if max_drop is None:
+        if metric is not None:
+            raise OnnxCompressError("--metric needs --max-drop")
+        return None
+    return Tolerance(metric or "auto", max_drop)
+
+
+def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quantize, calib_method, preset, target) -> list[dict]:
+    """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
+    specs: list[dict] = []
+    if prune is not None:
+        specs.append({"type": "prune-channels", "ratio": prune,
+                      **{k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None}})
+    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
+    if factorize_options:
+        specs.append({"type": "factorize", **factorize_options})
+    if quantize == "dynamic":
+        if calib_method is not None or preset is not None:
+            raise OnnxCompressError("--calib-method and --preset apply to --quantize int8, not dynamic")
+        specs.append({"type": "quantize-dynamic"})
+    elif quantize is not None or calib_method is not None or preset is not None:
+        if quantize not in (None, "int8"):
+            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
+        if preset is None and target == "tensorrt":
+            preset = "tensorrt"
+        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset}.items()
+                                                   if v is not None}})
+    return specs
 
 
 @app.command()
@@ -211,6 +274,59 @@ def demo(
 
 
 @app.command()
+def pack(
+    model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .occ file.")],
+    bits: Annotated[Optional[int], typer.Option(help="Lossy: share 2**BITS values per weight tensor (k-means), e.g. 5.")] = None,
+    sparsity: Annotated[Optional[float], typer.Option(help="Lossy: zero this fraction of each tensor's smallest weights first.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Inputs (.npy/.npz) for the lossy model's fidelity (else random, labelled so).")] = None,
+    input_shape: InputShapes = None,
+    level: Annotated[str, typer.Option(help="Compression effort: fast, default or best.")] = "default",
+    codecs: Annotated[Optional[str], typer.Option(help="Codecs to try, comma separated (zlib,bz2,lzma,zstd); default: all installed.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Pack MODEL into a compressed .occ file for distribution: lossless unless --bits/--sparsity."""
+    from .calibration import Calibration
+    from .model import load, parse_input_shapes
+    from .pack import pack_model, summary_lines
+
+    shapes = parse_input_shapes(input_shape)
+    calibration = Calibration.from_path(load(model), calib) if calib else None
+    stats = pack_model(model, output, bits=bits, sparsity=sparsity or 0.0, calibration=calibration,
+                       input_shapes=shapes, level=level, compare_gzip=True,
+                       codecs=[c.strip() for c in codecs.split(",") if c.strip()] if codecs else None)
+    if json_out:
+        out.print_json(json.dumps(stats.to_dict(), allow_nan=True))
+    else:
+        for line in summary_lines(stats):
+            console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def unpack(
+    packed: Annotated[Path, typer.Argument(help=".occ file written by `onnxcompress pack`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
+    json_out: JsonFlag = False,
+) -> None:
+    """Unpack an .occ file to an ONNX model (every checksum verified)."""
+    from .pack import fidelity_text, read_index, unpack_file
+
+    unpack_file(packed, output)
+    index = read_index(packed)
+    info = {"output": str(output), "bytes": output.stat().st_size, "mode": index["mode"],
+            "lossy": index.get("lossy")}
+    if json_out:
+        out.print_json(json.dumps(info, allow_nan=True))
+    else:
+        console.print(escape(f"wrote {output} ({info['bytes']:,} bytes, {index['mode']} .occ)"), highlight=False,
+                      soft_wrap=True)
+        fidelity = (index.get("lossy") or {}).get("fidelity")
+        if fidelity:
+            console.print(escape(f"packed with weight sharing; fidelity measured when packed: {fidelity_text(fidelity)}"),
+                          highlight=False, soft_wrap=True)
+
+
+@app.command()
 def recipes() -> None:
     """List the built-in recipes."""
     from .pipeline import RECIPES_DIR, load_recipe, recipe_names
@@ -219,22 +335,6 @@ def recipes() -> None:
         spec = load_recipe(RECIPES_DIR / f"{name}.yaml")
         steps = " -> ".join(p["type"] if isinstance(p, dict) else str(p) for p in spec["passes"])
         console.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
-
-
-def _set_pass(pipeline, name: str, options: dict, *, where: str, before: str | None = None) -> None:
-    """Add pass `name` with `options` (merged into the recipe's own, if it has one) at the recipe's
-    place for it, else at the end (or before pass `before`: pruning goes before quantization)."""
-    from .pipeline import build_pass
-
-    names = [p.name for p in pipeline.passes]
-    existing = pipeline.passes[names.index(name)].options() if name in names else {}
-    new = build_pass({**existing, **options, "type": name}, where=where)
-    if name in names:
-        pipeline.passes[names.index(name)] = new
-    elif before in names:
-        pipeline.passes.insert(names.index(before), new)
-    else:
-        pipeline.passes.append(new)
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:

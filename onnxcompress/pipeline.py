@@ -45,6 +45,7 @@ class PassContext:
     calibration: Calibration | None = None
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     model: ir.Model | None = None
+    original: ir.Model | None = None  # the pipeline's input, untouched: the reference (teacher) for passes that fit to it
     _cache: dict = field(default_factory=dict, repr=False)
 
     def get(self, analysis: Callable[[ir.Model, PassContext], A]) -> A:
@@ -142,7 +143,7 @@ class Pipeline:
         notes = []
         if _fill_output_shapes(current):
             notes.append("graph output shapes were missing and have been inferred (the full checker requires them)")
-        ctx.model, ctx._cache = current, {}
+        ctx.model, ctx.original, ctx._cache = current, original, {}
         records: list[PassRecord] = []
         fidelity: Fidelity | None = None
         for p in self.passes:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .errors import OnnxCompressError
 
 if TYPE_CHECKING:
     from .bench import BenchReport
+    from .report import RunReport
 
 #: Axis room around the outermost points, as a fraction of their value.
 AXIS_MARGIN = 0.1
@@ -26,11 +28,7 @@ def plot_speedups(report: BenchReport, path: str | os.PathLike) -> Path:
     Points on the dashed y = x line realize their full theoretical speedup; points below it lose
     some to memory traffic, kernel choice or overheads. Writes a PNG to `path` and returns it.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise OnnxCompressError("plotting needs matplotlib: pip install onnxcompress[plot]") from None
+    Figure, FigureCanvasAgg = _matplotlib()
     points = [
         (row.model, row.batch, row.theoretical_speedup, row.measured_speedup)
         for row in report.rows
@@ -41,10 +39,7 @@ def plot_speedups(report: BenchReport, path: str | os.PathLike) -> Path:
             "nothing to plot: no row has both a theoretical and a measured speedup "
             "(the models must run and have complete MAC counts)"
         )
-    path = Path(path)
-    if not (path.parent if str(path.parent) else Path(".")).is_dir():
-        raise OnnxCompressError(f"{path.parent}: output folder does not exist")
-
+    path = _checked_path(path)
     figure = Figure(figsize=(7, 5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -76,6 +71,87 @@ def plot_speedups(report: BenchReport, path: str | os.PathLike) -> Path:
     axes.set_title(f"{env.provider}, {env.threads} threads, ORT {env.onnxruntime}; baseline {report.baseline}")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small", loc="best")
+    return _save(figure, path)
+
+
+def plot_tradeoff(search: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """The tolerance search's curve: MAC reduction against the metric, with the bound and the chosen point.
+
+    `search` is RunReport.search (plain data), so a report read back from JSON plots the same."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    points = search["points"]
+    if not points:
+        raise OnnxCompressError("nothing to plot: the search measured no candidate")
+    path = _checked_path(path)
+    figure = Figure(figsize=(7, 5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    order = sorted(range(len(points)), key=lambda i: points[i]["macs_ratio"], reverse=True)
+    x = [1.0 / points[i]["macs_ratio"] for i in order]
+    y = [points[i]["value"] for i in order]
+    axes.plot(x, y, color="grey", linewidth=1, zorder=1)
+    for flag, color, label in ((True, "C2", "within tolerance"), (False, "C3", "outside tolerance")):
+        mine = [(xi, yi) for xi, yi, i in zip(x, y, order) if points[i]["accepted"] is flag]
+        if mine:
+            axes.scatter([a for a, _ in mine], [b for _, b in mine], color=color, s=40, label=label, zorder=2)
+    chosen = points[search["chosen"]]
+    axes.scatter([1.0 / chosen["macs_ratio"]], [chosen["value"]], marker="*", s=250, color="C1",
+                 edgecolor="black", label="chosen", zorder=3)
+    tolerance = search["tolerance"]
+    axes.axhline(tolerance["bound"], linestyle="--", color="black", linewidth=1, label=tolerance["description"])
+    axes.set_xlabel("theoretical speedup (original MACs / candidate MACs)")
+    unit = " (dB)" if tolerance["metric"] == "sqnr" else " drop"
+    axes.set_ylabel(f"{tolerance['metric']}{unit} on {search['heldout_samples']} held-out samples")
+    axes.set_title("tolerance search: every measured candidate")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small", loc="best")
+    return _save(figure, path)
+
+
+def plot_reductions(report: RunReport, path: str | os.PathLike) -> Path:
+    """Bars: how many times smaller (params, MACs, weights, file) and faster (measured latency) the result is."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    b, a = report.before, report.after
+    bars = [(label, x / y) for label, x, y in (("parameters", b.params, a.params), ("MACs", b.macs, a.macs),
+                                               ("weight bytes", b.weight_bytes, a.weight_bytes),
+                                               ("file bytes", b.file_bytes, a.file_bytes)) if x and y]
+    bench = report.bench or {}
+    if bench.get("measured_speedup"):
+        bars.append((f"latency (ORT {bench['provider']}, batch {bench['batch']})", bench["measured_speedup"]))
+    if not bars:
+        raise OnnxCompressError("nothing to plot: the report has no before/after numbers")
+    path = _checked_path(path)
+    figure = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    labels, values = [label for label, _ in bars], [v for _, v in bars]
+    drawn = axes.barh(labels, values, color=[f"C{i}" for i in range(len(bars))])
+    axes.bar_label(drawn, labels=[f"{v:.2f}x" for v in values], padding=3)
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_xlabel("original / optimized (higher is better)")
+    axes.set_xlim(0, max(values) * (1 + 2 * AXIS_MARGIN))
+    axes.invert_yaxis()
+    axes.set_title("optimize: what changed")
+    return _save(figure, path)
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise OnnxCompressError("plotting needs matplotlib: pip install onnxcompress[plot]") from None
+    return Figure, FigureCanvasAgg
+
+
+def _checked_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not (path.parent if str(path.parent) else Path(".")).is_dir():
+        raise OnnxCompressError(f"{path.parent}: output folder does not exist")
+    return path
+
+
+def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     try:
         figure.savefig(path, format="png")

@@ -105,7 +105,26 @@ def render_run(console: Console, report: RunReport) -> None:
     for label, x, y, unit in rows:
         ratio = f"{x / y:.2f}x" if x and y else "-"
         table.add_row(label, human(x, unit), human(y, unit), ratio)
+    bench = report.bench or {}
+    if bench.get("original_ms") and bench.get("optimized_ms"):
+        table.add_row(f"latency (ORT {bench['provider']}, batch {bench['batch']}, median)",
+                      f"{bench['original_ms']:.3f} ms", f"{bench['optimized_ms']:.3f} ms",
+                      f"{bench['measured_speedup']:.2f}x faster")
+    if report.fidelity:
+        f = report.fidelity
+        table.add_row("fidelity: SQNR / cosine", "-", f"{f.sqnr_db:.1f} dB / {f.cosine:.5f}", "")
+        if f.top1_agreement is not None:
+            table.add_row("fidelity: top-1 agreement", "-", f"{100 * f.top1_agreement:.2f}%", "")
     console.print(table)
+    if report.search:
+        _render_search(console, report.search)
+    if report.tolerance:
+        t = report.tolerance
+        verdict = "[green]met[/green]" if t["met"] else "[red]NOT met[/red]"
+        console.print(f"  tolerance {escape(t['description'])}: {verdict} (value {t['value']:.4g}, on {escape(t['measured_on'])})",
+                      highlight=False)
+    if bench.get("note"):
+        console.print(f"  [dim]{escape(bench['note'])}[/dim]")
     for p in report.passes:
         mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
         console.print(f"  {p.name}: {mark} in {p.seconds:.2f}s; {len(p.changes)} changes, {len(p.skipped)} skipped")
@@ -125,6 +144,21 @@ def render_run(console: Console, report: RunReport) -> None:
         console.print("  fidelity vs input: " + fidelity_line(report.fidelity))
     for note in report.notes:
         console.print(f"  [dim]{escape(note)}[/dim]")
+
+
+def _render_search(console: Console, search: Mapping) -> None:
+    """The search's curve as a table: every measured candidate, the chosen one marked."""
+    table = Table(title=escape(f"tolerance search ({search['tolerance']['description']}, "
+                               f"{search['heldout_samples']} held-out samples)"), title_justify="left")
+    for col in ("", "pruning level", "MACs left", "params left", "metric", "measured x", "verdict"):
+        table.add_column(col, justify="right" if col else "left")
+    for i, p in enumerate(search["points"]):
+        speed = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
+        verdict = "[green]within[/green]" if p["accepted"] else "[red]outside[/red]"
+        table.add_row("*" if i == search["chosen"] else "", f"{p['level']:.3f}", f"{100 * p['macs_ratio']:.1f}%",
+                      f"{100 * p['params_ratio']:.1f}%", f"{p['value']:.4g}", speed,
+                      verdict + (f" [dim]{escape(p['note'])}[/dim]" if p.get("note") else ""))
+    console.print(table)
 
 
 def fidelity_line(f: Fidelity) -> str:

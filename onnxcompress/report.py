@@ -68,6 +68,9 @@ class RunReport:
     fidelity: Fidelity | None = None
     verified: bool = False
     notes: tuple[str, ...] = ()
+    search: Mapping[str, Any] | None = None  # the tolerance search's curve and chosen point, when one ran
+    tolerance: Mapping[str, Any] | None = None  # {"description", "value", "met"} when a tolerance was given
+    bench: Mapping[str, Any] | None = None  # before/after median latency on ORT, when measured
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)

@@ -1,0 +1,236 @@
+"""`optimize`: one call from a model to a compressed model, a report and a verdict.
+
+Three ways in, chosen by what the user gave:
+- a recipe (a name, a file, or pass options such as a fixed pruning ratio): run it as written;
+- calibration data and no recipe: the tolerance search (search.py) prunes as far as the tolerance
+  allows and closes with the int8 form that suits the target;
+- neither: exact cleanup, plus dynamic int8 where MatMul/Gemm carry most of the MACs, and a note on
+  what calibration data would add.
+Whatever ran, the report says whether the result meets the tolerance and the target, so a
+deployment pipeline can act on the exit code alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from .calibration import Calibration
+from .errors import OnnxCompressError
+from .model import ModelLike, load, resolve_input_shapes
+from .pipeline import Pipeline, build_pass
+from .report import RunReport
+from .tolerance import Tolerance
+from .verify import VerifyOptions
+
+Target = Literal["cpu", "cuda", "tensorrt"]
+TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
+#: Default tolerance bound when calibration data is given and none was asked for.
+DEFAULT_MAX_DROP = 0.01
+#: Dynamic int8 only pays where MatMul/Gemm carry at least this share of the MACs (ConvInteger is slow on CPU).
+DYNAMIC_INT8_MIN_SHARE = 0.5
+CLEANUP = ("fold-constants", "fold-batchnorm", "eliminate-noops")
+
+
+@dataclass
+class OptimizeOptions:
+    recipe: str | Path | Mapping | Sequence | None = None  # None: chosen from the data and the target
+    target: Target = "cpu"
+    tolerance: Tolerance | None = None  # None: the default (top1 or cosine, 0.01) when there is calibration data
+    target_macs: float | None = None
+    target_speedup: float | None = None
+    passes: Sequence[Mapping[str, Any]] = ()  # pass specs that override or extend the recipe ({"type": ...})
+    prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options for the search
+    verify: bool = True
+    bench_runs: int = 20  # timed runs for the before/after latency; 0 skips the measurement
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise OnnxCompressError(f"unknown target '{self.target}' (choose: {', '.join(TARGETS)})")
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    model: ir.Model
+    report: RunReport
+    mode: str  # "recipe", "search" or "no-calibration"
+
+    @property
+    def meets_tolerance(self) -> bool | None:
+        return None if self.report.tolerance is None else bool(self.report.tolerance["met"])
+
+    @property
+    def meets_target(self) -> bool | None:
+        return None if self.report.search is None else self.report.search.get("target_met")
+
+
+def optimize(
+    model: ModelLike,
+    *,
+    calibration: Calibration | Mapping[str, np.ndarray] | None = None,
+    options: OptimizeOptions | None = None,
+    evaluate: Callable[[ir.Model], float] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> OptimizeResult:
+    """Compress `model` as `options` ask; see the module docstring for how the plan is chosen."""
+    options = options or OptimizeOptions()
+    source = load(model)
+    shapes = resolve_input_shapes(source, input_shapes)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = Calibration.from_arrays(source, calibration)
+    # A recipe or a fixed pruning ratio is run as written; so are explicit pass flags unless a
+    # tolerance or a target asks for the search.
+    asked = options.tolerance is not None or options.target_macs is not None or options.target_speedup is not None
+    fixed = (options.recipe is not None or any(p.get("type") == "prune-channels" for p in options.passes)
+             or (bool(options.passes) and not asked))
+    if evaluate is not None and (calibration is None or fixed):
+        raise OnnxCompressError("an evaluation function drives the tolerance search: give calibration data and no recipe")
+    tolerance = options.tolerance or (Tolerance("auto", DEFAULT_MAX_DROP) if calibration is not None and not fixed else None)
+    if tolerance is not None:
+        tolerance = _resolved(tolerance, source, calibration, shapes)
+    options = dataclasses.replace(options, tolerance=tolerance)
+    if calibration is not None and not fixed:
+        result = _search(source, calibration, options, evaluate, shapes, on_step)
+        mode = "search"
+    else:
+        if options.target_speedup is not None:
+            raise OnnxCompressError("--target-speedup needs calibration data (it drives the tolerance search)")
+        result = _recipe(source, calibration, options, shapes, on_step)
+        mode = "recipe" if calibration is not None or options.recipe is not None or options.passes else "no-calibration"
+    report = result.report
+    if options.bench_runs:
+        report = dataclasses.replace(report, bench=_latency(source, result.model, shapes, options))
+    return OptimizeResult(result.model, report, mode)
+
+
+def _search(source, calibration, options, evaluate, shapes, on_step):
+    from .search import SearchOptions, search
+
+    tolerance = options.tolerance
+    finish = [spec for spec in options.passes if spec.get("type") != "prune-channels"]
+    if not any(s.get("type", "").startswith("quantize") for s in finish):
+        finish += _int8_for(options.target)
+    found = search(
+        source, calibration,
+        SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
+                      target_macs=options.target_macs, target_speedup=options.target_speedup),
+        evaluate=evaluate, input_shapes=shapes, on_step=on_step,
+    )
+    chosen = found.chosen_point
+    verdict = {"description": found.report.search["tolerance"]["description"], "value": chosen.value,
+               "met": found.met, "measured_on": chosen.fidelity.inputs}
+    return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict))
+
+
+def _recipe(source, calibration, options, shapes, on_step):
+    notes: list[str] = []
+    if options.recipe is not None:
+        pipeline = Pipeline.from_recipe(options.recipe)
+    else:
+        pipeline = Pipeline([build_pass(name) for name in CLEANUP])
+        if calibration is None and not options.passes:
+            notes.extend(_no_calibration_plan(pipeline, source, shapes, options.target))
+    for spec in _ordered(options.passes):
+        _set_pass(pipeline, spec)
+    if options.target_macs is not None:
+        _set_pass(pipeline, {"type": "prune-channels", "target_macs": options.target_macs})
+    if not options.verify:
+        pipeline.verify = VerifyOptions(enabled=False)
+    result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step)
+    report = dataclasses.replace(result.report, notes=(*result.report.notes, *notes))
+    if options.tolerance is not None:
+        if report.fidelity is None:
+            raise OnnxCompressError("a tolerance needs verification: drop --no-verify")
+        report = dataclasses.replace(report, tolerance={
+            "description": options.tolerance.describe(), "value": options.tolerance.value(report.fidelity),
+            "met": options.tolerance.accepts(report.fidelity), "measured_on": report.fidelity.inputs,
+        })
+    return dataclasses.replace(result, report=report)
+
+
+def _no_calibration_plan(pipeline: Pipeline, model: ir.Model, shapes, target: str) -> list[str]:
+    """Cleanup, plus dynamic int8 when MatMul/Gemm dominate (CPU); says what calibration would add."""
+    from .analysis.cost import analyze_cost
+
+    cost = analyze_cost(model, shapes)
+    total = sum(c.macs for c in cost.nodes)
+    share = sum(c.macs for c in cost.nodes if c.op_type in ("MatMul", "Gemm")) / total if total else 0.0
+    notes = []
+    if target == "cpu" and share >= DYNAMIC_INT8_MIN_SHARE:
+        pipeline.passes.append(build_pass("quantize-dynamic"))
+        notes.append(f"no calibration data: exact cleanup, then dynamic int8 (MatMul/Gemm carry {share:.0%} of the MACs)")
+    else:
+        notes.append("no calibration data: exact cleanup only (dynamic int8 does not pay on Conv-heavy models)")
+    notes.append("with --calib DATA, optimize prunes channels as far as a fidelity tolerance allows (--max-drop) "
+                 "and quantizes to static int8, measured on held-out samples of that data")
+    return notes
+
+
+def _int8_for(target: str) -> list[dict[str, Any]]:
+    """The closing int8 step that runs fast on `target` (none for CUDA: ORT's CUDA EP runs few int8 kernels)."""
+    if target == "cuda":
+        return []
+    return [{"type": "quantize-int8", "preset": "tensorrt" if target == "tensorrt" else "cpu"}]
+
+
+#: Where each pass belongs in a pipeline: structure first, then weights, then number formats.
+ORDER = ("fold-constants", "fold-batchnorm", "eliminate-noops", "prune-blocks", "prune-channels", "factorize",
+         "distill", "equalize", "smooth-quant", "quantize-int8", "quantize-dynamic", "weight-share")
+
+
+def _ordered(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted((dict(s) for s in specs), key=lambda s: rank.get(s.get("type"), len(ORDER)))
+
+
+def _set_pass(pipeline: Pipeline, spec: Mapping[str, Any]) -> None:
+    """Merge `spec`'s options into the recipe's pass of that type, or insert the pass where ORDER puts it."""
+    name = spec["type"]
+    names = [p.name for p in pipeline.passes]
+    if name in names:
+        i = names.index(name)
+        pipeline.passes[i] = build_pass({**pipeline.passes[i].options(), **spec}, where=f"{name} options")
+        return
+    rank = {n: i for i, n in enumerate(ORDER)}
+    mine = rank.get(name, len(ORDER))
+    at = next((i for i, p in enumerate(pipeline.passes) if rank.get(p.name, len(ORDER)) > mine), len(pipeline.passes))
+    pipeline.passes.insert(at, build_pass(dict(spec), where=f"{name} options"))
+
+
+def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | None, shapes) -> Tolerance:
+    """Pick the metric for an "auto" tolerance from the model's outputs on one input batch."""
+    if tolerance.metric != "auto":
+        return tolerance
+    from .calibration import batch_size_for
+    from .verify import outputs, random_feeds
+
+    if calibration is not None:
+        feeds = [next(iter(calibration.batches(batch_size_for(model, 1))))]
+    else:
+        feeds = random_feeds(model, shapes)
+    return tolerance.resolved(outputs(model, feeds, "input model"))
+
+
+def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions) -> dict[str, Any]:
+    """Median ORT CPU latency before and after, interleaved, at the model's batch size."""
+    from .bench import BenchOptions, benchmark
+
+    batch = int(next(iter(shapes.values()))[0]) if shapes else 1
+    report = benchmark([("original", original), ("optimized", optimized)],
+                       BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, 20), warmup=3,
+                                    input_shapes=dict(shapes)))
+    before, after = report.row("original", batch), report.row("optimized", batch)
+    return {
+        "provider": "cpu", "batch": batch, "runs": max(options.bench_runs, 20),
+        "original_ms": before.timing.median_ms if before.timing else None,
+        "optimized_ms": after.timing.median_ms if after.timing else None,
+        "measured_speedup": after.measured_speedup, "theoretical_speedup": after.theoretical_speedup,
+        "note": None if options.target == "cpu" else f"measured on ORT CPU, not on the {options.target} target",
+    }

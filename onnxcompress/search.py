@@ -1,0 +1,319 @@
+"""Tolerance-driven search: the most compressed model whose outputs stay within a tolerance.
+
+Adaptive pruning under an error bound, done iteratively: the model is pruned a step at a time
+(each step from the last accepted model, with least-squares recovery), every candidate is finished
+by the same closing passes (int8) and measured on calibration samples that no pass ever fitted
+to. The search steps down a grid of MAC levels until a candidate falls outside the tolerance or the
+target is reached, then bisects between the last accepted and the first rejected level. The model
+returned is always one that was measured and accepted: a point on the reported curve.
+
+Per-group sensitivity enters through the pruning itself: activation importance ranks the channels
+of every group on the same calibration data, and recovery refits each consumer; the search decides
+how far that can go. When even the unpruned, quantized model is outside the tolerance, the int8
+step first keeps its most sensitive layers in float (its own tolerance mode, where available), and
+failing that is dropped, so the exact cleaned model is the floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from .calibration import Calibration, batch_size_for
+from .errors import OnnxCompressError
+from .model import ModelLike, load, resolve_input_shapes
+from .pipeline import Pipeline, build_pass
+from .report import Fidelity, ModelStats, PassRecord, RunReport
+from .tolerance import Tolerance
+from .verify import VerifyOptions, compare, outputs
+
+#: Fractions of the cleaned model's MACs the pruning steps aim to keep, in order.
+DEFAULT_LEVELS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+#: Calibration samples held out from every fitting pass; the search measures candidates on them.
+HOLDOUT = 0.25
+#: Bisection steps between the last accepted and the first rejected level.
+REFINE_STEPS = 3
+#: A pruning step that removes less than this share of the MACs means pruning cannot go further.
+MIN_PROGRESS = 0.005
+
+Evaluate = Callable[[ir.Model], float]  # user metric, higher is better (e.g. accuracy on labelled data)
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    """One measured candidate: how compressed it is and how far its outputs moved."""
+
+    level: float  # fraction of the cleaned model's MACs the pruning aimed to keep (1.0: no pruning)
+    macs_ratio: float  # candidate MACs / original MACs
+    params_ratio: float
+    value: float  # the tolerance metric (a drop, or SQNR in dB) or, with `evaluate`, the score's drop
+    accepted: bool
+    fidelity: Fidelity
+    speedup: float | None = None  # measured ORT latency ratio original / candidate, when asked for
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    model: ir.Model
+    report: RunReport
+    points: tuple[SearchPoint, ...]
+    chosen: int  # index of the returned model's point in `points`
+    met: bool  # the returned model is within the tolerance on the held-out samples
+    target_met: bool | None  # None when no target was given
+
+    @property
+    def chosen_point(self) -> SearchPoint:
+        return self.points[self.chosen]
+
+
+@dataclass
+class SearchOptions:
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options (target_macs is the search's)
+    cleanup: Sequence[str] = ("fold-constants", "fold-batchnorm", "eliminate-noops")
+    finish: Sequence[Mapping[str, Any]] = ()  # passes applied to every candidate, e.g. [{"type": "quantize-int8"}]
+    target_macs: float | None = None  # stop once the candidate keeps at most this fraction of the MACs
+    target_speedup: float | None = None  # stop once the candidate is measured this much faster on ORT CPU
+    levels: Sequence[float] = DEFAULT_LEVELS
+    refine_steps: int = REFINE_STEPS
+    holdout: float = HOLDOUT
+    bench_runs: int = 30  # timed runs per model when target_speedup asks for measurements
+
+    def __post_init__(self) -> None:
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise OnnxCompressError(f"target MACs must be a fraction in (0, 1], got {self.target_macs}")
+        if self.target_speedup is not None and not self.target_speedup > 0:
+            raise OnnxCompressError(f"target speedup must be > 0, got {self.target_speedup}")
+        if not 0.0 < self.holdout < 1.0:
+            raise OnnxCompressError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+
+
+def search(
+    model: ModelLike,
+    calibration: Calibration | Mapping[str, np.ndarray],
+    options: SearchOptions | None = None,
+    *,
+    evaluate: Evaluate | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """The most compressed model within `options.tolerance` (or within `tolerance.bound` of
+    `evaluate(original)` when a user metric is given), measured on held-out calibration samples."""
+    options = options or SearchOptions()
+    original = load(model)
+    shapes = resolve_input_shapes(original, input_shapes)
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration.from_arrays(original, calibration)
+    fit, held = calibration.split(options.holdout)
+    judge = _Judge(original, held, options.tolerance, evaluate)
+    step = on_step or (lambda _: None)
+    notes = [f"candidates measured on {held.num_samples} held-out calibration samples that no pass fitted to"]
+    if options.tolerance.metric == "top1" and evaluate is None:
+        notes.append(f"top-1 drop on {held.num_samples} samples moves in steps of {1 / held.num_samples:.3g}: "
+                     "more calibration data gives a finer tolerance")
+    if calibration.is_random:
+        notes.append("calibration data is random: the fidelity says nothing about real inputs")
+
+    step("cleanup")
+    cleaned = Pipeline([build_pass(name) for name in options.cleanup]).run(original, calibration=fit, input_shapes=shapes)
+    base_macs = max(cleaned.report.after.macs, 1)
+    original_stats = cleaned.report.before
+    finish = [dict(spec) for spec in options.finish]
+
+    def finished(float_model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
+        if not finish:
+            return float_model, []
+        run = Pipeline([build_pass(spec) for spec in finish]).run(float_model, calibration=fit, input_shapes=shapes)
+        return run.model, list(run.report.passes)
+
+    points: list[SearchPoint] = []
+    models: list[tuple[ir.Model, list[PassRecord], ModelStats]] = []  # per point: final model, its records, stats
+
+    def measure(float_model: ir.Model, level: float, chain: list[PassRecord], note: str = "") -> SearchPoint:
+        final, records = finished(float_model)
+        stats = _stats(final, shapes)
+        fidelity, value, accepted = judge(final)
+        point = SearchPoint(
+            level=level, macs_ratio=stats.macs / max(original_stats.macs, 1),
+            params_ratio=stats.params / max(original_stats.params, 1), value=value, accepted=accepted,
+            fidelity=fidelity, note=note,
+        )
+        if accepted and options.target_speedup is not None:
+            point = dataclasses.replace(point, speedup=_speedup(original, final, shapes, options.bench_runs))
+        points.append(point)
+        models.append((final, [*cleaned.report.passes, *chain, *records], stats))
+        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'}")
+        return point
+
+    # Level 1: no pruning. If the finishing passes alone break the tolerance, soften them, then drop them.
+    first = measure(cleaned.model, 1.0, [])
+    if not first.accepted and finish:
+        softened = _with_fallback(finish, options.tolerance) if evaluate is None else None
+        if softened is not None:
+            finish = softened
+            first = measure(cleaned.model, 1.0, [], note="int8 keeps its most sensitive layers in float")
+        if not first.accepted:
+            finish = []
+            first = measure(cleaned.model, 1.0, [], note="closing passes dropped: they alone exceed the tolerance")
+            notes.append("the closing passes (" + ", ".join(str(s.get("type")) for s in options.finish)
+                         + ") alone exceed the tolerance and were dropped")
+
+    def reached(point: SearchPoint) -> bool:
+        if options.target_speedup is not None:
+            return point.speedup is not None and point.speedup >= options.target_speedup
+        if options.target_macs is not None:
+            return point.macs_ratio <= options.target_macs * (1 + 1e-6)
+        return False
+
+    # Step down the grid, each step pruning the last accepted model.
+    accepted_float, accepted_level, accepted_chain = cleaned.model, 1.0, []
+    rejected_level: float | None = None
+    floor = options.target_macs if options.target_speedup is None and options.target_macs is not None else 0.0
+    levels = sorted({lv for lv in options.levels if floor < lv < 1.0} | ({floor} if floor > 0 else set()), reverse=True)
+    stalled = False
+    if first.accepted and not reached(first):
+        for level in levels:
+            if level >= accepted_level:  # an earlier step overshot past this level
+                continue
+            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs)
+            if outcome is None:  # too small a step for the channel granularity: try the next level
+                stalled = True
+                continue
+            stalled = False
+            pruned, achieved, record = outcome
+            point = measure(pruned, achieved, [*accepted_chain, record])
+            if not point.accepted:
+                rejected_level = achieved
+                break
+            accepted_float, accepted_level, accepted_chain = pruned, achieved, [*accepted_chain, record]
+            if reached(point):
+                break
+        if stalled:
+            notes.append(f"pruning could not go below {accepted_level:.3f} of the MACs "
+                         "(the remaining channels are blocked, protected or at max_group_ratio)")
+        # Bisect between the last accepted level and the first rejected one.
+        lo = rejected_level
+        for _ in range(options.refine_steps if lo is not None else 0):
+            mid = (accepted_level + lo) / 2
+            if accepted_level - mid < MIN_PROGRESS:
+                break
+            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs)
+            if outcome is None:
+                break
+            pruned, achieved, record = outcome
+            if achieved <= lo + MIN_PROGRESS:  # channel granularity: no level between the two exists
+                break
+            point = measure(pruned, achieved, [*accepted_chain, record])
+            if point.accepted:
+                accepted_float, accepted_level, accepted_chain = pruned, achieved, [*accepted_chain, record]
+                if reached(point):
+                    break
+            else:
+                lo = achieved
+
+    chosen = _choose(points, reached)
+    final, records, stats = models[chosen]
+    point = points[chosen]
+    target_met = None if options.target_macs is None and options.target_speedup is None else reached(point)
+    search_details = {
+        "tolerance": {"metric": "custom" if evaluate else options.tolerance.metric, "bound": options.tolerance.bound,
+                      "description": _describe(options.tolerance, evaluate)},
+        "heldout_samples": held.num_samples,
+        "baseline_score": judge.baseline,
+        "target_macs": options.target_macs,
+        "target_speedup": options.target_speedup,
+        "points": [dataclasses.asdict(p) for p in points],
+        "chosen": chosen,
+        "met": point.accepted,
+        "target_met": target_met,
+    }
+    report = RunReport(
+        input=str(model) if isinstance(model, str) else type(model).__name__, output=None,
+        before=original_stats, after=stats, passes=tuple(records), fidelity=point.fidelity, verified=True,
+        notes=tuple(notes), search=search_details,
+    )
+    return SearchResult(final, report, tuple(points), chosen, point.accepted, target_met)
+
+
+def _choose(points: Sequence[SearchPoint], reached: Callable[[SearchPoint], bool]) -> int:
+    """The least-MAC accepted point; with a target, the least compressed accepted point that reaches it."""
+    accepted = [i for i, p in enumerate(points) if p.accepted]
+    if not accepted:  # cannot happen unless `evaluate` is erratic: return the least changed model
+        return min(range(len(points)), key=lambda i: (points[i].macs_ratio < 1.0, -points[i].macs_ratio))
+    reaching = [i for i in accepted if reached(points[i])]
+    if reaching:
+        return max(reaching, key=lambda i: points[i].macs_ratio)
+    return min(accepted, key=lambda i: points[i].macs_ratio)
+
+
+def _prune_step(model: ir.Model, current: float, level: float, prune: Mapping[str, Any], fit: Calibration,
+                shapes: Mapping[str, Sequence[int]], base_macs: int) -> tuple[ir.Model, float, PassRecord] | None:
+    """Prune `model` (at `current` of the base MACs) towards `level`; None if it barely moves."""
+    spec = {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels",
+            "target_macs": min(1.0, level / current)}
+    run = Pipeline([build_pass(spec)], verify=VerifyOptions(samples=2)).run(model, calibration=fit, input_shapes=shapes)
+    achieved = run.report.after.macs / base_macs
+    if current - achieved < MIN_PROGRESS:
+        return None
+    return run.model, achieved, run.report.passes[0]
+
+
+def _with_fallback(finish: list[dict[str, Any]], tolerance: Tolerance) -> list[dict[str, Any]] | None:
+    """The closing passes with int8's own tolerance mode switched on, if the pass has one."""
+    from .passes.quantize import QuantizeQDQ
+
+    names = {f.name for f in dataclasses.fields(QuantizeQDQ)}
+    if not {"max_drop", "metric"} <= names or not any(s.get("type") == "quantize-int8" for s in finish):
+        return None
+    return [{**s, "max_drop": tolerance.bound, "metric": tolerance.metric} if s.get("type") == "quantize-int8" else s
+            for s in finish]
+
+
+class _Judge:
+    """Measures candidates against the original on the held-out samples."""
+
+    def __init__(self, original: ir.Model, held: Calibration, tolerance: Tolerance, evaluate: Evaluate | None):
+        size = batch_size_for(original, 8)
+        self.feeds = list(held.batches(size))
+        if batch_size_for(original, 0):  # a fixed batch: a partial last batch would not fit the model
+            self.feeds = [f for f in self.feeds if len(next(iter(f.values()))) == size]
+        if not self.feeds:
+            raise OnnxCompressError(f"the model's fixed batch needs more held-out calibration samples than {held.num_samples}")
+        self.source = f"{held.source}, {held.num_samples} samples"
+        self.reference = outputs(original, self.feeds, "input model")
+        self.tolerance, self.evaluate = tolerance, evaluate
+        self.baseline = float(evaluate(load(original))) if evaluate else None
+
+    def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool]:
+        fidelity = compare(self.reference, outputs(model, self.feeds, "search candidate"), self.source)
+        if self.evaluate is not None:
+            drop = self.baseline - float(self.evaluate(load(model)))
+            return fidelity, drop, drop <= self.tolerance.bound
+        return fidelity, self.tolerance.value(fidelity), self.tolerance.accepts(fidelity)
+
+
+def _stats(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> ModelStats:
+    from .analysis.cost import analyze_cost
+
+    return analyze_cost(model, shapes).stats
+
+
+def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int) -> float | None:
+    from .bench import BenchOptions, benchmark
+
+    batch = int(next(iter(shapes.values()))[0]) if shapes else 1
+    report = benchmark([("original", original), ("candidate", candidate)],
+                       BenchOptions(batch_sizes=(batch,), runs=runs, warmup=3, input_shapes=dict(shapes)))
+    return report.row("candidate", batch).measured_speedup
+
+
+def _describe(tolerance: Tolerance, evaluate: Evaluate | None) -> str:
+    if evaluate is not None:
+        return f"user metric drop <= {tolerance.bound:g}"
+    return tolerance.describe()

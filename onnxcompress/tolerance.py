@@ -1,0 +1,87 @@
+"""How much worse than the original a compressed model may be: one metric and one bound.
+
+Shared by every tolerance-driven decision (the search in `search.py`, int8's float fallback), so
+"within tolerance" means the same thing everywhere. All metrics compare a candidate's outputs with
+the original's on the same inputs (see verify.compare); none needs labels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import OnnxCompressError
+from .report import Fidelity
+
+Metric = Literal["top1", "cosine", "mse", "sqnr", "auto"]  # auto: top1 for class scores, else cosine
+METRICS: tuple[str, ...] = ("top1", "cosine", "mse", "sqnr")
+
+DESCRIPTIONS = {
+    "top1": "fraction of samples whose top-1 class changes (needs class-score outputs [N, C])",
+    "cosine": "1 - cosine similarity of the outputs (worst output)",
+    "mse": "noise power / signal power of the outputs (relative MSE, worst output)",
+    "sqnr": "output SQNR in dB (worst output); the bound is a minimum",
+}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """`metric` and its `bound`: a maximum drop for top1, cosine and mse; a minimum dB for sqnr."""
+
+    metric: Metric = "cosine"
+    bound: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.metric not in (*METRICS, "auto"):
+            raise OnnxCompressError(f"unknown metric '{self.metric}' (choose: {', '.join(METRICS)})")
+        if not math.isfinite(self.bound) or (self.metric != "sqnr" and self.bound < 0):
+            raise OnnxCompressError(f"tolerance bound for {self.metric} must be a finite number >= 0, got {self.bound}")
+        if self.metric in ("top1", "cosine") and self.bound > 1:
+            raise OnnxCompressError(f"tolerance bound for {self.metric} is a fraction in [0, 1], got {self.bound}")
+
+    def resolved(self, reference_outputs) -> Tolerance:
+        """This tolerance with metric "auto" replaced by the one that suits the model's outputs."""
+        if self.metric != "auto":
+            return self
+        return Tolerance(default_metric(reference_outputs), self.bound)
+
+    def value(self, fidelity: Fidelity) -> float:
+        """The metric's value for `fidelity`: the drop (top1, cosine, mse) or the SQNR in dB."""
+        if self.metric == "auto":
+            raise ValueError("resolve an 'auto' tolerance against the model's outputs first (Tolerance.resolved)")
+        if self.metric == "top1":
+            if fidelity.top1_agreement is None:
+                raise OnnxCompressError("metric top1 needs class-score outputs shaped [N, C]; use cosine, mse or sqnr")
+            return 1.0 - fidelity.top1_agreement
+        if self.metric == "cosine":
+            return 1.0 - fidelity.cosine
+        if self.metric == "mse":
+            return 0.0 if fidelity.sqnr_db == math.inf else 10.0 ** (-fidelity.sqnr_db / 10.0)
+        return fidelity.sqnr_db
+
+    def loss(self, fidelity: Fidelity) -> float:
+        """Lower is better for every metric (sqnr is negated), so searches can rank candidates."""
+        v = self.value(fidelity)
+        return -v if self.metric == "sqnr" else v
+
+    def accepts(self, fidelity: Fidelity) -> bool:
+        v = self.value(fidelity)
+        return v >= self.bound if self.metric == "sqnr" else v <= self.bound
+
+    def describe(self) -> str:
+        if self.metric == "sqnr":
+            return f"output SQNR >= {self.bound:g} dB"
+        return f"{self.metric} drop <= {self.bound:g}"
+
+    def format_value(self, fidelity: Fidelity) -> str:
+        v = self.value(fidelity)
+        return f"SQNR {v:.1f} dB" if self.metric == "sqnr" else f"{self.metric} drop {v:.4g}"
+
+
+def default_metric(reference_outputs) -> Metric:
+    """top1 when every output looks like class scores [N, C], else cosine."""
+    from .verify import _looks_like_scores
+
+    first = reference_outputs[0] if reference_outputs else []
+    return "top1" if first and all(_looks_like_scores(o) for o in first) else "cosine"

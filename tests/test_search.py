@@ -1,0 +1,113 @@
+"""The tolerance search: it never returns a model outside the tolerance, and its choice is on its curve.
+
+Run on the bundled digits CNN (real trained weights, real calibration images), with a short level
+grid so it stays quick; the invariants do not depend on the grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcompress import demo_data
+from onnxcompress.calibration import Calibration
+from onnxcompress.model import load
+from onnxcompress.search import SearchOptions, search
+from onnxcompress.tolerance import Tolerance
+from onnxcompress.verify import compare, outputs
+
+#: Short grid: three pruning steps and one bisection keep the test quick.
+LEVELS = (0.6, 0.35, 0.1)
+INT8 = ({"type": "quantize-int8"},)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load(demo_data.demo_model_path())
+    return model, Calibration.from_arrays(model, demo_data.load_calibration()[:160], "digits calibration")
+
+
+def _held_out(calibration: Calibration, holdout: float) -> Calibration:
+    return calibration.split(holdout)[1]
+
+
+def _check_invariants(result, tolerance: Tolerance, original, calibration: Calibration, options: SearchOptions):
+    chosen = result.chosen_point
+    # The returned model, measured again from scratch on the held-out samples, is within the tolerance.
+    held = _held_out(calibration, options.holdout)
+    feeds = list(held.batches(8))
+    fidelity = compare(outputs(original, feeds, "original"), outputs(result.model, feeds, "chosen"), "held out")
+    assert tolerance.accepts(fidelity)
+    assert tolerance.value(fidelity) == pytest.approx(chosen.value, rel=1e-6, abs=1e-9)
+    # The choice is a measured, accepted point, and no accepted point is more compressed.
+    assert chosen.accepted and result.met
+    assert all(p.macs_ratio >= chosen.macs_ratio for p in result.points if p.accepted)
+    # Every verdict on the curve agrees with the tolerance.
+    for p in result.points:
+        assert p.accepted == tolerance.accepts(p.fidelity)
+    assert result.report.search["chosen"] == result.chosen
+    assert len(result.report.search["points"]) == len(result.points)
+
+
+def test_search_prunes_and_quantizes_within_top1_tolerance(digits):
+    model, calibration = digits
+    tolerance = Tolerance("top1", 0.025)
+    options = SearchOptions(tolerance=tolerance, finish=INT8, levels=LEVELS, refine_steps=1)
+    result = search(model, calibration, options)
+    _check_invariants(result, tolerance, model, calibration, options)
+    assert result.chosen_point.macs_ratio < 0.7  # the trained CNN prunes well with recovery
+    assert any(not p.accepted for p in result.points)  # 10% of the MACs is too far: the curve has a rejected end
+    assert result.target_met is None
+    names = [p.name for p in result.report.passes]
+    assert names[:3] == ["fold-constants", "fold-batchnorm", "eliminate-noops"]
+    assert "prune-channels" in names and names[-1] == "quantize-int8"
+
+
+def test_tight_tolerance_drops_int8_and_returns_the_exact_model(digits):
+    model, calibration = digits
+    tolerance = Tolerance("sqnr", 60.0)  # int8 cannot reach 60 dB; the cleaned float model is exact
+    options = SearchOptions(tolerance=tolerance, finish=INT8, levels=LEVELS, refine_steps=1)
+    result = search(model, calibration, options)
+    _check_invariants(result, tolerance, model, calibration, options)
+    assert result.chosen_point.level == 1.0 and result.chosen_point.macs_ratio == pytest.approx(1.0)
+    # int8 first keeps its sensitive layers in float (its tolerance mode); failing that it is dropped.
+    assert result.chosen_point.note
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph)
+
+
+def test_target_macs_stops_at_the_target_and_reports_a_miss(digits):
+    model, calibration = digits
+    reach = SearchOptions(tolerance=Tolerance("cosine", 0.05), levels=LEVELS, refine_steps=0, target_macs=0.8)
+    result = search(model, calibration, reach)
+    assert result.target_met is True and result.chosen_point.macs_ratio <= 0.8
+    assert all(p.macs_ratio > 0.4 for p in result.points)  # stopped at the target, not at the tolerance
+
+    miss = SearchOptions(tolerance=Tolerance("sqnr", 40.0), levels=LEVELS, refine_steps=1, target_macs=0.2)
+    result = search(model, calibration, miss)
+    assert result.met and result.target_met is False
+    assert result.chosen_point.macs_ratio > 0.2
+
+
+def test_user_metric_drives_the_search(digits):
+    model, calibration = digits
+    images, labels = demo_data.load_test_set()
+    images, labels = images[:200], labels[:200]
+    scores: list[float] = []
+
+    def accuracy(candidate) -> float:
+        name = candidate.graph.inputs[0].name
+        batches = [{name: images[i:i + 50]} for i in range(0, len(labels), 50)]
+        logits = np.concatenate([out[0] for out in outputs(candidate, batches, "evaluation")])
+        score = float(np.mean(np.argmax(logits, axis=1) == labels))
+        scores.append(score)
+        return score
+
+    tolerance = Tolerance("top1", 0.02)  # with a user metric: score(original) - score(candidate) <= 0.02
+    result = search(model, calibration, SearchOptions(tolerance=tolerance, levels=LEVELS, refine_steps=0),
+                    evaluate=accuracy)
+    baseline = result.report.search["baseline_score"]
+    assert baseline == scores[0]
+    assert result.report.search["tolerance"]["metric"] == "custom"
+    assert result.chosen_point.value <= 0.02 and baseline - accuracy(result.model) == pytest.approx(result.chosen_point.value)
+    for p in result.points:
+        assert p.accepted == (p.value <= 0.02)
