@@ -401,7 +401,8 @@ _USAGE_ERRORS = _usage_errors()
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line on stderr and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode the parser returns typer.Exit's code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except OnnxCompressError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} "
                       "(please report it; set ONNXCOMPRESS_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
