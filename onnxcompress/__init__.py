@@ -6,12 +6,16 @@ from . import passes
 from .calibration import Calibration
 from .errors import OnnxCompressError
 from .model import load, save, to_graphsurgeon, to_proto
+from .optimize import OptimizeOptions, OptimizeResult, optimize
 from .pipeline import Pass, PassContext, PassResult, Pipeline, RunResult
 from .report import ModelStats, PassRecord, RunReport
+from .search import SearchOptions, SearchResult, search
+from .tolerance import Tolerance
+from . import verify
 from .verify import VerifyOptions
 
 __all__ = [
-    "Calibration", "ModelStats", "OnnxCompressError", "Pass", "PassContext", "PassRecord", "PassResult",
-    "Pipeline", "RunReport", "RunResult", "VerifyOptions", "load", "passes", "save", "to_graphsurgeon",
-    "to_proto",
+    "Calibration", "ModelStats", "OnnxCompressError", "OptimizeOptions", "OptimizeResult", "Pass", "PassContext", "PassRecord", "PassResult",
+    "Pipeline", "RunReport", "RunResult", "SearchOptions", "SearchResult", "Tolerance", "VerifyOptions", "load",
+    "optimize", "passes", "save", "search", "to_graphsurgeon", "to_proto", "verify",
 ]

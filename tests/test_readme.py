@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 import yaml
 
@@ -20,12 +21,17 @@ def _blocks(lang: str) -> list[str]:
 
 def test_python_examples_run(tmp_path, monkeypatch):
     onnx.save(conv_bn_relu_gemm(), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)  # the files the examples read: calibration and labelled validation data
+    np.save(tmp_path / "calib.npy", rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "val_images.npy", rng.standard_normal((1, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "val_labels.npy", rng.integers(0, 5, size=1))
     monkeypatch.chdir(tmp_path)
     blocks = _blocks("python")
     assert blocks
     for code in blocks:
         exec(compile(code, str(README), "exec"), {})
-    onnx.checker.check_model(str(tmp_path / "model.clean.onnx"), full_check=True)
+    for name in ("model.clean.onnx", "model.opt.onnx"):
+        onnx.checker.check_model(str(tmp_path / name), full_check=True)
 
 
 def test_yaml_recipe_examples_are_valid():
