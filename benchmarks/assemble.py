@@ -15,17 +15,20 @@ from common import write_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = [
+    ("pipeline_resnet50", "python benchmarks/pipeline_resnet50.py"),
     ("prune_resnet50", "python benchmarks/prune_resnet50.py"),
     ("prune_digits", "python benchmarks/prune_digits.py"),
     ("factorize", "python benchmarks/factorize.py"),
     ("quantize_vs_ort", "python benchmarks/quantize_vs_ort.py"),
+    ("distill", "python benchmarks/distill.py"),
+    ("pack", "python benchmarks/pack.py"),
 ]
 GPU_NOTE = ("GPU rows (CUDA/TensorRT providers) are not measured yet: no GPU machine was available to the "
             "sessions that produced these numbers.")
 
 
 def main() -> None:
-    parts = ["# Benchmarks", "",
+    parts = ["# Benchmarks", "", "Regenerate everything with `python benchmarks/run_all.py` (one script after another, then this page).", "",
              "Every number here was measured by a script in `benchmarks/`, on the machine its section names; "
              "each section gives the command that reproduces it. Latencies are medians of interleaved runs in one "
              "process (ORT CPU, fixed intra-op threads, spinning off); theoretical speedup is the MAC ratio, "
