@@ -5,11 +5,14 @@
 Models: the bundled digits CNN (trained weights; its calibration images and held-out test set) and
 the zoo families resnet_basic, mobilenet_v2 (random weights, standard-normal images) and bert
 (random weights, random token ids), each exported with the TorchScript exporter (dynamic batch) and
-run through the "cleanup" recipe. Every model is quantized three ways from the same cleaned float
-model and the same calibration samples, fed in the same batches:
+run through the "cleanup" recipe; plus bert_outliers, the same bert with OUTLIER_CHANNELS of every
+LayerNorm scale multiplied by OUTLIER_FACTOR (the systematic outlier channels of trained BERT/LLM
+activations). Every model is quantized three ways from the same cleaned float model and the same
+calibration samples, fed in the same batches (the encoders a fourth way):
 
 - ours: QuantizeQDQ(method="mse", preset="cpu") through onnxcompress.Pipeline (per-channel int8
-  weights, uint8 activations);
+  weights, uint8 activations, bias correction on: the default);
+- ours_smooth (encoders only): the same with smooth_alpha=SMOOTH_ALPHA (SmoothQuant first);
 - ORT MinMax and ORT Entropy: onnxruntime.quantization.quantize_static(QuantFormat.QDQ,
   activation_type=QUInt8, weight_type=QInt8, per_channel=True) fed by a CalibrationDataReader.
 
@@ -60,7 +63,14 @@ NAME = "quantize_vs_ort"
 DIGITS = "digits_cnn"
 ZOO_FAMILIES = ("resnet_basic", "mobilenet_v2", "bert")
 METHODS = ("ours", "ort_minmax", "ort_entropy")
-METHOD_LABELS = {"ours": "onnxcompress mse", "ort_minmax": "ORT MinMax", "ort_entropy": "ORT Entropy"}
+SMOOTH = "ours_smooth"  # encoders only
+METHOD_LABELS = {"ours": "onnxcompress mse", "ort_minmax": "ORT MinMax", "ort_entropy": "ORT Entropy",
+                 SMOOTH: "onnxcompress mse + SmoothQuant"}
+ENCODERS = ("bert", "bert_outliers")
+SMOOTH_ALPHA = 0.5
+#: bert_outliers: these LayerNorm scale channels multiplied by OUTLIER_FACTOR.
+OUTLIER_CHANNELS = (3, 17, 29)
+OUTLIER_FACTOR = 50.0
 FLOAT = "float"
 #: Calibration samples: all of the digits calibration set's first 256; 128 random ones for the zoo models.
 DIGITS_CALIBRATION = 256
@@ -161,8 +171,9 @@ def child(method: str, model: Path, calib: Path, output: Path, report: Path) -> 
     rss_before = _max_rss_bytes()
     start = time.perf_counter()
     details: dict[str, Any] = {"samples": samples, "peak_rss_reset": peak_reset}
-    if method == "ours":
-        quantize = QuantizeQDQ(method="mse", preset="cpu", per_channel=True, samples=samples)
+    if method in ("ours", SMOOTH):
+        alpha = SMOOTH_ALPHA if method == SMOOTH else None
+        quantize = QuantizeQDQ(method="mse", preset="cpu", per_channel=True, samples=samples, smooth_alpha=alpha)
         # No verification: ORT's quantize_static does none, and this measures the quantization alone.
         result = Pipeline([quantize], verify=VerifyOptions(enabled=False)).run(
             str(model), calibration=arrays, input_shapes=sample_shapes(arrays))
@@ -201,6 +212,7 @@ class Subject:
     labels: np.ndarray | None = None  # digits only: real labels of the held-out images
     bench_shapes: dict[str, tuple[int, ...]] | None = None
     weights: str = "random"
+    methods: tuple[str, ...] = METHODS
 
 
 @dataclass
@@ -275,8 +287,31 @@ def build_subjects(folder: Path) -> list[Subject]:
             family, path, {input_name: calib_x}, {input_name: held_x},
             f"{ZOO_HELDOUT} {kind} (seed {HELDOUT_SEED})", f"{ZOO_CALIBRATION} {kind} (seed {CALIBRATION_SEED})",
             memory_calibration={input_name: memory_x}, bench_shapes=shapes,
+            methods=METHODS + ((SMOOTH,) if family in ENCODERS else ()),
         ))
+        if family == "bert":
+            subjects.append(with_outliers(subjects[-1], folder))
     return subjects
+
+
+def with_outliers(subject: Subject, folder: Path) -> Subject:
+    """`subject` with OUTLIER_CHANNELS of every LayerNorm scale multiplied by OUTLIER_FACTOR."""
+    import dataclasses
+
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(subject.path)
+    scales = {n.input[1] for n in proto.graph.node if n.op_type == "LayerNormalization"}
+    for t in proto.graph.initializer:
+        if t.name in scales:
+            a = numpy_helper.to_array(t).copy()
+            a[list(OUTLIER_CHANNELS)] *= OUTLIER_FACTOR
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    path = folder / "bert_outliers.onnx"
+    onnx.save(proto, path)
+    return dataclasses.replace(subject, name="bert_outliers", path=path, weights=(
+        f"random, LayerNorm scale channels {list(OUTLIER_CHANNELS)} x{OUTLIER_FACTOR:g}"))
 
 
 # -------------------------------------------------------------------------------------- quantize
@@ -355,9 +390,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def goals(subject: str, results: dict[str, Quantized], memory: dict[str, Quantized],
-          batches: tuple[int, ...]) -> dict[str, Any]:
+          batches: tuple[int, ...], ours_method: str = "ours") -> dict[str, Any]:
     """Each goal's measured value and whether it is met (None where a number is missing)."""
-    ours = results["ours"]
+    ours = results[ours_method]
     ort = [results[m] for m in ("ort_minmax", "ort_entropy") if results[m].error is None]
     latency = {}
     for b in batches:
@@ -367,9 +402,10 @@ def goals(subject: str, results: dict[str, Quantized], memory: dict[str, Quantiz
     best_ort = max((q.sqnr_db for q in ort if q.sqnr_db is not None), default=None)
     margin = None if best_ort is None or ours.sqnr_db is None else ours.sqnr_db - best_ort
     entropy = memory["ort_entropy"]
-    memory = ratio(memory["ours"].rss_growth_mib, entropy.rss_growth_mib) if entropy.error is None else None
+    mine = memory.get(ours_method)
+    memory = ratio(mine.rss_growth_mib, entropy.rss_growth_mib) if entropy.error is None and mine else None
     return {
-        "model": subject,
+        "model": subject if ours_method == "ours" else f"{subject} ({METHOD_LABELS[ours_method]})",
         "latency": latency,
         "sqnr_margin_db": margin,
         "sqnr_met": None if margin is None else margin >= GOAL_SQNR_MARGIN_DB,
@@ -425,7 +461,7 @@ def results_table(subjects: list[Subject], results: dict[str, dict[str, Quantize
         f = floats[s.name]
         rows.append([s.name, "float", "-", "-", "-", fmt_pct(f.get("accuracy")),
                      *[fmt_latency(f["median_ms"].get(b)) for b in batches], "-", "-"])
-        for m in METHODS:
+        for m in s.methods:
             q = results[s.name][m]
             if q.error:
                 rows.append([s.name, METHOD_LABELS[m], f"failed: {q.error}", *["-"] * (5 + len(batches))])
@@ -498,7 +534,7 @@ def commentary(subjects: list[Subject], results: dict[str, dict[str, Quantized]]
     for s in subjects:
         r = results[s.name]
         ours = r["ours"]
-        fused = {m: r[m].int8_kernels for m in METHODS if r[m].error is None}
+        fused = {m: r[m].int8_kernels for m in s.methods if r[m].error is None}
         if len(set(fused.values())) > 1:
             by_op = "; ".join(
                 f"{METHOD_LABELS[m]} {fused[m]} ({', '.join(f'{op} {n}' for op, n in sorted(r[m].int8_by_op.items()))})"
@@ -509,7 +545,10 @@ def commentary(subjects: list[Subject], results: dict[str, dict[str, Quantized]]
         if s.labels is not None and ours.accuracy is not None:
             accs = ", ".join(f"{METHOD_LABELS[m]} {r[m].accuracy:.1%}" for m in METHODS if r[m].accuracy is not None)
             lines.append(f"{s.name} test accuracy: {accs}.")
-        for m in METHODS:
+        if SMOOTH in r and r[SMOOTH].sqnr_db is not None and ours.sqnr_db is not None:
+            lines.append(f"{s.name}: SmoothQuant (alpha {SMOOTH_ALPHA}) changes int8 SQNR by "
+                         f"{r[SMOOTH].sqnr_db - ours.sqnr_db:+.1f} dB ({fmt_db(ours.sqnr_db)} -> {fmt_db(r[SMOOTH].sqnr_db)}).")
+        for m in s.methods:
             if r[m].error:
                 lines.append(f"{s.name}: {METHOD_LABELS[m]} failed ({r[m].error}).")
     return lines
@@ -580,14 +619,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         others: dict[str, float | None] = {}
         for s in subjects:
             with watch.phase("quantize (children)"):
-                results[s.name] = {m: quantize_in_child(s, m, folder) for m in METHODS}
+                results[s.name] = {m: quantize_in_child(s, m, folder) for m in s.methods}
                 print(f"{s.name}: " + ", ".join(
                     f"{m} {'failed: ' + q.error if q.error else f'{q.seconds:.1f}s'}" for m, q in results[s.name].items()),
                     flush=True)
                 # The digits calibrate on MEMORY_SAMPLES already: their main run is their memory run.
                 same = count(s.memory_calibration) == count(s.calibration)
                 memory[s.name] = results[s.name] if same else {
-                    m: quantize_in_child(s, m, folder, memory_run=True) for m in METHODS}
+                    m: quantize_in_child(s, m, folder, memory_run=True) for m in s.methods}
             done = [q for q in results[s.name].values() if q.error is None]
             with watch.phase("fidelity and fusion"):
                 reference = outputs(s.path, batched(s.heldout), f"{s.name} float")
@@ -604,7 +643,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
                 b: (r.timing.median_ms if r.timing else None) for b in args.batches for r in [report.row(FLOAT, b)]
             }
         plot(subjects, results, args.batches, args.out / f"{NAME}.png")
-    all_goals = [goals(s.name, results[s.name], memory[s.name], args.batches) for s in subjects]
+    all_goals = [goals(s.name, results[s.name], memory[s.name], args.batches, m)
+                 for s in subjects for m in ("ours", SMOOTH) if m in s.methods]
     busiest = max((v for v in others.values() if v is not None), default=None)
     env = next(iter(reports.values())).environment
     command = "python benchmarks/quantize_vs_ort.py " + " ".join(shlex.quote(a) for a in argv)
@@ -664,7 +704,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> None:
         ("Quantizers: **onnxcompress mse** = `QuantizeQDQ(method=\"mse\", preset=\"cpu\")` (per-channel int8 weights, "
          "uint8 activations); **ORT MinMax / Entropy** = `quantize_static(QuantFormat.QDQ, activation_type=QUInt8, "
          "weight_type=QInt8, per_channel=True, calibrate_method=...)`. Same cleaned model, same calibration samples "
-         f"in batches of {CALIBRATION_BATCH}."),
+         f"in batches of {CALIBRATION_BATCH}. Bias correction is on in ours (its default). On the encoders also "
+         f"**{METHOD_LABELS[SMOOTH]}** = the same with `smooth_alpha={SMOOTH_ALPHA}` (SmoothQuant before quantizing; "
+         "where the producer cannot absorb the scale, here every LayerNorm output also feeds a residual Add, it "
+         "inserts a per-channel float Mul, whose cost the latency columns include)."),
         "",
         "| model | weights | calibration | held-out inputs |",
         "| :--- | :--- | :--- | :--- |",

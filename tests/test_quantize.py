@@ -25,7 +25,8 @@ from onnxcompress.passes.quantize import (
     quantize_weight,
     weight_rounding_error,
 )
-from onnxcompress.pipeline import PassContext
+from onnxcompress.pipeline import PassContext, build_pass
+from onnxcompress.tolerance import Tolerance
 from onnxcompress.verify import compare, outputs
 
 #: SQNR (dB) of the quantized model against float, on inputs held out from calibration.
@@ -45,6 +46,13 @@ BIAS_CORRECTION_SQNR_MARGIN_DB = 0.5
 INPUT_MEAN = 4.0
 #: float32 rounding of the corrected bias (values are O(1)).
 BIAS_ATOL = 1e-6
+#: Tolerance mode on _sensitive_chain: int8 everywhere measures ~5 dB / cosine drop ~0.12 (fc2's input
+#: has one channel OUTLIER_SCALE times the others); with fc2 in float ~37 dB / ~1e-4.
+OUTLIER_SCALE = 300.0
+TOLERANCES = {"sqnr": 30.0, "cosine": 1e-3}
+#: The pass's own measurement and a re-measurement of its output on the same held-out samples agree
+#: to float rounding (same ORT, same batches).
+REMEASURE_RTOL = 1e-6
 
 
 def _conv_relu_conv(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
@@ -585,3 +593,100 @@ def test_side_by_side_with_ort_quantize_static(tmp_path_factory, tmp_path):
     ours_db, ort_db = _sqnr(original, ours.model, data, key), _sqnr(original, str(ort_path), data, key)
     print(f"resnet_basic SQNR: onnxcompress {ours_db:.2f} dB, ORT quantize_static {ort_db:.2f} dB")
     assert ours_db >= ort_db - ORT_MARGIN_DB
+
+
+# ---------------------------------------------------------------------------- tolerance mode
+
+
+def _sensitive_chain(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 32] -> fc1 -> Relu -> fc2 -> Relu -> fc3: fc1's column 0 is OUTLIER_SCALE times larger (and
+    fc2's row 0 as much smaller, so the float function stays tame), so fc2's input has one huge channel
+    that a per-tensor uint8 scale cannot share with the others: fc2 is the sensitive layer."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (32, 64))
+    w1[:, 0] *= OUTLIER_SCALE
+    w2 = rng.normal(0, 0.2, (64, 64))
+    w2[0, :] /= OUTLIER_SCALE
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for n, a in [("w1", w1), ("w2", w2), ("w3", rng.normal(0, 0.2, (64, 16)))]]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3")]
+    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("metric", sorted(TOLERANCES))
+def test_tolerance_keeps_the_sensitive_layer_in_float(metric):
+    data = _data((32,))
+    original, result = _quantize(_sensitive_chain(), data, max_drop=TOLERANCES[metric], metric=metric)
+    tol = Tolerance(metric, TOLERANCES[metric])
+    record = result.record.details["tolerance"]
+    assert [k["node"] for k in record["kept_float"]] == ["fc2"]
+    assert record["met"]
+    assert min(record["sensitivity_sqnr_db"], key=record["sensitivity_sqnr_db"].get) == "fc2"
+    assert any(s.startswith("fc2: kept in float for the tolerance") for s in result.record.skipped)
+    assert result.record.details["int8_nodes"] == ["fc1", "fc3"]
+    fc2 = next(n for n in to_proto(result.model).graph.node if n.name == "fc2")
+    assert fc2.op_type == "MatMul" and list(fc2.input) == ["r1", "w2"]  # float weight, float input
+    # The pass measured on the held-out end of its calibration samples: re-measure there.
+    calib = Calibration.from_arrays(original, {"x": data[:CALIB]})
+    held = list(calib.split(record["heldout_samples"] / CALIB)[1].batches(16))
+    measured = compare(outputs(original, held, "float"), outputs(result.model, held, "int8"), "held")
+    assert tol.accepts(measured)
+    np.testing.assert_allclose(tol.value(measured), record["after"], rtol=REMEASURE_RTOL)
+    # Before the fallback the same measurement failed the tolerance.
+    plain_calib = Calibration.from_arrays(original, {"x": data[:CALIB - record["heldout_samples"]]})
+    plain = QuantizeQDQ().run(load(original), PassContext(calibration=plain_calib, model=original)).model
+    before = compare(outputs(original, held, "float"), outputs(plain, held, "int8"), "held")
+    assert not tol.accepts(before)
+    np.testing.assert_allclose(tol.value(before), record["before"], rtol=REMEASURE_RTOL)
+    # And on inputs the pass never saw.
+    assert tol.accepts(compare(outputs(original, [{"x": data[CALIB:]}], "f"),
+                               outputs(result.model, [{"x": data[CALIB:]}], "q"), "unseen"))
+
+
+def test_tolerance_holds_in_the_pipelines_own_verification():
+    """The pipeline verifies on the last calibration samples, inside the pass's held-out part."""
+    from onnxcompress.pipeline import Pipeline
+
+    data = _data((32,))[:CALIB]
+    recipe = [{"type": "quantize-int8", "max_drop": TOLERANCES["sqnr"], "metric": "sqnr"}]
+    run = Pipeline.from_recipe(recipe).run(_sensitive_chain(), calibration={"x": data}, input_shapes={"x": (1, 32)})
+    assert run.report.fidelity.sqnr_db >= TOLERANCES["sqnr"]
+    assert run.report.passes[0].details["tolerance"]["kept_float"][0]["node"] == "fc2"
+
+
+def test_tolerance_already_met_adds_no_fallback():
+    """The digits CNN (real trained weights, real calibration images): int8 keeps top-1 within 1%."""
+    from onnxcompress import demo_data
+
+    model = load(demo_data.demo_model_path())
+    calib = Calibration.from_arrays(model, demo_data.load_calibration()[:CALIB])
+    result = QuantizeQDQ(max_drop=0.01, metric="top1").run(load(model), PassContext(calibration=calib, model=model))
+    record = result.record.details["tolerance"]
+    assert record["met"] and record["kept_float"] == [] and record["before"] == record["after"] <= 0.01
+    anchors = {n.name for n in to_proto(model).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    assert anchors <= set(result.record.details["int8_nodes"])
+    assert not any("kept in float" in s for s in result.record.skipped)
+
+
+def test_tolerance_options_are_checked():
+    with pytest.raises(ValueError, match="fraction"):
+        QuantizeQDQ(max_drop=2.0, metric="cosine")
+    with pytest.raises(OnnxCompressError, match="max_drop") as info:
+        build_pass({"type": "quantize-int8", "max_drop": -1.0})
+    assert "\n" not in str(info.value)
+    with pytest.raises(OnnxCompressError, match="metric"):
+        build_pass({"type": "quantize-int8", "max_drop": 0.01, "metric": "l1"})
+
+
+def test_top1_tolerance_on_a_non_classifier_is_a_clear_error():
+    model = load(_conv_relu_conv())
+    calib = Calibration.from_arrays(model, {"x": _data((3, 16, 16))[:16]})
+    with pytest.raises(OnnxCompressError, match="top1 needs class-score outputs") as info:
+        QuantizeQDQ(max_drop=0.01, metric="top1").run(load(model), PassContext(calibration=calib, model=model))
+    assert "\n" not in str(info.value)

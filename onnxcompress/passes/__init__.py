@@ -7,5 +7,6 @@ from .prune import PruneChannels
 from .prune_blocks import PruneBlocks
 from .quantize import QuantizeQDQ
 from .quantize_dynamic import QuantizeDynamic
+from .smooth import SmoothQuant
 
-__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ"]
+__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant"]

@@ -14,16 +14,20 @@ activations uint8 asymmetric (preset "cpu": the only form x86 ORT fuses into int
 symmetric (preset "tensorrt"). Activation ranges come from streaming histograms
 (analysis/histograms.py) through one calibration method chosen for the whole model.
 
-Later passes (cross-layer equalization, bias correction, SmoothQuant) transform the float model
-before this one; `plan()` and `ranges()` are separate so a tolerance mode can re-run the rewrite
-with layers left in float.
+Beyond ORT: bias correction (on by default), SmoothQuant on MatMul/Gemm inputs first
+(`smooth_alpha`, passes/smooth.py), and a tolerance mode (`max_drop` with `metric`): quantize
+everything, measure on calibration samples held out from calibration against the float model this
+pass received (earlier lossy passes are not this pass's to undo, and measuring against the
+pipeline's input would spend the fallback on their loss), and if outside the tolerance keep the
+most sensitive layers in float (see `_fallback`). Histograms and means are collected once per value
+and reused by every variant the fallback builds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -32,9 +36,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.activations import collect
 from ..analysis.histograms import TensorHistogram, clip_range, collect_histograms
+from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
 from ..model import load, to_proto
 from ..pipeline import Pass, PassContext, PassResult
+from ..report import Fidelity
+from ..tolerance import Tolerance
+from ..verify import compare, outputs
 
 QDQ_MIN_OPSET = 13  # per-axis DequantizeLinear
 ANCHORS = frozenset({"Conv", "MatMul", "Gemm"})
@@ -48,6 +56,10 @@ FOLDS_ACTIVATION = ANCHORS | frozenset({"Add", "Mul"})
 INT32_MAX = np.iinfo(np.int32).max
 MIN_SCALE = 1e-12  # an all-zero tensor still needs a positive scale
 WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127]: the range is symmetric around zero
+#: Tolerance mode holds out this fraction of the calibration samples (the last ones, which the
+#: pipeline's verification also uses), at most TOLERANCE_MAX_HELDOUT, to measure the metric on.
+TOLERANCE_HOLDOUT = 0.25
+TOLERANCE_MAX_HELDOUT = 64
 
 
 class CalibrationNeededError(OnnxCompressError):
@@ -88,12 +100,23 @@ class QuantizeQDQ(Pass):
     samples: int = 256
     bins: int = 2048
     bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
+    smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
+    # Tolerance mode: keep the most sensitive layers in float until `metric` is within `max_drop`
+    # (for sqnr: the minimum output SQNR in dB) on calibration samples held out from calibration.
+    max_drop: float | None = None
+    metric: Literal["top1", "cosine", "mse", "sqnr"] = "cosine"
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1 or self.bins < 16:
             raise ValueError("samples must be >= 1 and bins >= 16")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        try:
+            self.tolerance()
+        except OnnxCompressError as exc:
+            raise ValueError(f"max_drop/metric: {exc}") from None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if ctx.calibration is None:
@@ -102,6 +125,13 @@ class QuantizeQDQ(Pass):
             )
         from .cleanup import FoldBatchNorm
 
+        tolerance = self.tolerance()
+        calibration, held = ctx.calibration, None
+        if tolerance is not None:
+            # Measured against the float model this pass received, before anything here touches it.
+            calibration, held = holdout_split(ctx.calibration)
+            held_feeds = list(held.batches(batch_size_for(model, 16)))
+            reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
         changes: list[str] = []
         folded = FoldBatchNorm().run(model, ctx)
         model = folded.model
@@ -109,42 +139,118 @@ class QuantizeQDQ(Pass):
         model, note = _ensure_opset(model)
         if note:
             changes.append(note)
-        proto = to_proto(model)
-        plan = self.plan(proto)
-        hists, seen = collect_histograms(
-            model, plan.values, ctx.calibration, bins=self.bins, limit=self.samples
-        )
-        params = self.ranges(plan, hists)
-        shifts: dict[str, float] = {}
-        uncorrected: list[str] = []
+        smoothing = None
+        if self.smooth_alpha is not None:
+            from .smooth import SmoothQuant
+
+            sub = PassContext(calibration=calibration, input_shapes=ctx.input_shapes, model=model)
+            smoothed = SmoothQuant(alpha=self.smooth_alpha, samples=self.samples).run(model, sub)
+            model = smoothed.model
+            changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
+            smoothing = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
+        quantizer = _Quantizer(self, model, calibration)
+        variant = quantizer.build()
+        skipped = list(variant.plan.skipped)
+        fallback = None
+        if tolerance is not None:
+            variant, fallback, skipped = self._fallback(quantizer, variant, tolerance, held_feeds, reference, held.source)
+        plan = variant.plan
         if self.bias_correction:
-            axes = correction_inputs(proto, plan)
-            stats = collect(model, axes, ctx.calibration, limit=self.samples) if axes else None
-            means = {v: s.mean for v, s in stats.values.items()} if stats else {}
-            proto, shifts, uncorrected = correct_biases(proto, plan, params, means, per_channel=self.per_channel)
-            changes.append(f"bias correction on {len(shifts)} layers")
-        rewritten, rewrite_notes = quantize_graph(proto, plan, params, per_channel=self.per_channel,
-                                                  drop_relus=self.preset == "cpu")
-        notes = [f"calibrated on {seen} samples of {ctx.calibration.source}"]
+            changes.append(f"bias correction on {len(variant.shifts)} layers")
+        notes = [f"calibrated on {quantizer.seen} samples of {calibration.source}"]
         if ctx.calibration.is_random:
             notes.append("calibrated on random data: ranges do not reflect real inputs")
-        changes += [f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
-                    f"({self.preset}: {'uint8 asymmetric' if self.preset == 'cpu' else 'int8 symmetric'}, "
-                    f"{self.method})"]
+        if tolerance is not None and ctx.calibration.num_samples < 2:
+            notes.append("one calibration sample: the tolerance was measured on it, nothing was held out")
+        kind = "uint8 asymmetric" if self.preset == "cpu" else "int8 symmetric"
+        changes.append(f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
+                       f"({self.preset}: {kind}, {self.method})")
+        if fallback is not None and fallback["kept_float"]:
+            changes.append(f"{len(fallback['kept_float'])} sensitive layers kept in float: {fallback['summary']}")
         details = {
             "method": self.method, "preset": self.preset, "per_channel": self.per_channel,
-            "samples": seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
-            "fused_activations": sorted(plan.fused_activations), "notes": notes + rewrite_notes,
-            "bias_correction": self.bias_correction, "bias_shift_max_abs": shifts,
-            "bias_correction_skipped": uncorrected,
+            "samples": quantizer.seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
+            "fused_activations": sorted(plan.fused_activations), "notes": notes + variant.notes,
+            "bias_correction": self.bias_correction, "bias_shift_max_abs": variant.shifts,
+            "bias_correction_skipped": variant.uncorrected, "smoothing": smoothing, "tolerance": fallback,
         }
-        return self.result(load(rewritten), changes=changes, skipped=plan.skipped, details=details)
+        return self.result(load(variant.proto), changes=changes, skipped=skipped, details=details)
+
+    def tolerance(self) -> Tolerance | None:
+        return None if self.max_drop is None else Tolerance(self.metric, self.max_drop)
+
+    # ------------------------------------------------------------------ tolerance mode
+
+    def _fallback(
+        self, quantizer: _Quantizer, first: _Variant, tolerance: Tolerance, feeds: list[dict[str, np.ndarray]],
+        reference: list[list[np.ndarray]], source: str,
+    ) -> tuple[_Variant, dict[str, Any], list[str]]:
+        """Keep the most sensitive int8 layers in float until `tolerance` holds on the held-out feeds.
+
+        Sensitivity of an anchor = output SQNR with only that anchor (and the ops joining it) in int8:
+        one ORT run per anchor. Output noise from independent layers roughly adds up, so falling back
+        the noisiest first is the cheapest way down; the count is then found by bisection."""
+
+        def measure(variant: _Variant) -> Fidelity:
+            got = outputs(load(variant.proto), feeds, f"pass '{self.name}' (tolerance)")
+            return compare(reference, got, source)
+
+        measured: dict[int, tuple[_Variant, Fidelity]] = {0: (first, measure(first))}
+        record: dict[str, Any] = {
+            "metric": tolerance.metric, "bound": tolerance.bound, "target": tolerance.describe(),
+            "reference": "the float model this pass received", "heldout_samples": sum(len(next(iter(f.values()))) for f in feeds),
+            "heldout": source, "before": float(tolerance.value(measured[0][1])), "kept_float": [], "sensitivity_sqnr_db": {},
+        }
+        if tolerance.accepts(measured[0][1]):
+            record.update(after=record["before"], met=True, evaluations=1, summary="none")
+            return first, record, list(first.plan.skipped)
+        op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
+        anchors = [n for n in first.plan.nodes if op_of.get(n) in ANCHORS]
+        sensitivity = {}
+        for a in anchors:
+            alone = quantizer.build(keep_float=[b for b in anchors if b != a])
+            sensitivity[a] = float(measure(alone).sqnr_db)
+        order = sorted(anchors, key=lambda a: sensitivity[a])  # noisiest (lowest SQNR) first
+
+        def at(k: int) -> tuple[_Variant, Fidelity]:
+            if k not in measured:
+                variant = quantizer.build(keep_float=order[:k])
+                measured[k] = (variant, measure(variant))
+            return measured[k]
+
+        lo, hi = 0, len(order)
+        met = tolerance.accepts(at(hi)[1])
+        if met:
+            while hi - lo > 1:  # smallest k that passes (lo fails, hi passes)
+                mid = (lo + hi) // 2
+                if tolerance.accepts(at(mid)[1]):
+                    hi = mid
+                else:
+                    lo = mid
+            k = hi
+        else:
+            k = min(measured, key=lambda j: tolerance.loss(measured[j][1]))
+        variant, fidelity = measured[k]
+        kept = order[:k]
+        record.update(
+            after=float(tolerance.value(fidelity)), met=met, evaluations=len(measured) + len(anchors),
+            sensitivity_sqnr_db=sensitivity,
+            kept_float=[{"node": a, "op": op_of[a], "sqnr_db_alone": sensitivity[a]} for a in kept],
+            summary=", ".join(f"{a} ({sensitivity[a]:.1f} dB alone)" for a in kept) or "none",
+        )
+        requested = {f"{a}: skipped by request" for a in kept}
+        skipped = [s for s in variant.plan.skipped if s not in requested]
+        skipped += [f"{a}: kept in float for the tolerance ({tolerance.describe()}); alone in int8 the output "
+                    f"SQNR is {sensitivity[a]:.1f} dB" for a in kept]
+        if not met:
+            skipped.append(f"tolerance not reached ({tolerance.describe()}): best found is "
+                           f"{tolerance.format_value(fidelity)} with {k} of {len(order)} layers in float")
+        return variant, record, skipped
 
     # ------------------------------------------------------------------ placement
 
     def plan(self, proto: onnx.ModelProto) -> Plan:
-        return plan_placement(proto, skip_nodes=self.skip_nodes, skip_ops=self.skip_ops,
-                              fold_relu=True)
+        return plan_placement(proto, skip_nodes=self.skip_nodes, skip_ops=self.skip_ops, fold_relu=True)
 
     # ------------------------------------------------------------------ ranges
 
@@ -162,6 +268,63 @@ class QuantizeQDQ(Pass):
             lo, hi = clip_range(hist, self.method, percentile=self.percentile, symmetric=symmetric)
             by_root[root] = activation_params(lo, hi, symmetric=symmetric)
         return {v: by_root[plan.groups.get(v, v)] for v in plan.values if plan.groups.get(v, v) in by_root}
+
+
+def holdout_split(calibration: Calibration) -> tuple[Calibration, Calibration]:
+    """(calibrate on, measure on): the last TOLERANCE_HOLDOUT of the samples (at most
+    TOLERANCE_MAX_HELDOUT) are held out; a single sample is used for both (nothing to hold out)."""
+    n = calibration.num_samples
+    if n < 2:
+        return calibration, calibration
+    hold = min(TOLERANCE_MAX_HELDOUT, max(1, round(n * TOLERANCE_HOLDOUT)))
+    return calibration.split(hold / n)
+
+
+@dataclass
+class _Variant:
+    """One quantized version of the float model."""
+
+    plan: Plan
+    proto: onnx.ModelProto
+    shifts: dict[str, float]
+    uncorrected: list[str]
+    notes: list[str]
+
+
+class _Quantizer:
+    """Quantized variants of one float model with chosen layers kept in float; histograms and input
+    means are collected once per value and reused by every variant (tolerance mode builds many)."""
+
+    def __init__(self, options: QuantizeQDQ, model: ir.Model, calibration: Calibration) -> None:
+        self.options, self.model, self.calibration = options, model, calibration
+        self.proto = to_proto(model)
+        self.hists: dict[str, TensorHistogram] = {}
+        self.means: dict[str, np.ndarray] = {}
+        self.asked: set[str] = set()
+        self.asked_means: set[str] = set()
+        self.seen = 0
+
+    def build(self, keep_float: Iterable[str] = ()) -> _Variant:
+        o = self.options
+        plan = plan_placement(self.proto, skip_nodes=set(o.skip_nodes) | set(keep_float), skip_ops=o.skip_ops,
+                              fold_relu=True)
+        missing = [v for v in plan.values if v not in self.asked]
+        if missing:
+            hists, self.seen = collect_histograms(self.model, missing, self.calibration, bins=o.bins, limit=o.samples)
+            self.hists.update(hists)
+            self.asked.update(missing)
+        params = o.ranges(plan, self.hists)
+        proto, shifts, uncorrected = self.proto, {}, []
+        if o.bias_correction:
+            axes = correction_inputs(proto, plan)
+            need = {v: a for v, a in axes.items() if v not in self.asked_means}
+            if need:
+                stats = collect(self.model, need, self.calibration, limit=o.samples)
+                self.means.update({v: s.mean for v, s in stats.values.items()})
+                self.asked_means.update(need)
+            proto, shifts, uncorrected = correct_biases(proto, plan, params, self.means, per_channel=o.per_channel)
+        rewritten, notes = quantize_graph(proto, plan, params, per_channel=o.per_channel, drop_relus=o.preset == "cpu")
+        return _Variant(plan, rewritten, shifts, uncorrected, notes)
 
 
 def activation_params(lo: float, hi: float, *, symmetric: bool) -> QuantParams:
