@@ -144,6 +144,7 @@ def optimize(
     quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib) or dynamic (int8 weights, no calibration).")] = None,
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
+    smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
@@ -165,7 +166,7 @@ def optimize(
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
         target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
-                                                          quantize, calib_method, preset, target),
+                                                          quantize, calib_method, preset, target, smooth),
         prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
         verify=verify, bench_runs=bench_runs,
     )
@@ -228,7 +229,8 @@ def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | Non
     return Tolerance(metric or "auto", max_drop)
 
 
-def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quantize, calib_method, preset, target) -> list[dict]:
+def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quantize, calib_method, preset, target,
+                smooth=None) -> list[dict]:
     """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
     specs: list[dict] = []
     if prune is not None:
@@ -238,16 +240,16 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quanti
     if factorize_options:
         specs.append({"type": "factorize", **factorize_options})
     if quantize == "dynamic":
-        if calib_method is not None or preset is not None:
-            raise OnnxCompressError("--calib-method and --preset apply to --quantize int8, not dynamic")
+        if calib_method is not None or preset is not None or smooth is not None:
+            raise OnnxCompressError("--calib-method, --preset and --smooth apply to --quantize int8, not dynamic")
         specs.append({"type": "quantize-dynamic"})
-    elif quantize is not None or calib_method is not None or preset is not None:
+    elif quantize is not None or calib_method is not None or preset is not None or smooth is not None:
         if quantize not in (None, "int8"):
             raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
         if preset is None and target == "tensorrt":
             preset = "tensorrt"
-        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset}.items()
-                                                   if v is not None}})
+        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset,
+                                                                    "smooth_alpha": smooth}.items() if v is not None}})
     return specs
 
 

@@ -140,7 +140,13 @@ def _recipe(source, calibration, options, shapes, on_step):
     for spec in _ordered(options.passes):
         _set_pass(pipeline, spec)
     if options.target_macs is not None:
-        _set_pass(pipeline, {"type": "prune-channels", "target_macs": options.target_macs})
+        _set_pass(pipeline, {"type": "prune-channels", "target_macs": options.target_macs, **options.prune})
+    names = [p.name for p in pipeline.passes]
+    if options.tolerance is not None and "quantize-int8" in names:
+        q = pipeline.passes[names.index("quantize-int8")]
+        if getattr(q, "max_drop", None) is None:  # int8 may keep its most sensitive layers in float
+            _set_pass(pipeline, {"type": "quantize-int8", "max_drop": options.tolerance.bound,
+                                 "metric": options.tolerance.metric})
     if not options.verify:
         pipeline.verify = VerifyOptions(enabled=False)
     result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step)
