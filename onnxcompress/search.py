@@ -102,9 +102,11 @@ def search(
     evaluate: Evaluate | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_step: Callable[[str], None] | None = None,
+    on_point: Callable[[SearchPoint, ir.Model], None] | None = None,
 ) -> SearchResult:
     """The most compressed model within `options.tolerance` (or within `tolerance.bound` of
-    `evaluate(original)` when a user metric is given), measured on held-out calibration samples."""
+    `evaluate(original)` when a user metric is given), measured on held-out calibration samples.
+    `on_point(point, model)` sees every measured candidate."""
     options = options or SearchOptions()
     original = load(model)
     shapes = resolve_input_shapes(original, input_shapes)
@@ -115,8 +117,11 @@ def search(
     step = on_step or (lambda _: None)
     notes = [f"candidates measured on {held.num_samples} held-out calibration samples that no pass fitted to"]
     if options.tolerance.metric == "top1" and evaluate is None:
-        notes.append(f"top-1 drop on {held.num_samples} samples moves in steps of {1 / held.num_samples:.3g}: "
-                     "more calibration data gives a finer tolerance")
+        step_size = 1 / held.num_samples
+        notes.append(f"top-1 drop on {held.num_samples} held-out samples moves in steps of {step_size:.3g}"
+                     + (f", coarser than the bound {options.tolerance.bound:g}: only candidates that change no held-out "
+                        "prediction pass, and accuracy on new data can still drop; give more calibration data, or "
+                        "use cosine" if step_size > options.tolerance.bound else ""))
     if calibration.is_random:
         notes.append("calibration data is random: the fidelity says nothing about real inputs")
 
@@ -149,6 +154,8 @@ def search(
         points.append(point)
         models.append((final, [*cleaned.report.passes, *chain, *records], stats))
         step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'}")
+        if on_point:  # e.g. a benchmark scoring every candidate on labelled data
+            on_point(point, final)
         return point
 
     # Level 1: no pruning. If the finishing passes alone break the tolerance, soften them, then drop them.
