@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SECTIONS = [
     ("pipeline_resnet50", "python benchmarks/pipeline_resnet50.py"),
+    ("search_digits", "python benchmarks/search_digits.py"),
     ("prune_resnet50", "python benchmarks/prune_resnet50.py"),
     ("prune_digits", "python benchmarks/prune_digits.py"),
     ("factorize", "python benchmarks/factorize.py"),

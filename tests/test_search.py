@@ -111,3 +111,27 @@ def test_user_metric_drives_the_search(digits):
     assert result.chosen_point.value <= 0.02 and baseline - accuracy(result.model) == pytest.approx(result.chosen_point.value)
     for p in result.points:
         assert p.accepted == (p.value <= 0.02)
+
+
+def test_target_speedup_stops_at_the_first_candidate_measured_fast_enough(digits, monkeypatch):
+    import sys
+
+    search_module = sys.modules["onnxcompress.search"]  # the package exports the function under the same name
+
+    measured: list[float] = []
+
+    def fake_speedup(original, candidate, shapes, runs):  # stands in for ORT timing: 90% of the MAC ratio
+        from onnxcompress.analysis.cost import analyze_cost
+
+        value = 0.9 * analyze_cost(original, shapes).stats.macs / analyze_cost(candidate, shapes).stats.macs
+        measured.append(value)
+        return value
+
+    monkeypatch.setattr(search_module, "_speedup", fake_speedup)
+    model, calibration = digits
+    options = SearchOptions(tolerance=Tolerance("cosine", 0.5), levels=(0.8, 0.6, 0.35, 0.1), refine_steps=0,
+                            target_speedup=1.5)
+    result = search(model, calibration, options)
+    assert result.target_met is True and result.chosen_point.speedup >= 1.5
+    assert measured[-1] == result.chosen_point.speedup  # measuring stopped at the chosen candidate
+    assert all(p.speedup < 1.5 for p in result.points[:-1])  # every earlier candidate fell short
