@@ -133,7 +133,7 @@ def optimize(
     target_speedup: Annotated[Optional[float], typer.Option(help="Search until the model is measured this much faster on ORT CPU.")] = None,
     input_shape: InputShapes = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the run report as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: the search's trade-off curve, else the before/after speedup.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: the search's trade-off curve, else the before/after reductions and speedup.")] = None,
     verify: Annotated[bool, typer.Option(help="Check, load and compare the model after every pass.")] = True,
     bench_runs: Annotated[int, typer.Option(help="Timed runs for the before/after latency (0 skips it).")] = 20,
     prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (a fixed recipe: no search).")] = None,
@@ -149,8 +149,8 @@ def optimize(
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
 
-    With --calib and no recipe: prune as far as the tolerance allows (default: top-1 or cosine drop
-    <= 0.01 on held-out calibration samples), then int8 for the target. Without --calib: exact
+    With --calib and no recipe: prune as far as the tolerance allows (default: cosine drop <= 0.002
+    on held-out calibration samples), then int8 for the target. Without --calib: exact
     cleanup, plus dynamic int8 for MatMul-heavy models. Exit codes: 0 done and within tolerance,
     4 written but outside the tolerance, 5 within tolerance but short of --target-macs/--target-speedup,
     2 bad input, 3 a pass failed verification."""
