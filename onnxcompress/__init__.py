@@ -7,6 +7,7 @@ from .calibration import Calibration
 from .errors import OnnxCompressError
 from .model import load, save, to_graphsurgeon, to_proto
 from .optimize import OptimizeOptions, OptimizeResult, optimize
+from .pack import pack_model, unpack_model
 from .pipeline import Pass, PassContext, PassResult, Pipeline, RunResult
 from .report import ModelStats, PassRecord, RunReport
 from .search import SearchOptions, SearchResult, search
@@ -17,5 +18,5 @@ from .verify import VerifyOptions
 __all__ = [
     "Calibration", "ModelStats", "OnnxCompressError", "OptimizeOptions", "OptimizeResult", "Pass", "PassContext", "PassRecord", "PassResult",
     "Pipeline", "RunReport", "RunResult", "SearchOptions", "SearchResult", "Tolerance", "VerifyOptions", "load",
-    "optimize", "passes", "save", "search", "to_graphsurgeon", "to_proto", "verify",
+    "optimize", "pack_model", "passes", "save", "search", "to_graphsurgeon", "to_proto", "unpack_model", "verify",
 ]

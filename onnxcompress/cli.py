@@ -122,7 +122,7 @@ def bench(
 @app.command()
 def optimize(
     model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model (.onnx, or .occ for a packed download).")],
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy or .npz named by input): enables the tolerance search and static int8.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target: cpu, cuda or tensorrt (picks the int8 form).")] = "cpu",
@@ -145,6 +145,7 @@ def optimize(
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
+    distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
@@ -166,7 +167,7 @@ def optimize(
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
         target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
-                                                          quantize, calib_method, preset, target, smooth),
+                                                          quantize, calib_method, preset, target, smooth, distill),
         prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
         verify=verify, bench_runs=bench_runs,
     )
@@ -183,7 +184,12 @@ def optimize(
                             on_step=lambda name: progress(name))
 
     result = _with_progress("optimizing", work)
-    save(result.model, output)
+    if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
+        from .pack import pack_model
+
+        pack_model(result.model, output)
+    else:
+        save(result.model, output)
     run_report = result.report.with_files(model, output)
     code = 4 if result.meets_tolerance is False else 5 if result.meets_target is False else 0
     data = {**run_report.to_dict(), "mode": result.mode, "exit_code": code}
@@ -230,7 +236,7 @@ def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | Non
 
 
 def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quantize, calib_method, preset, target,
-                smooth=None) -> list[dict]:
+                smooth=None, distill=None) -> list[dict]:
     """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
     specs: list[dict] = []
     if prune is not None:
@@ -239,6 +245,10 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quanti
     factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
     if factorize_options:
         specs.append({"type": "factorize", **factorize_options})
+    if distill is not None:
+        from .passes.distill import parse_budget
+
+        specs.append({"type": "distill", **parse_budget(distill)})
     if quantize == "dynamic":
         if calib_method is not None or preset is not None or smooth is not None:
             raise OnnxCompressError("--calib-method, --preset and --smooth apply to --quantize int8, not dynamic")

@@ -130,3 +130,31 @@ def test_cli_bad_tolerance_flags_are_one_line_errors(capsys, tmp_path, conv_mode
     code, _, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "o.onnx", *args)
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_distill_runs_after_pruning_and_before_int8(capsys, tmp_path, conv_model, conv_calib):
+    code, stdout, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "o.onnx", "--calib", conv_calib,
+                                "--prune", "0.5", "--round-to", "1", "--distill", "5", "--quantize", "int8",
+                                "--bench-runs", "0", "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    names = [p["name"] for p in data["passes"]]
+    assert names.index("prune-channels") < names.index("distill") < names.index("quantize-int8")
+    assert all(p["fidelity"] is not None for p in data["passes"])  # fidelity after every step
+    code, _, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "p.onnx", "--distill", "1.5")
+    assert code == 2 and "--distill" in err
+
+
+def test_cli_occ_output_is_packed_and_unpacks_to_the_optimized_model(capsys, tmp_path, conv_model):
+    from onnxcompress.pack import unpack_model
+    from onnxcompress.verify import outputs, random_feeds
+
+    packed, plain = tmp_path / "o.occ", tmp_path / "o.onnx"
+    for out in (packed, plain):
+        code, stdout, err = run_cli(capsys, "optimize", conv_model, "-o", out, "--bench-runs", "0", "--json")
+        assert code == 0, err
+    assert json.loads(stdout)["after"]["file_bytes"] == plain.stat().st_size
+    unpacked = unpack_model(packed)
+    feeds = random_feeds(unpacked, {"x": (2, 3, 8, 8)}, count=2)
+    for a, b in zip(outputs(unpacked, feeds, "unpacked"), outputs(str(plain), feeds, "plain"), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])  # the same model, bit for bit in its outputs

@@ -1,6 +1,7 @@
 """Built-in passes; importing this module registers them with the pipeline by name."""
 
 from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
+from .distill import Distill
 from .equalize import Equalize
 from .factorize import Factorize
 from .prune import PruneChannels
@@ -8,5 +9,6 @@ from .prune_blocks import PruneBlocks
 from .quantize import QuantizeQDQ
 from .quantize_dynamic import QuantizeDynamic
 from .smooth import SmoothQuant
+from .weight_share import WeightShare
 
-__all__ = ["EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant"]
+__all__ = ["Distill", "EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant", "WeightShare"]
