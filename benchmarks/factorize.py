@@ -1,4 +1,4 @@
-"""Low-rank factorization: MAC budgets 0.8/0.7/0.5 on a MatMul-heavy encoder and a Conv-heavy ResNet, plain and data-aware.
+"""Low-rank factorization: MAC budgets 0.8/0.7/0.5 on a MatMul-heavy encoder and a Conv-heavy ResNet, plain, data-aware and latency-aware.
 
     python benchmarks/factorize.py [--runs 20] [--batches 1,32] [--width 32] [--image-size 112] [--out benchmarks/results]
 
@@ -10,9 +10,12 @@ Three parts:
    dynamic batch) and cleaned with the `cleanup` recipe. Each is factorized with the `factorize` pass
    at mac_budget 0.8, 0.7 and 0.5, plain (SVD of the weights) and data-aware (whitened by the input
    covariance of RANDOM calibration data: the weights are random too, so this only exercises the
-   code path). All seven models per family are timed interleaved on ORT CPU (onnxcompress.bench,
-   float original as baseline) with an ORT profile, which gives per-layer theoretical vs measured
-   speedup for a few representative factorized layers.
+   code path), and plain latency-aware at each timed batch size (every factorized layer timed on its
+   own against the original layer at that batch on ORT CPU, kept only if at least --min-speedup
+   faster; the budget reallocated around the rejected ones). Per batch, the original, the six
+   budget variants and that batch's three latency-aware variants are timed interleaved on ORT CPU
+   (onnxcompress.bench, float original as baseline) with an ORT profile, which gives per-layer
+   theoretical vs measured speedup for a few representative factorized layers.
 2. Fidelity on real trained weights: the bundled digits CNN (onnxcompress.demo_data) at the same
    budgets, plain vs data-aware with the bundled calibration set; accuracy and top-1 agreement with
    the original on the held-out test set.
@@ -64,11 +67,11 @@ from onnxcompress.bench import (  # noqa: E402
     parse_batch_sizes,
 )
 from onnxcompress.calibration import Calibration  # noqa: E402
-from onnxcompress.passes.factorize import Factorize  # noqa: E402
+from onnxcompress.passes.factorize import LATENCY_ROUNDS, Factorize  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
 from onnxcompress.plots import plot_speedups  # noqa: E402
 from onnxcompress.report import Fidelity, human  # noqa: E402
-from onnxcompress.verify import compare, outputs  # noqa: E402
+from onnxcompress.verify import VerifyOptions, compare, outputs  # noqa: E402
 
 NAME = "factorize"
 MAC_BUDGETS = (0.8, 0.7, 0.5)
@@ -115,6 +118,8 @@ class Variant:
     notes: list[str] = field(default_factory=list)
     skipped: int = 0
     fidelity: Fidelity | None = None
+    latency_batch: int | None = None  # latency-aware: the batch its layers were timed at (and it is benchmarked at)
+    latency: list[dict[str, Any]] = field(default_factory=list)  # the pass's layer timings
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -171,31 +176,47 @@ def describe(variant: Variant, shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 def factorize(
-    original: Path, folder: Path, stem: str, budget: float, calibration: Calibration | None
+    original: Path, folder: Path, stem: str, budget: float, calibration: Calibration | None,
+    latency_batch: int | None = None, shapes: dict[str, tuple[int, ...]] | None = None,
+    threads: int | None = None, min_speedup: float = 1.05,
 ) -> Variant:
     """Run the pass (verified by the pipeline: checker, ORT load, outputs compared) and save its model."""
     data_aware = calibration is not None
     kind = ("data-aware (random calib)" if calibration.is_random else "data-aware") if data_aware else "plain"
+    options: dict[str, Any] = {"mac_budget": budget, "data_aware": data_aware}
+    input_shapes = None
+    if latency_batch is not None:
+        kind = f"latency-aware b{latency_batch}"
+        options.update(latency_aware=True, latency_threads=threads, min_speedup=min_speedup)
+        input_shapes = {name: (latency_batch, *shape[1:]) for name, shape in (shapes or {}).items()}
     label = f"{budget:g} {kind}"
-    result = Pipeline([Factorize(mac_budget=budget, data_aware=data_aware)]).run(str(original), calibration=calibration)
+    # one verification feed for the latency-aware variants: at batch 32 the pipeline's default four take long
+    verify = VerifyOptions(samples=1) if latency_batch is not None else VerifyOptions()
+    result = Pipeline([Factorize(**options)], verify=verify).run(str(original), calibration=calibration,
+                                                                   input_shapes=input_shapes)
     record = result.report.passes[-1]
-    path = onnxcompress.save(result.model, folder / f"{stem}-{budget:g}-{'data' if data_aware else 'plain'}.onnx")
+    tag = "data" if data_aware else (f"lat{latency_batch}" if latency_batch else "plain")
+    path = onnxcompress.save(result.model, folder / f"{stem}-{budget:g}-{tag}.onnx")
     return Variant(
         label=label, path=path, budget=budget, data_aware=data_aware, pass_seconds=record.seconds,
         layers=list(record.details.get("layers", [])), notes=list(record.details.get("notes", [])),
-        skipped=len(record.skipped),
+        skipped=len(record.skipped), latency_batch=latency_batch, latency=list(record.details.get("latency", [])),
     )
 
 
 def family(
     original: Path, folder: Path, stem: str, calibration: Calibration, shapes: dict[str, tuple[int, ...]],
-    feeds: list[dict[str, np.ndarray]], fidelity_source: str, clock: Stopwatch, console,
+    feeds: list[dict[str, np.ndarray]], fidelity_source: str, clock: Stopwatch, console, batches: tuple[int, ...],
+    threads: int | None, min_speedup: float,
 ) -> list[Variant]:
     variants = [Variant("original", original)]
     for budget in MAC_BUDGETS:
         for calib in (None, calibration):
             with clock.phase(f"{stem}: factorize"):
                 variants.append(factorize(original, folder, stem, budget, calib))
+        for batch in batches:
+            with clock.phase(f"{stem}: factorize latency-aware"):
+                variants.append(factorize(original, folder, stem, budget, None, batch, shapes, threads, min_speedup))
     reference = outputs(original, feeds, f"{stem} original")
     for v in variants:
         describe(v, shapes)
@@ -206,6 +227,49 @@ def family(
                 f"pass {v.pass_seconds:.1f} s, cosine {v.fidelity.cosine:.4f}"
             )
     return variants
+
+
+def bench_family(variants: list[Variant], options: BenchOptions, progress) -> BenchReport:
+    """Per batch: the original, the budget variants and the latency-aware variants made for that batch,
+    interleaved; merged into one report."""
+    reports = []
+    for batch in options.batch_sizes:
+        chosen = [v for v in variants if v.latency_batch in (None, batch)]
+        reports.append(benchmark([(v.label, str(v.path)) for v in chosen], replace(options, batch_sizes=(batch,)), progress))
+    first = reports[0]
+    models = tuple(dict.fromkeys(m for r in reports for m in r.models))
+    return replace(first, models=models, options=options, rows=tuple(row for r in reports for row in r.rows))
+
+
+def latency_layers(variants: list[Variant]) -> list[dict[str, Any]]:
+    """Every layer timing the latency-aware variants made: MAC ratio (theoretical) vs measured on its own."""
+    out = []
+    for v in variants:
+        if v.latency_batch is None:
+            continue
+        kept = {(r["node"], r["form"], r["rank"]) for r in v.layers}
+        macs = {r["node"]: r["macs_before"] for r in v.layers}
+        for t in v.latency:
+            out.append({**t, "model": v.label, "batch": v.latency_batch, "kept": (t["node"], t["form"], t["rank"]) in kept,
+                        "macs_before": macs.get(t["node"])})
+    return out
+
+
+def latency_summary_table(variants: list[Variant]) -> str:
+    rows = []
+    for v in variants:
+        if v.latency_batch is None:
+            continue
+        speeds = sorted(r["measured_speedup"] for r in v.layers)
+        timed = {t["node"] for t in v.latency}
+        rows.append([
+            v.label, v.latency_batch, len(timed), len(v.layers), len(timed) - len({r["node"] for r in v.layers}),
+            fmt_ratio(speeds[0]) if speeds else "-", fmt_ratio(float(np.median(speeds))) if speeds else "-",
+            f"{v.pass_seconds:.1f}",
+        ])
+    headers = ["model", "timed at batch", "layers timed", "layers kept", "left whole (slower)", "slowest kept x",
+               "median kept x", "pass s"]
+    return markdown_table(headers, rows)
 
 
 # -------------------------------------------------------------------------------------- per layer
@@ -241,7 +305,7 @@ def representative(variant: Variant) -> list[dict[str, Any]]:
 
 def per_layer(report: BenchReport, variants: list[Variant], budget: float) -> list[dict[str, Any]]:
     """Theoretical (MAC ratio from the pass) vs measured (profiled kernel time) speedup of a few layers."""
-    plain = next(v for v in variants if v.budget == budget and not v.data_aware)
+    plain = next(v for v in variants if v.budget == budget and not v.data_aware and v.latency_batch is None)
     out = []
     for batch in report.options.batch_sizes:
         base, row = report.row("original", batch), report.row(plain.label, batch)
@@ -270,7 +334,7 @@ def bounds(report: BenchReport, variants: list[Variant]) -> list[dict[str, Any]]
         base = report.row("original", batch)
         total = sum(layer.time_ms for layer in base.layers if layer.time_ms is not None)
         for v in variants:
-            if v.budget is None or v.data_aware or not total:
+            if v.budget is None or v.data_aware or v.latency_batch not in (None, batch) or not total:
                 continue
             times = [layer_time(base, rec["node"]) for rec in v.layers]
             cut = sum(t for t in times if t is not None)
@@ -300,7 +364,7 @@ def data_aware_extras(variants: list[Variant]) -> list[str]:
     """Layers the data-aware variant cut that plain left whole at the same budget, with their weight error."""
     lines = []
     for budget in MAC_BUDGETS:
-        plain = next(v for v in variants if v.budget == budget and not v.data_aware)
+        plain = next(v for v in variants if v.budget == budget and not v.data_aware and v.latency_batch is None)
         aware = next(v for v in variants if v.budget == budget and v.data_aware)
         kept = {rec["node"] for rec in plain.layers}
         extra = [rec for rec in aware.layers if rec["node"] not in kept]
@@ -422,6 +486,19 @@ def commentary(families: dict[str, tuple[BenchReport, list[Variant]]], layers: d
                 f"{name}, batch {big}: realization {worst.realization:.0%} ({worst.model}) to {best.realization:.0%} "
                 f"({best.model}); the goal of {REALIZATION_GOAL:.0%} was met by {len(met)} of {len(rows)} models."
             )
+        for batch in report.options.batch_sizes:
+            pairs = []
+            for budget in MAC_BUDGETS:
+                plain_row = report.row(f"{budget:g} plain", batch)
+                lat_row = report.row(f"{budget:g} latency-aware b{batch}", batch)
+                if plain_row.measured_speedup and lat_row.measured_speedup:
+                    pairs.append(
+                        f"{budget:g}: plain {fmt_ratio(plain_row.measured_speedup)} of {fmt_ratio(plain_row.theoretical_speedup)} "
+                        f"({plain_row.realization:.0%}) vs latency-aware {fmt_ratio(lat_row.measured_speedup)} of "
+                        f"{fmt_ratio(lat_row.theoretical_speedup)} ({lat_row.realization:.0%})"
+                    )
+            if pairs:
+                lines.append(f"{name}, batch {batch}, measured speedup of theoretical (realization): " + "; ".join(pairs) + ".")
         big_bounds = [r for r in limits.get(name, []) if r["batch"] == big and r["measured_speedup"]]
         if big_bounds:
             lines.append(
@@ -431,14 +508,15 @@ def commentary(families: dict[str, tuple[BenchReport, list[Variant]]], layers: d
                 ) + "."
             )
         lines += [f"{name}: {line}." for line in data_aware_extras(variants)]
-        notes = {note: [v.label for v in variants if note in v.notes] for v in variants for note in v.notes}
+        notes = {note: [v.label for v in variants if note in v.notes] for v in variants for note in v.notes
+                 if not note.startswith("latency-aware:")}  # the latency table says it
         for note, labels in notes.items():
             lines.append(f"{name}: the pass noted \"{note}\" for {', '.join(labels)}.")
         lrows = [r for r in layers.get(name, []) if r["batch"] == big and r["realization"] is not None]
         if lrows:
             spread = ", ".join(f"{r['node']} ({r['form']}) {r['realization']:.0%}" for r in lrows)
             lines.append(f"{name}, batch {big}, per-layer realization: {spread}.")
-        plain = {v.budget: v for v in variants if v.budget is not None and not v.data_aware}
+        plain = {v.budget: v for v in variants if v.budget is not None and not v.data_aware and v.latency_batch is None}
         aware = {v.budget: v for v in variants if v.budget is not None and v.data_aware}
         pairs = [
             f"{b:g}: {plain[b].fidelity.cosine:.3f} plain vs {aware[b].fidelity.cosine:.3f} data-aware"
@@ -490,7 +568,8 @@ def markdown(families, layers, limits, digits, args, command: str, seconds: floa
         f"Machine: {machine_line(env)}. {contention_line(others)}",
         "",
         f"{enc_report.options.runs} timed runs per model and batch after {enc_report.options.warmup} warm-up runs, "
-        "the seven models of a family interleaved in one process; medians and p90. Theoretical speedup = MAC ratio "
+        "per batch the original, the six budget variants and the three latency-aware variants made for that batch "
+        "interleaved in one process; medians and p90. Theoretical speedup = MAC ratio "
         "(onnxcompress.analysis.cost); realization = measured / theoretical.",
         "",
     ]
@@ -511,6 +590,13 @@ def markdown(families, layers, limits, digits, args, command: str, seconds: floa
             "profiled runs, median; profiled sessions run one after another, not interleaved):",
             "",
             layer_table(layers[name]),
+            "",
+            (f"Latency-aware variants (plain SVD; every factorized layer timed on its own against the original "
+             f"layer at the batch named, interleaved medians, kept only if at least {args.min_speedup:g}x faster; "
+             f"with a budget, (layer, form) pairs measured slower are excluded and the budget reallocated, "
+             f"{LATENCY_ROUNDS} rounds at most):"),
+            "",
+            latency_summary_table(variants),
             "",
             "Where whole-model realization goes (plain variants; from the original's profile): the share of its "
             "kernel time spent in the layers the pass factorized, those layers' MAC ratio, and the bound: the "
@@ -551,7 +637,7 @@ def variant_json(v: Variant) -> dict[str, Any]:
     return {
         "label": v.label, "budget": v.budget, "data_aware": v.data_aware, "pass_seconds": v.pass_seconds,
         "macs_batch1": v.macs, "params": v.params, "skipped_layers": v.skipped, "notes": v.notes,
-        "fidelity": v.fidelity, "layers": v.layers,
+        "fidelity": v.fidelity, "layers": v.layers, "latency_batch": v.latency_batch,
     }
 
 
@@ -565,6 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="ResNet-50 stem width (64 is the published model)")
     parser.add_argument("--image-size", type=int, default=112, help="ResNet input size (224 is the published model)")
     parser.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: physical cores)")
+    parser.add_argument("--min-speedup", type=float, default=1.05,
+                        help="latency-aware variants keep a layer only if measured this much faster")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="folder for the JSON, Markdown and PNG")
     return parser.parse_args(argv)
 
@@ -579,7 +667,8 @@ def run(args: argparse.Namespace) -> None:
                            threads=args.threads, profile=True, profile_runs=PROFILE_RUNS)
     command = "python benchmarks/factorize.py " + shlex.join(
         ["--runs", str(args.runs), "--batches", args.batches, "--width", str(args.width),
-         "--image-size", str(args.image_size)] + (["--threads", str(args.threads)] if args.threads else [])
+         "--image-size", str(args.image_size), "--min-speedup", str(args.min_speedup)]
+        + (["--threads", str(args.threads)] if args.threads else [])
     )
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Stopwatch()
@@ -614,10 +703,11 @@ def run(args: argparse.Namespace) -> None:
 
         fidelity_source = f"{FIDELITY_FEEDS} x {FIDELITY_BATCH} random inputs (seed {FIDELITY_SEED})"
         for name, path, calib, shapes, feeds in specs:
-            variants = family(path, folder, name, calib, shapes, feeds, fidelity_source, clock, console)
+            variants = family(path, folder, name, calib, shapes, feeds, fidelity_source, clock, console,
+                              options.batch_sizes, args.threads, args.min_speedup)
             monitor = CpuMonitor()
             with clock.phase(f"{name}: latency and profile"), progress_bar(console) as progress:
-                report = benchmark([(v.label, str(v.path)) for v in variants], options, progress)
+                report = bench_family(variants, options, progress)
             share = monitor.share()
             if share is not None:
                 others_samples.append(share)
@@ -638,6 +728,7 @@ def run(args: argparse.Namespace) -> None:
         "other_processes_cpu_share_while_timing": others,
         "families": {
             name: {"variants": [variant_json(v) for v in variants], "per_layer": layers[name],
+                   "latency_aware_layer_timings": latency_layers(variants),
                    "realization_bounds": limits[name],
                    "bench": report_without_layers(report)}
             for name, (report, variants) in families.items()

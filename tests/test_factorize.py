@@ -1,8 +1,11 @@
 """Factorize: exact at full rank in every form, plain SVD's weight error is the discarded spectrum,
 break-even and rounding respected, energy and budget rank selection, data-aware beats plain on its
-calibration data, and real models come out valid through the pipeline."""
+calibration data in every form, latency-aware mode keeps exactly the layers measured faster (with an
+injected timer: no wall-clock assertions), and real models come out valid through the pipeline."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import onnx
@@ -10,16 +13,25 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import model as M
+from onnxcompress.analysis.layer_timing import PairTiming
 from onnxcompress.analysis.shapes import infer_shapes
 from onnxcompress.calibration import Calibration
+from onnxcompress.errors import OnnxCompressError
+from onnxcompress.passes import factorize as F
 from onnxcompress.passes.factorize import (
     Factorize,
     apply,
     candidates,
     find_layers,
+    form_covariance,
+    layer_models,
     matrix,
+    output_sq_error,
+    refit_second,
+    spectrum,
+    truncate,
 )
-from onnxcompress.pipeline import PassContext, Pipeline
+from onnxcompress.pipeline import PassContext, Pipeline, build_pass
 from onnxcompress.verify import VerifyOptions, check_model, outputs
 
 OPSET = 17
@@ -29,6 +41,8 @@ EXACT_RTOL = 1e-5
 WEIGHT_ERROR_RTOL = 1e-5
 #: Reported output error vs. the error measured in ORT on the same calibration data (float32 outputs).
 OUTPUT_ERROR_RTOL = 1e-3
+#: Singular values from the Gram matrix's eigenvalues vs LAPACK's SVD, relative to the largest (float64).
+SPECTRUM_RTOL = 1e-9
 
 
 def _model(nodes, inputs, output, inits, opset: int = OPSET) -> onnx.ModelProto:
@@ -199,24 +213,69 @@ def _output_error(proto, result, feeds) -> float:
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref - bias))
 
 
-@pytest.mark.parametrize("kind", ["matmul", "conv"])
-def test_data_aware_error_is_at_most_plain_error_on_calibration_data(kind):
+@pytest.mark.parametrize("kind, form", [("matmul", "gemm"), ("conv", "channel"), ("conv", "squeeze"), ("conv", "spatial")])
+def test_data_aware_error_is_at_most_plain_error_on_calibration_data(kind, form):
     rng = np.random.default_rng(3)
     if kind == "matmul":
         proto = _batch_free(matmul_add_model(k=32, n=32))
         calib = {"x": _correlated(rng, 16, 32, (5, 32))}
-    else:
+    else:  # 6 x 6 images: every im2col position is in the statistics, so the reported error is exact
         proto = _batch_free(conv_model(cin=8, cout=16, size=6, pads=[1, 1, 1, 1]))
         calib = {"x": np.ascontiguousarray(np.moveaxis(_correlated(rng, 8, 8, (6, 6, 8)), -1, 1))}
-    opts = {"rank_ratio": 0.25, "round_to": 1, "forms": ("channel",), "calibration_samples": 64}
+    opts = {"rank_ratio": 0.25, "round_to": 1, "forms": ("channel",) if kind == "matmul" else (form,),
+            "calibration_samples": 64}
     plain = _factorize(proto, calibration=None, **opts)
     aware = _factorize(proto, calibration=calib, **opts)
     [p], [a] = plain.record.details["layers"], aware.record.details["layers"]
+    assert p["form"] == a["form"] == form
     assert p["rank"] == a["rank"] and a["data_aware"] and a["bias_refit"] and not p["data_aware"]
     plain_error, aware_error = _output_error(proto, plain, calib), _output_error(proto, aware, calib)
     assert aware_error <= plain_error
     assert a["output_error"] == pytest.approx(aware_error, rel=OUTPUT_ERROR_RTOL)
-    print(f"{kind}: rank {a['rank']}/{a['full_rank']} output error plain {plain_error:.4f} data-aware {aware_error:.4f}")
+    print(f"{kind}/{form}: rank {a['rank']}/{a['full_rank']} output error plain {plain_error:.4f} "
+          f"data-aware {aware_error:.4f} (first factor: {a['first_factor']})")
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)], ids=["tall", "wide"])
+def test_truncation_error_is_the_discarded_spectrum_in_the_data_metric(shape):
+    """Eckart-Young in the metric of the data: ||Rᵀ(M - A·B)||_F (R·Rᵀ = Σ) equals the norm of the
+    discarded singular values of Rᵀ·M, for the tall (projection) and wide (whitened) routes alike,
+    and the Gram-based spectrum equals LAPACK's singular values."""
+    rng = np.random.default_rng(5)
+    mat = rng.normal(size=shape)
+    mix = rng.normal(size=(shape[0], shape[0])) * (0.7 ** np.arange(shape[0]))[:, None]
+    cov = mix.T @ mix + 1e-3 * np.eye(shape[0])
+    root = np.linalg.cholesky(cov)
+    for metric, white in ((None, mat), (cov, root.T @ mat)):
+        sigma = np.linalg.svd(white, compute_uv=False)
+        np.testing.assert_allclose(spectrum(mat, metric), sigma, rtol=0, atol=SPECTRUM_RTOL * sigma[0])
+        for rank in (3, min(shape)):
+            a, b = truncate(mat, metric, rank)
+            assert a.shape == (shape[0], rank) and b.shape == (rank, shape[1])
+            error = np.linalg.norm(white - (root.T @ (a @ b) if metric is not None else a @ b))
+            assert error == pytest.approx(np.sqrt(np.sum(sigma[rank:] ** 2)), abs=SPECTRUM_RTOL * sigma[0])
+
+
+@pytest.mark.parametrize("form", ["squeeze", "spatial"])
+def test_second_factor_refit_is_the_least_squares_optimum(form):
+    """For a first factor shared across taps, no second factor has a smaller output error on the
+    im2col covariance than the refitted one; at full rank the refit reproduces the layer."""
+    proto = conv_model(cin=4, cout=6, size=5, pads=[1, 1, 1, 1])
+    _, layer = _layer(proto)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 4, 5, 5)) + rng.normal(size=(1, 4, 1, 1))
+    rows = F.im2col(x, layer)
+    cov = rows.T @ rows / len(rows)
+    mat = matrix(layer, form)
+    a, _ = truncate(mat, form_covariance(layer, form, cov), 2)
+    best = refit_second(layer, form, a, cov)
+    optimum = output_sq_error(layer, form, a @ best, cov)
+    for _ in range(5):
+        other = best + 0.01 * rng.normal(size=best.shape)
+        assert optimum <= output_sq_error(layer, form, a @ other, cov)
+    full, _ = truncate(mat, None, mat.shape[0])
+    exact = full @ refit_second(layer, form, full, cov)
+    np.testing.assert_allclose(exact, mat, atol=EXACT_RTOL * np.abs(mat).max())
 
 
 def _batch_free(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -321,3 +380,123 @@ def test_too_few_calibration_rows_fall_back_to_plain_svd():
     [layer] = result.record.details["layers"]
     assert not layer["data_aware"]
     assert any("30 calibration rows for 32 input features" in n for n in result.record.details["notes"])
+
+
+# ------------------------------------------------------------------------------------ latency-aware
+
+
+def chain_model(widths=(64, 64, 48, 64, 48), rows: int = 4) -> onnx.ModelProto:
+    """x[rows, w0] through MatMul layers fc0, fc1, ... of widths w_i -> w_i+1 (no bias)."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], {}
+    for i, (k, n) in enumerate(itertools.pairwise(widths)):
+        inits[f"w{i}"] = _f32(rng, k, n)
+        nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"fc{i}"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, widths[0]])],
+                  helper.make_tensor_value_info(f"h{len(widths) - 1}", TensorProto.FLOAT, [rows, widths[-1]]), inits)
+
+
+class FakeTimer:
+    """Stands in for measure_layer: a layer's speedup from the layer's node name and the form of its
+    replacement, with every call counted. No clock is read."""
+
+    def __init__(self, speedups: dict[str, float], default: float = 2.0) -> None:
+        self.speedups, self.default, self.calls = speedups, default, []
+
+    def __call__(self, original, factorized, *, provider, threads):
+        [node] = [n for n in original.graph if n.op_type in ("MatMul", "Gemm", "Conv")]
+        factors = [n for n in factorized.graph if n.op_type in ("MatMul", "Gemm", "Conv")]
+        assert len(factors) == 2 and provider == "cpu"
+        kernel = tuple(factors[0].attributes.get_ints("kernel_shape", ()))
+        key = f"{node.name}/{'spatial' if kernel[-1:] == (1,) and kernel != (1, 1) else ''}"
+        self.calls.append(node.name)
+        speedup = self.speedups.get(key, self.speedups.get(node.name, self.default))
+        return PairTiming(baseline_ms=1.0, candidate_ms=1.0 / speedup, runs=20)
+
+
+def test_latency_aware_keeps_the_layers_measured_faster(monkeypatch):
+    timer = FakeTimer({"fc1": 0.8, "fc4": 1.02})  # fc1 slower, fc4 faster but below min_speedup 1.05
+    monkeypatch.setattr(F, "measure_layer", timer)
+    proto = chain_model(widths=(64, 64, 48, 64, 64, 56))
+    result = _factorize(proto, rank_ratio=0.25, latency_aware=True)
+    kept = {r["node"] for r in result.record.details["layers"]}
+    assert kept == {"fc0", "fc2", "fc3"}
+    assert all(r["measured_speedup"] == pytest.approx(2.0) for r in result.record.details["layers"])
+    reasons = {s.split(":")[0]: s for s in result.record.skipped}
+    assert sorted(s.split(":")[0] for s in result.record.skipped) == ["fc1", "fc4"]
+    assert "0.80x" in reasons["fc1"] and "1.02x" in reasons["fc4"] and "min_speedup 1.05" in reasons["fc1"]
+    latency = {d["node"]: d["fast_enough"] for d in result.record.details["latency"]}
+    assert latency == {"fc0": True, "fc1": False, "fc2": True, "fc3": True, "fc4": False}
+    assert timer.calls == ["fc0", "fc1", "fc2", "fc4"]  # fc3 has fc0's shape, form and rank: timed once
+    plain = _factorize(proto, rank_ratio=0.25)  # without latency awareness all five are cut
+    assert {r["node"] for r in plain.record.details["layers"]} == {"fc0", "fc1", "fc2", "fc3", "fc4"}
+    assert "latency" not in plain.record.details
+    model = result.model
+    with M.temporary_path(model) as path:
+        check_model(path, "latency-aware")
+
+
+def test_latency_aware_picks_the_fastest_conv_form(monkeypatch):
+    """Per layer, among the forms below break-even, the one measured fastest wins, not the fewest MACs."""
+    proto = conv_model(cin=16, cout=16, size=8, pads=[1, 1, 1, 1])
+    fewest = _factorize(proto, rank_ratio=0.25, round_to=1)
+    [by_macs] = fewest.record.details["layers"]
+    assert by_macs["form"] != "spatial"
+    monkeypatch.setattr(F, "measure_layer", FakeTimer({"conv/spatial": 3.0}, default=1.5))
+    timed = _factorize(proto, rank_ratio=0.25, round_to=1, latency_aware=True)
+    [record] = timed.record.details["layers"]
+    assert record["form"] == "spatial" and record["measured_speedup"] == pytest.approx(3.0)
+    assert len(timed.record.details["latency"]) == 3  # every form was timed
+
+
+def test_latency_aware_budget_reallocates_around_slower_layers(monkeypatch):
+    proto = chain_model(widths=(64, 64, 56, 64), rows=8)  # three distinct shapes, so three timings
+    free = _factorize(proto, mac_budget=0.7, round_to=8)
+    assert "fc0" in {r["node"] for r in free.record.details["layers"]}
+    monkeypatch.setattr(F, "measure_layer", FakeTimer({"fc0": 0.5}))
+    result = _factorize(proto, mac_budget=0.7, round_to=8, latency_aware=True)
+    records = result.record.details["layers"]
+    assert "fc0" not in {r["node"] for r in records} and records
+    assert all(r["measured_speedup"] >= 1.05 for r in records)
+    total = 8 * (64 * 64 + 64 * 56 + 56 * 64)
+    after = total - sum(r["macs_before"] - r["macs_after"] for r in records)
+    assert after <= 0.7 * total  # met by cutting the others deeper
+    [reason] = [s for s in result.record.skipped if s.startswith("fc0: ")]
+    assert reason.startswith("fc0: measured slower: gemm rank") and "0.50x (< min_speedup 1.05)" in reason
+    assert not result.record.details["notes"][:-1]  # only the latency note: the budget was reached
+
+
+def test_layer_models_time_the_layer_as_the_pass_rewrites_it():
+    """The one-layer model computes what the layer computes in the full model; its replacement has the
+    structure `apply` writes (two nodes, bias on the second) and runs at the same shapes."""
+    for proto in (matmul_add_model(), gemm_model(1), conv_model(strides=[2, 1], pads=[1, 2, 2, 1])):
+        model, layer = _layer(proto)
+        feeds = _feeds(model)
+        original, factored = layer_models(layer, "gemm" if layer.kind != "Conv" else "spatial", 4, model)
+        np.testing.assert_allclose(outputs(original, [{"x": feeds[model.graph.inputs[0].name]}], "layer")[0][0],
+                                   _run(model, feeds), rtol=1e-6, atol=1e-6)
+        applied, applied_layer = _layer(proto)
+        cand = next(c for c in candidates(applied_layer, ("spatial",), None))
+        apply(applied, applied_layer, cand, 4)
+        assert [n.op_type for n in factored.graph] == [n.op_type for n in applied.graph]
+        got = outputs(factored, [{"x": feeds[model.graph.inputs[0].name]}], "factored")[0][0]
+        assert got.shape == _run(model, feeds).shape
+
+
+def test_layer_timer_measures_both_models():
+    """The real timer runs: positive medians and at least the minimum number of interleaved runs
+    (how fast each is is the benchmarks' business, not a test's)."""
+    model, layer = _layer(matmul_add_model())
+    original, factored = layer_models(layer, "gemm", 8, model)
+    timing = F.measure_layer(original, factored, provider="cpu", threads=1)
+    assert timing.baseline_ms > 0 and timing.candidate_ms > 0 and timing.runs >= 20
+
+
+def test_latency_options_from_yaml_and_bad_values():
+    built = build_pass({"type": "factorize", "energy": 0.9, "latency_aware": True, "min_speedup": 1.2,
+                        "latency_threads": 2})
+    assert (built.latency_aware, built.min_speedup, built.latency_threads, built.provider) == (True, 1.2, 2, "cpu")
+    with pytest.raises(OnnxCompressError, match="provider 'nope'"):
+        build_pass({"type": "factorize", "latency_aware": True, "provider": "nope"})
+    with pytest.raises(OnnxCompressError, match="min_speedup"):
+        build_pass({"type": "factorize", "min_speedup": 0})

@@ -11,23 +11,46 @@ A·B (A: rows x r, B: r x columns) becomes two layers:
 Each form is a reshaping of the same weight, so at full rank it is exact and plain SVD's weight error
 is the norm of the discarded singular values. A layer is factorized only below its break-even rank
 (fewer MACs than the original; r < mn/(m+n) for Gemm), with r a multiple of `round_to`, and per layer
-the form with the fewest MACs wins. With calibration data, the input-side covariance whitens M, so
-truncation minimises the layer's output error on that data rather than the weight error, and the
-bias is refitted to absorb the mean of the residual.
+the form with the fewest MACs wins.
+
+With calibration data the truncation minimises the layer's output error on that data rather than the
+weight error: with Σ the covariance of the layer's input rows (im2col rows for Conv), the error of
+W -> W' is tr((W - W')ᵀ Σ (W - W')), and for Gemm/MatMul and the channel form (whose first factor
+reads whole input rows) the best rank-r W' is the projection of W onto the top-r eigenvectors of
+Wᵀ Σ W (the principal components of the layer's outputs). The spatial and squeeze forms share their
+first factor across kernel taps (all taps for squeeze, the horizontal ones for spatial), so that
+closed form does not apply: their first factor comes from whitening by the covariance of what it
+reads (pixels of C channels; columns of kh rows), averaged over the taps, and the second factor is
+then refitted by least squares on the full im2col covariance; the plain-SVD first factor with the
+same refit is tried too and the one with the smaller output error kept, so data-aware never loses
+to plain SVD on the calibration data. The bias is refitted to absorb the mean of the residual.
+
+Spectra and factors come from eigen-decompositions of the smaller Gram matrix (a few times faster
+than LAPACK's SVD, which was most of the pass's time on large layers); only the top-r eigenvectors
+of the chosen rank are computed.
+
+Latency-aware mode (`latency_aware=True`) times every chosen layer on the target provider at the
+model's input shapes, as a one-layer model against its two-layer replacement (interleaved, medians,
+analysis.layer_timing), and keeps a factorization only if it is at least `min_speedup` faster; each
+distinct (layer shape, form, rank) is timed once. With a MAC budget, rejected (layer, form) pairs
+are excluded and the budget reallocated among the rest.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
+import scipy.linalg
 
 from .. import runtime
+from ..analysis.layer_timing import PairTiming, time_pair
 from ..analysis.shapes import infer_shapes
 from ..calibration import Calibration, batch_size_for
 from ..model import load
@@ -43,6 +66,8 @@ DEFAULT_ENERGY = 0.95
 WHITEN_FLOOR = 1e-10
 #: Data-aware factorization needs at least this many calibration rows per input feature.
 MIN_ROWS_PER_FEATURE = 2
+#: Latency-aware budget allocation: rounds of (allocate, time, exclude the slower) at most.
+LATENCY_ROUNDS = 4
 
 
 @dataclass
@@ -63,6 +88,10 @@ class Factorize(Pass):
     max_gram_features: int = 4608  # larger inputs are factorized without data (their Gram would be big)
     positions_per_sample: int = 1024  # Conv: im2col rows sampled per calibration sample
     seed: int = 0
+    latency_aware: bool = False  # time each factorized layer against the original; keep only the faster
+    provider: str = "cpu"  # where latency-aware mode times layers: cpu | cuda | tensorrt
+    min_speedup: float = 1.05  # latency-aware: keep a layer only if measured this much faster
+    latency_threads: int | None = None  # intra-op threads when timing (default: physical cores, as bench)
 
     def __post_init__(self) -> None:
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
@@ -75,6 +104,12 @@ class Factorize(Pass):
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if not self.forms or any(f not in CONV_FORMS for f in self.forms):
             raise ValueError(f"forms must be a non-empty subset of {', '.join(CONV_FORMS)}, got {self.forms}")
+        if self.min_speedup <= 0:
+            raise ValueError(f"min_speedup must be positive, got {self.min_speedup}")
+        if self.latency_threads is not None and self.latency_threads < 1:
+            raise ValueError(f"latency_threads must be 1 or more, got {self.latency_threads}")
+        if self.latency_aware:
+            runtime.provider_chain(self.provider)  # unknown or unavailable provider: a one-line error now
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         shapes = infer_shapes(model, ctx.input_shapes)
@@ -99,32 +134,48 @@ class Factorize(Pass):
                 notes.append(f"{layer.node.name}: {rows} calibration rows for {layer.input_features()} input features "
                              f"(fewer than {MIN_ROWS_PER_FEATURE} per feature): factorized without data")
         options = {l.node.name: candidates(l, self.forms, stats.get(l.node.name)) for l in layers}
+        judge = _LatencyJudge(model, self.provider, self.latency_threads, self.min_speedup) if self.latency_aware else None
         if self.mac_budget is not None:
             from ..analysis.cost import analyze_cost
 
             total = analyze_cost(model, ctx.input_shapes).stats.macs
-            chosen, reached = _allocate_budget(layers, options, self.round_to, self.mac_budget * total, total)
+            budget = self.mac_budget * total
+            if judge is None:
+                chosen, reached = _allocate_budget(layers, options, self.round_to, budget, total)
+            else:
+                chosen, reached = judge.allocate(layers, options, self.round_to, budget, total)
             if not reached:
-                notes.append(f"MAC budget {self.mac_budget:g} is out of reach below break-even ranks; factorized as far as possible")
+                notes.append(f"MAC budget {self.mac_budget:g} is out of reach below break-even ranks"
+                             + (" with the layers measured faster" if judge else "") + "; factorized as far as possible")
         else:
             chosen = {}
             energy = self.energy if (self.energy is not None or self.rank_ratio is not None) else DEFAULT_ENERGY
             for layer in layers:
-                pick, reason = _choose(options[layer.node.name], energy, self.rank_ratio, self.round_to)
-                if pick is None:
-                    skipped.append(f"{layer.node.name}: {reason}")
+                eligible, reason = _eligible(options[layer.node.name], energy, self.rank_ratio, self.round_to)
+                if eligible and judge is not None:
+                    eligible, reason = judge.fastest(layer, eligible)
+                if eligible:
+                    chosen[layer.node.name] = eligible[0]
                 else:
-                    chosen[layer.node.name] = pick
+                    skipped.append(f"{layer.node.name}: {reason}")
+        if judge is not None and self.mac_budget is not None:
+            skipped += judge.rejections(chosen)
         names = _Names(model)
         records, changes = [], []
         for layer in layers:
             if layer.node.name not in chosen:
                 continue
             cand, rank = chosen[layer.node.name]
+            timing = judge.timing_record(layer, cand, rank) if judge is not None else {}  # before the node changes
             record = apply(model, layer, cand, rank, names)
+            record.update(timing)
             records.append(record)
             changes.append(f"{layer.node.name}: {layer.kind} -> {cand.form} rank {rank} (MACs {record['macs_before']} -> {record['macs_after']})")
         details = {"layers": records, "notes": notes, "data_aware": bool(stats)}
+        if judge is not None:
+            details["latency"] = judge.summary()
+            notes.append(f"latency-aware: {judge.timed} distinct layer shapes timed on {self.provider} "
+                         f"({judge.seconds:.1f} s), kept if at least {self.min_speedup:g}x faster")
         return self.result(model, changes=changes, skipped=skipped, details=details)
 
 
@@ -141,6 +192,7 @@ class Layer:
     bias: np.ndarray | None  # effective bias ([N] or [O]); Gemm: beta·C
     bias_add: ir.Node | None = None  # MatMul: the Add holding its bias, when it can be refitted
     rows: int = 0  # Gemm/MatMul: rows of x; Conv: output positions
+    x_shape: tuple[int, ...] = ()  # the input's static shape
     in_positions: int = 0  # Conv: input spatial positions
     in_size: tuple[int, ...] = ()
     out_size: tuple[int, ...] = ()
@@ -207,14 +259,15 @@ def _layer(node: ir.Node, shapes: Mapping) -> tuple[Layer | None, str]:
             if cv is None:
                 return None, "Gemm bias is not a constant"
             bias = beta * cv.astype(np.float64)
-        return Layer(node, "Gemm", mat, bias, rows=int(x_shape[0])), ""
+        return Layer(node, "Gemm", mat, bias, rows=int(x_shape[0]), x_shape=tuple(map(int, x_shape))), ""
     if node.op_type == "MatMul":
         if w.ndim != 2 or len(x_shape) < 1:
             return None, f"MatMul weight of rank {w.ndim} (only 2-D weights are factorized)"
         add = _bias_add(node, w.shape[1])
         bias = add[1].astype(np.float64) if add else None
         rows = int(np.prod(x_shape[:-1], dtype=np.int64))
-        return Layer(node, "MatMul", w, bias, bias_add=add[0] if add else None, rows=rows), ""
+        return Layer(node, "MatMul", w, bias, bias_add=add[0] if add else None, rows=rows,
+                     x_shape=tuple(map(int, x_shape))), ""
     if node.attributes.get_int("group", 1) != 1:
         return None, "grouped Conv is not factorized"
     if len(x_shape) != w.ndim:
@@ -233,7 +286,7 @@ def _layer(node: ir.Node, shapes: Mapping) -> tuple[Layer | None, str]:
             return None, "Conv bias is not a constant"
         bias = cv.astype(np.float64)
     rows = int(x_shape[0]) * int(np.prod(out_size, dtype=np.int64))
-    return Layer(node, "Conv", w, bias, rows=rows, in_positions=int(x_shape[0]) * int(np.prod(in_size, dtype=np.int64)),
+    return Layer(node, "Conv", w, bias, rows=rows, x_shape=tuple(map(int, x_shape)), in_positions=int(x_shape[0]) * int(np.prod(in_size, dtype=np.int64)),
                  in_size=in_size, out_size=out_size, strides=strides, dilations=dilations,
                  pads_begin=begin, pads_end=end), ""
 
@@ -321,7 +374,7 @@ def params_per_rank(layer: Layer, form: str) -> int:
 
 @dataclass
 class Candidate:
-    """One form of one layer with its spectrum (whitened when data-aware)."""
+    """One form of one layer with its spectrum (in the data's metric when data-aware)."""
 
     layer: Layer
     form: str
@@ -345,15 +398,32 @@ class Candidate:
         return float(np.sum(self.sigma[rank:] ** 2)) / total if total > 0 else 0.0
 
 
+def taps(layer: Layer, form: str) -> int:
+    """Kernel taps that share a form's first factor: its matrix rows are (input-side index, tap) pairs of
+    the layer's im2col rows, with the taps folded into the columns (the channel form reads whole rows)."""
+    if form in ("gemm", "channel"):
+        return 1
+    kernel = layer.weight.shape[2:]
+    return int(np.prod(kernel)) if form == "squeeze" else int(kernel[-1])
+
+
+def form_covariance(layer: Layer, form: str, covariance: np.ndarray) -> np.ndarray:
+    """The covariance of what a form's first factor reads, from that of the im2col rows: the
+    diagonal (same-tap) blocks averaged over the taps that share the factor."""
+    t = taps(layer, form)
+    if t == 1:
+        return covariance
+    m = covariance.shape[0] // t
+    return covariance.reshape(m, t, m, t).diagonal(axis1=1, axis2=3).mean(-1)
+
+
 def candidates(layer: Layer, allowed: tuple[str, ...], moments: _Moments | None) -> list[Candidate]:
     out = []
+    cov = moments.covariance(layer.can_refit_bias) if moments is not None else None
     for form in _forms(layer, allowed):
-        whiten = moments is not None and form in ("gemm", "channel")
-        mat = matrix(layer, form)
-        if whiten:
-            mat = _whitener(moments, layer.can_refit_bias)[0] @ mat
-        sigma = np.linalg.svd(mat if mat.shape[0] >= mat.shape[1] else mat.T, compute_uv=False)
-        out.append(Candidate(layer, form, sigma, macs_per_rank(layer, form), moments, whiten))
+        metric = form_covariance(layer, form, cov) if cov is not None else None
+        sigma = spectrum(matrix(layer, form), metric)
+        out.append(Candidate(layer, form, sigma, macs_per_rank(layer, form), moments, moments is not None))
     return out
 
 
@@ -367,20 +437,20 @@ def _criterion_rank(cand: Candidate, energy: float | None, ratio: float | None) 
     return rank
 
 
-def _choose(cands: list[Candidate], energy: float | None, ratio: float | None, round_to: int
-            ) -> tuple[tuple[Candidate, int] | None, str]:
-    """The (form, rank) with the fewest MACs among forms whose criterion rank, rounded up to
-    `round_to`, stays below break-even; or None and why."""
-    best, reasons = None, []
+def _eligible(cands: list[Candidate], energy: float | None, ratio: float | None, round_to: int
+              ) -> tuple[list[tuple[Candidate, int]], str]:
+    """The (form, rank) pairs whose criterion rank, rounded up to `round_to`, stays below break-even,
+    fewest MACs first; or none and why."""
+    eligible, reasons = [], []
     for cand in cands:
         rank = _criterion_rank(cand, energy, ratio)
         rounded = math.ceil(rank / round_to) * round_to
         if rounded >= cand.break_even:
             reasons.append(f"{cand.form} rank {rank} (rounded to {rounded}) >= break-even {cand.break_even:.1f}")
-            continue
-        if best is None or rounded * cand.per_rank < best[1] * best[0].per_rank:
-            best = (cand, rounded)
-    return best, ("no saving: " + "; ".join(reasons)) if best is None else ""
+        else:
+            eligible.append((cand, rounded))
+    eligible.sort(key=lambda pick: pick[1] * pick[0].per_rank)
+    return eligible, ("no saving: " + "; ".join(reasons)) if not eligible else ""
 
 
 def _allocate_budget(layers: list[Layer], candidates: Mapping[str, list[Candidate]], round_to: int,
@@ -455,14 +525,6 @@ class _Moments:
         return second - np.outer(self.mean, self.mean) if centered else second
 
 
-def _whitener(moments: _Moments, centered: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(L, L^-1) with L the symmetric square root of the input covariance (floored eigenvalues)."""
-    values, vectors = np.linalg.eigh(moments.covariance(centered))
-    values = np.maximum(values, max(float(values.max()), 1e-30) * WHITEN_FLOOR)
-    root = np.sqrt(values)
-    return (vectors * root) @ vectors.T, (vectors / root) @ vectors.T
-
-
 def collect_moments(model: ir.Model, layers: list[Layer], calibration: Calibration, *, samples: int,
                     max_features: int, positions: int, seed: int = 0) -> dict[str, _Moments]:
     """Per layer (by node name): moments of its input rows over the calibration data, streamed
@@ -519,24 +581,114 @@ def im2col(x: np.ndarray, layer: Layer, positions: int | None = None, rng: np.ra
     return flat.reshape(-1, int(np.prod(view.shape[1 + dims:])))
 
 
-# ------------------------------------------------------------------------------------ rewriting
+# ------------------------------------------------------------------------------------ truncation
+
+
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    """Lower R with R·Rᵀ = cov + a ridge of WHITEN_FLOOR x the mean variance (more if needed), so that
+    whitening stays well conditioned when the calibration inputs do not span every direction."""
+    n = len(cov)
+    ridge = WHITEN_FLOOR * max(float(np.trace(cov)) / n, 1e-30)
+    while True:
+        try:
+            return np.linalg.cholesky(cov + ridge * np.eye(n))
+        except np.linalg.LinAlgError:  # rounding made cov slightly indefinite
+            ridge *= 100
+
+
+def _gram(mat: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+    """The smaller Gram matrix of Rᵀ·M (R·Rᵀ = cov; plain: of M): its eigenvalues are the squared
+    singular values. Tall M needs no R at all (Mᵀ·cov·M)."""
+    m, n = mat.shape
+    if n <= m:
+        return mat.T @ mat if cov is None else mat.T @ cov @ mat
+    w = mat if cov is None else _cholesky(cov).T @ mat
+    return w @ w.T
+
+
+def spectrum(mat: np.ndarray, cov: np.ndarray | None = None) -> np.ndarray:
+    """Singular values of M (plain) or of Rᵀ·M with R·Rᵀ = cov (data-aware), largest first."""
+    values = scipy.linalg.eigvalsh(_gram(mat, cov))[::-1]
+    return np.sqrt(np.clip(values, 0.0, None))
+
+
+def _top_vectors(gram: np.ndarray, rank: int) -> np.ndarray:
+    k = len(gram)
+    return scipy.linalg.eigh(gram, subset_by_index=[k - rank, k - 1])[1][:, ::-1]
+
+
+def truncate(mat: np.ndarray, cov: np.ndarray | None, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with A·B the best rank-`rank` approximation of M in the norm ||Rᵀ·(M - A·B)||_F (plain:
+    the Frobenius norm, i.e. the truncated SVD). Tall M: the projection onto the top eigenvectors of
+    Mᵀ·cov·M; wide M: truncated in the whitened space Rᵀ·M and mapped back through R⁻ᵀ."""
+    m, n = mat.shape
+    if n <= m:
+        v = _top_vectors(_gram(mat, cov), rank)
+        return _balanced(mat @ v, v.T)
+    root = _cholesky(cov) if cov is not None else None
+    w = mat if root is None else root.T @ mat
+    u = _top_vectors(w @ w.T, rank)
+    a = u if root is None else scipy.linalg.solve_triangular(root.T, u, lower=False)
+    return _balanced(a, u.T @ w)
+
+
+def _balanced(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same product with each rank-one term's scale split evenly between the factors (U√σ, √σVᵀ)."""
+    na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=1)
+    scale = np.ones_like(na)
+    ok = (na > 0) & (nb > 0)
+    scale[ok] = np.sqrt(nb[ok] / na[ok])
+    return a * scale, b / scale[:, None]
+
+
+def refit_second(layer: Layer, form: str, a: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """B minimising the layer's output error tr(ΔᵀΣΔ) on the full im2col covariance Σ for a fixed first
+    factor A shared across the form's taps (the im2col weight is (A ⊗ I_taps)·B_io), by least squares."""
+    t, (m, r), o = taps(layer, form), a.shape, layer.weight.shape[0]
+    left = np.tensordot(a, cov.reshape(m, t, m, t), axes=([0], [0]))  # [r, t, m, t]
+    rhs = left.reshape(r * t, m * t) @ _io_matrix(layer.weight)
+    gram = np.tensordot(left, a, axes=([2], [0])).transpose(0, 1, 3, 2).reshape(r * t, r * t)
+    gram += WHITEN_FLOOR * max(float(np.trace(gram)) / len(gram), 1e-30) * np.eye(len(gram))
+    try:
+        b_io = scipy.linalg.solve(gram, rhs, assume_a="pos")
+    except np.linalg.LinAlgError:
+        b_io = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    return b_io.reshape(r, t, o).transpose(0, 2, 1).reshape(r, o * t)
+
+
+def output_sq_error(layer: Layer, form: str, approx: np.ndarray, cov: np.ndarray) -> float:
+    """tr(ΔᵀΣΔ): the layer's summed squared output error per input row for the form's matrix `approx`."""
+    delta = _io_matrix(layer.weight - unmatrix(layer, form, approx))
+    return float(np.sum(delta * (cov @ delta)))
 
 
 def factors(cand: Candidate, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(A, B) with A·B the rank-`rank` approximation of the form's matrix (whitened when data-aware)."""
-    mat = matrix(cand.layer, cand.form)
-    white = inv = None
-    if cand.whitened:
-        white, inv = _whitener(cand.moments, cand.layer.can_refit_bias)
-        mat = white @ mat
-    if mat.shape[0] >= mat.shape[1]:
-        u, s, vt = np.linalg.svd(mat, full_matrices=False)
-    else:  # LAPACK is markedly slower on wide matrices: factor the transpose
-        v, s, ut = np.linalg.svd(mat.T, full_matrices=False)
-        u, vt = ut.T, v.T
-    root = np.sqrt(s[:rank])
-    a, b = u[:, :rank] * root, root[:, None] * vt[:rank]
-    return (inv @ a if inv is not None else a), b
+    """(A, B) with A·B the rank-`rank` approximation of the form's matrix (output-aware when data-aware)."""
+    a, b, _ = _factors(cand, rank)
+    return a, b
+
+
+def _factors(cand: Candidate, rank: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The factors and where the first came from: "svd" (plain), "output" (the output-optimal closed
+    form), "whitened" or "svd+refit" (spatial/squeeze: whichever gave the smaller output error)."""
+    layer, form = cand.layer, cand.form
+    mat = matrix(layer, form)
+    if not cand.whitened:
+        return *truncate(mat, None, rank), "svd"
+    cov = cand.moments.covariance(layer.can_refit_bias)
+    a, b = truncate(mat, form_covariance(layer, form, cov), rank)
+    if taps(layer, form) == 1:
+        return a, b, "output"
+    best: tuple[float, np.ndarray, np.ndarray, str] | None = None
+    for first, source in ((a, "whitened"), (truncate(mat, None, rank)[0], "svd+refit")):
+        second = refit_second(layer, form, first, cov)
+        error = output_sq_error(layer, form, first @ second, cov)
+        if best is None or error < best[0]:
+            best = (error, first, second, source)
+    return *_balanced(best[1], best[2]), best[3]
+
+
+# ------------------------------------------------------------------------------------ rewriting
 
 
 class _Names:
@@ -570,19 +722,29 @@ def _drop_if_unused(model: ir.Model, value: ir.Value | None) -> None:
 
 def apply(model: ir.Model, layer: Layer, cand: Candidate, rank: int, names: _Names | None = None) -> dict:
     """Rewrite `layer` as two nodes of rank `rank` in `cand.form`; returns the layer's record."""
-    names = names or _Names(model)
-    node, base = layer.node, layer.node.name or layer.node.outputs[0].name
-    a, b = factors(cand, rank)
+    a, b, source = _factors(cand, rank)
     new_weight = unmatrix(layer, cand.form, a @ b)
     weight_error = float(np.linalg.norm(layer.weight - new_weight))
     refit = cand.moments is not None and layer.can_refit_bias
-    bias = layer.bias
+    bias = None
     if refit:  # the residual's mean over the calibration data goes into the bias
         shift = cand.moments.mean @ _io_matrix(layer.weight - new_weight)
-        bias = shift if bias is None else bias + shift
+        bias = shift if layer.bias is None else layer.bias + shift
+    rewrite(model, layer, cand.form, a, b, bias, names)
+    record = _record(layer, cand, rank, layer.weight - new_weight, weight_error, refit)
+    record["first_factor"] = source
+    return record
+
+
+def rewrite(model: ir.Model, layer: Layer, form: str, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
+            names: _Names | None = None) -> None:
+    """Replace `layer`'s node by a first node with factor A and the same node with factor B (its bias
+    replaced by `bias` when given, else kept)."""
+    names = names or _Names(model)
+    node, base = layer.node, layer.node.name or layer.node.outputs[0].name
     x = node.inputs[0]
     old_weight = node.inputs[1]
-    first_w, second_w, first_attrs, second_attrs = _node_weights(layer, cand.form, a, b)
+    first_w, second_w, first_attrs, second_attrs = _node_weights(layer, form, a, b)
     op = "MatMul" if layer.kind != "Conv" else "Conv"
     w1 = _initializer(model, names, f"{base}_lowrank_a", first_w)
     first = ir.node(op, [x, w1], attributes=first_attrs, name=names(f"{base}_lowrank"))
@@ -597,16 +759,17 @@ def apply(model: ir.Model, layer: Layer, cand: Candidate, rank: int, names: _Nam
     for key, val in second_attrs.items():
         node.attributes[key] = ir.Attr(key, ir.AttributeType.INTS, list(val))
     _drop_if_unused(model, old_weight)
-    if layer.kind == "Gemm" and refit:
+    if bias is None:
+        return
+    if layer.kind == "Gemm":
         _set_bias(model, names, node, 2, bias, base)
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    elif layer.kind == "Conv" and refit:
+    elif layer.kind == "Conv":
         _set_bias(model, names, node, 2, bias, base)
-    elif layer.kind == "MatMul" and refit:
+    else:
         add = layer.bias_add
         slot = 1 if add.inputs[0] is node.outputs[0] else 0
         _set_bias(model, names, add, slot, bias.reshape(add.inputs[slot].const_value.shape), base)
-    return _record(layer, cand, rank, layer.weight - new_weight, weight_error, refit)
 
 
 def _io_matrix(weight: np.ndarray) -> np.ndarray:
@@ -675,5 +838,132 @@ def _record(layer: Layer, cand: Candidate, rank: int, residual: np.ndarray, weig
     }
 
 
-__all__ = ["Candidate", "Factorize", "Layer", "apply", "candidates", "collect_moments", "factors", "find_layers", "im2col",
-           "matrix", "unmatrix"]
+# ------------------------------------------------------------------------------------ latency
+
+
+def layer_models(layer: Layer, form: str, rank: int, model: ir.Model) -> tuple[ir.Model, ir.Model]:
+    """The layer on its own at its input shape (with its bias Add, for MatMul), and the same with its
+    rank-`rank` replacement in `form` as `rewrite` writes it. The factors are random: a dense kernel's
+    time does not depend on the values."""
+    node = layer.node
+    x = ir.Value(name="x", shape=ir.Shape(layer.x_shape), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], name="layer", opset_imports=dict(model.opset_imports))
+    original = ir.Model(graph, ir_version=model.ir_version)
+    names = _Names(original)
+    inputs: list[ir.Value | None] = [x]
+    for value in node.inputs[1:]:
+        inputs.append(None if value is None else _initializer(original, names, "w", value.const_value.numpy()))
+    attrs = {a.name: ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()}
+    copy = ir.node(node.op_type, inputs, attributes=attrs, name=node.name or "layer")
+    graph.append(copy)
+    add = None
+    if layer.bias_add is not None:
+        slot = 1 if layer.bias_add.inputs[0] is node.outputs[0] else 0
+        bias = _initializer(original, names, "b", layer.bias_add.inputs[slot].const_value.numpy())
+        add = ir.node("Add", [copy.outputs[0], bias] if slot == 1 else [bias, copy.outputs[0]], name="bias")
+        graph.append(add)
+    out = (add or copy).outputs[0]
+    out.name, out.type = "y", ir.TensorType(ir.DataType.FLOAT)
+    copy.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(out)
+    factored = load(original)
+    twin = next(n for n in factored.graph if n.name == copy.name)
+    twin_add = next((n for n in factored.graph if n.name == "bias"), None)
+    rng = np.random.default_rng(0)
+    m, n = matrix(layer, form).shape
+    rewrite(factored, replace(layer, node=twin, bias_add=twin_add), form, rng.standard_normal((m, rank)),
+            rng.standard_normal((rank, n)))
+    return original, factored
+
+
+def measure_layer(original: ir.Model, factorized: ir.Model, *, provider: str, threads: int | None) -> PairTiming:
+    """Median latency of a layer and of its replacement, timed interleaved (tests replace this)."""
+    return time_pair(original, factorized, provider=provider, threads=threads)
+
+
+class _LatencyJudge:
+    """Times factorizations against their layers, once per distinct (layer shape, form, rank)."""
+
+    def __init__(self, model: ir.Model, provider: str, threads: int | None, min_speedup: float) -> None:
+        self.model, self.provider, self.threads, self.min_speedup = model, provider, threads, min_speedup
+        self.cache: dict[tuple, PairTiming] = {}
+        self.tried: dict[tuple[str, str, int], PairTiming] = {}  # (node, form, rank) -> timing, in order
+        self.seconds = 0.0
+
+    @property
+    def timed(self) -> int:
+        return len(self.cache)
+
+    def timing(self, layer: Layer, cand: Candidate, rank: int) -> PairTiming:
+        key = _shape_key(layer, cand.form, rank)
+        if key not in self.cache:
+            start = time.perf_counter()
+            original, factorized = layer_models(layer, cand.form, rank, self.model)
+            self.cache[key] = measure_layer(original, factorized, provider=self.provider, threads=self.threads)
+            self.seconds += time.perf_counter() - start
+        self.tried[layer.node.name, cand.form, rank] = self.cache[key]
+        return self.cache[key]
+
+    def fast(self, layer: Layer, cand: Candidate, rank: int) -> bool:
+        return self.timing(layer, cand, rank).speedup >= self.min_speedup
+
+    def fastest(self, layer: Layer, eligible: list[tuple[Candidate, int]]) -> tuple[list[tuple[Candidate, int]], str]:
+        """Of a layer's eligible (form, rank) pairs, the measurably fastest (if fast enough)."""
+        timed = sorted(eligible, key=lambda pick: -self.timing(layer, *pick).speedup)
+        if self.fast(layer, *timed[0]):
+            return timed[:1], ""
+        return [], "measured slower: " + "; ".join(
+            f"{c.form} rank {r} {self.timing(layer, c, r).speedup:.2f}x" for c, r in timed
+        ) + f" (< min_speedup {self.min_speedup:g})"
+
+    def allocate(self, layers: list[Layer], options: Mapping[str, list[Candidate]], round_to: int, budget: float,
+                 total: int) -> tuple[dict[str, tuple[Candidate, int]], bool]:
+        """The budget allocation with every chosen layer measurably faster: (layer, form) pairs measured
+        slower are excluded and the budget reallocated, LATENCY_ROUNDS times at most; then the slower dropped."""
+        by_name = {layer.node.name: layer for layer in layers}
+        excluded: set[tuple[str, str]] = set()
+        for _ in range(LATENCY_ROUNDS):
+            allowed = {name: [c for c in cands if (name, c.form) not in excluded] for name, cands in options.items()}
+            chosen, _ = _allocate_budget(layers, allowed, round_to, budget, total)
+            slow = {(name, cand.form) for name, (cand, rank) in chosen.items() if not self.fast(by_name[name], cand, rank)}
+            if not slow:
+                break
+            excluded |= slow
+        chosen = {name: pick for name, pick in chosen.items() if self.fast(by_name[name], *pick)}
+        macs = total - sum(by_name[name].macs - rank * cand.per_rank for name, (cand, rank) in chosen.items())
+        return chosen, macs <= budget
+
+    def rejections(self, chosen: Mapping[str, tuple[Candidate, int]]) -> list[str]:
+        """Skip reasons for the layers a budget allocation timed but left whole."""
+        out = []
+        for name in dict.fromkeys(node for node, _, _ in self.tried):
+            if name in chosen:
+                continue
+            slow = [(form, rank, t) for (node, form, rank), t in self.tried.items() if node == name]
+            if all(t.speedup < self.min_speedup for _, _, t in slow):
+                out.append(f"{name}: measured slower: " + "; ".join(f"{f} rank {r} {t.speedup:.2f}x" for f, r, t in slow)
+                           + f" (< min_speedup {self.min_speedup:g})")
+        return out
+
+    def timing_record(self, layer: Layer, cand: Candidate, rank: int) -> dict:
+        t = self.timing(layer, cand, rank)
+        return {"time_ms_before": t.baseline_ms, "time_ms_after": t.candidate_ms, "measured_speedup": t.speedup}
+
+    def summary(self) -> list[dict]:
+        return [{"node": node, "form": form, "rank": rank, "time_ms_before": t.baseline_ms,
+                 "time_ms_after": t.candidate_ms, "measured_speedup": t.speedup, "runs": t.runs,
+                 "fast_enough": t.speedup >= self.min_speedup}
+                for (node, form, rank), t in self.tried.items()]
+
+
+def _shape_key(layer: Layer, form: str, rank: int) -> tuple:
+    """What a layer's time depends on: op, shapes, attributes, bias, form and rank (not the values)."""
+    node = layer.node
+    attrs = tuple(sorted((a.name, repr(a.value)) for a in node.attributes.values()))
+    consts = tuple(None if v is None else tuple(v.const_value.shape) for v in node.inputs[1:])
+    return (layer.kind, layer.x_shape, attrs, consts, layer.bias_add is not None, form, rank)
+
+
+__all__ = ["Candidate", "Factorize", "Layer", "apply", "candidates", "collect_moments", "factors", "find_layers",
+           "form_covariance", "im2col", "layer_models", "matrix", "measure_layer", "refit_second", "rewrite", "spectrum",
+           "taps", "truncate", "unmatrix"]
