@@ -141,6 +141,8 @@ def optimize(
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
     factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
+    factorize_budget: Annotated[Optional[float], typer.Option(help="Low-rank factorize until this fraction of the MACs is left, ranks allocated by least loss per MAC saved.")] = None,
+    latency_aware: Annotated[bool, typer.Option("--latency-aware", help="Factorize only layers measured faster on the --target provider at the model's shape.")] = False,
     quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib) or dynamic (int8 weights, no calibration).")] = None,
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
@@ -167,7 +169,7 @@ def optimize(
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
         target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
-                                                          quantize, calib_method, preset, target, smooth, distill),
+                                                          factorize_budget, latency_aware, quantize, calib_method, preset, target, smooth, distill),
         prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
         verify=verify, bench_runs=bench_runs,
     )
@@ -235,14 +237,19 @@ def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | Non
     return Tolerance(metric or "auto", max_drop)
 
 
-def _pass_flags(prune, importance, round_to, factorize, factorize_energy, quantize, calib_method, preset, target,
-                smooth=None, distill=None) -> list[dict]:
+def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factorize_budget, latency_aware, quantize,
+                calib_method, preset, target, smooth=None, distill=None) -> list[dict]:
     """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
     specs: list[dict] = []
     if prune is not None:
         specs.append({"type": "prune-channels", "ratio": prune,
                       **{k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None}})
-    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy}.items() if v is not None}
+    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy,
+                                           "mac_budget": factorize_budget}.items() if v is not None}
+    if latency_aware:
+        if not factorize_options:
+            raise OnnxCompressError("--latency-aware applies to factorization: add --factorize, --factorize-energy or --factorize-budget")
+        factorize_options.update(latency_aware=True, provider=target)
     if factorize_options:
         specs.append({"type": "factorize", **factorize_options})
     if distill is not None:

@@ -158,3 +158,31 @@ def test_cli_occ_output_is_packed_and_unpacks_to_the_optimized_model(capsys, tmp
     feeds = random_feeds(unpacked, {"x": (2, 3, 8, 8)}, count=2)
     for a, b in zip(outputs(unpacked, feeds, "unpacked"), outputs(str(plain), feeds, "plain"), strict=True):
         np.testing.assert_array_equal(a[0], b[0])  # the same model, bit for bit in its outputs
+
+
+def test_cli_factorize_budget_and_latency_aware(capsys, tmp_path, conv_model, monkeypatch):
+    import sys
+
+    from onnxcompress.analysis.layer_timing import PairTiming
+
+    factorize_module = sys.modules["onnxcompress.passes.factorize"]
+    timed: list[str] = []
+
+    def always_slower(original, factorized, *, provider, threads):  # stands in for ORT timing
+        timed.append(provider)
+        return PairTiming(baseline_ms=1.0, candidate_ms=2.0, runs=20)
+
+    code, stdout, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "f.onnx", "--factorize-budget", "0.7",
+                                "--bench-runs", "0", "--json")
+    assert code == 0, err
+    plain = json.loads(stdout)
+    assert plain["after"]["macs"] < plain["before"]["macs"]  # some layers factorized (this tiny net cannot reach 0.7)
+    monkeypatch.setattr(factorize_module, "measure_layer", always_slower)
+    code, stdout, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "g.onnx", "--factorize-budget", "0.7",
+                                "--latency-aware", "--bench-runs", "0", "--json")
+    assert code == 0, err
+    aware = json.loads(stdout)
+    assert timed and set(timed) == {"cpu"}
+    assert aware["after"]["macs"] == aware["before"]["macs"]  # every factorization was judged slower: none kept
+    code, _, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "h.onnx", "--latency-aware")
+    assert code == 2 and "--latency-aware applies to factorization" in err
