@@ -123,7 +123,8 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
     found = search(
         source, calibration,
         SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
-                      target_macs=options.target_macs, target_speedup=options.target_speedup),
+                      target_macs=options.target_macs, target_speedup=options.target_speedup,
+                      finish_must_be_faster=options.target == "cpu" and options.bench_runs > 0),
         evaluate=evaluate, input_shapes=shapes, on_step=on_step,
     )
     chosen = found.chosen_point

@@ -109,7 +109,7 @@ def render_run(console: Console, report: RunReport) -> None:
     if bench.get("original_ms") and bench.get("optimized_ms"):
         table.add_row(f"latency (ORT {bench['provider']}, batch {bench['batch']}, median)",
                       f"{bench['original_ms']:.3f} ms", f"{bench['optimized_ms']:.3f} ms",
-                      f"{bench['measured_speedup']:.2f}x faster")
+                      _speed(bench["measured_speedup"]))
     if report.fidelity:
         f = report.fidelity
         table.add_row("fidelity: SQNR / cosine", "-", f"{f.sqnr_db:.1f} dB / {f.cosine:.5f}", "")
@@ -144,6 +144,12 @@ def render_run(console: Console, report: RunReport) -> None:
         console.print("  fidelity vs input: " + fidelity_line(report.fidelity))
     for note in report.notes:
         console.print(f"  [dim]{escape(note)}[/dim]")
+
+
+def _speed(ratio: float | None) -> str:
+    if not ratio:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"[yellow]{1 / ratio:.2f}x slower[/yellow]"
 
 
 def _render_search(console: Console, search: Mapping) -> None:

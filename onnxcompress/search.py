@@ -83,7 +83,8 @@ class SearchOptions:
     levels: Sequence[float] = DEFAULT_LEVELS
     refine_steps: int = REFINE_STEPS
     holdout: float = HOLDOUT
-    bench_runs: int = 30  # timed runs per model when target_speedup asks for measurements
+    bench_runs: int = 30  # timed runs per model when target_speedup or finish_must_be_faster asks for measurements
+    finish_must_be_faster: bool = False  # time the closing passes on ORT CPU and drop them if they slow the model
 
     def __post_init__(self) -> None:
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
@@ -170,6 +171,15 @@ def search(
             first = measure(cleaned.model, 1.0, [], note="closing passes dropped: they alone exceed the tolerance")
             notes.append("the closing passes (" + ", ".join(str(s.get("type")) for s in options.finish)
                          + ") alone exceed the tolerance and were dropped")
+    if first.accepted and finish and options.finish_must_be_faster:
+        # int8 pays only where ORT's int8 kernels beat float at this shape (small MatMuls at batch 1 may not).
+        final, _, _ = models[-1]
+        gain = _speedup(cleaned.model, final, shapes, options.bench_runs)
+        if gain is not None and gain < 1.0:
+            notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
+                         "slower than float on ORT CPU at this shape, so they were dropped")
+            finish = []
+            first = measure(cleaned.model, 1.0, [], note="closing passes dropped: measured slower than float")
 
     def reached(point: SearchPoint) -> bool:
         if options.target_speedup is not None:

@@ -135,3 +135,17 @@ def test_target_speedup_stops_at_the_first_candidate_measured_fast_enough(digits
     assert result.target_met is True and result.chosen_point.speedup >= 1.5
     assert measured[-1] == result.chosen_point.speedup  # measuring stopped at the chosen candidate
     assert all(p.speedup < 1.5 for p in result.points[:-1])  # every earlier candidate fell short
+
+
+@pytest.mark.parametrize("gain", [0.8, 1.5])
+def test_closing_int8_is_dropped_only_when_measured_slower(digits, monkeypatch, gain):
+    import sys
+
+    monkeypatch.setattr(sys.modules["onnxcompress.search"], "_speedup", lambda *args: gain)  # stands in for ORT timing
+    model, calibration = digits
+    options = SearchOptions(tolerance=Tolerance("cosine", 0.5), finish=INT8, levels=(0.6,), refine_steps=0,
+                            finish_must_be_faster=True)
+    result = search(model, calibration, options)
+    quantized = any(n.op_type == "QuantizeLinear" for n in result.model.graph)
+    assert quantized == (gain >= 1.0)
+    assert any("measured" in note and "slower" in note for note in result.report.notes) == (gain < 1.0)
