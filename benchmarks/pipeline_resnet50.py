@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--ep", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                        help="Execution provider for the timing (the plans run with --target set to it).")
     args = parser.parse_args(argv)
     if args.runs < MIN_RUNS:
         parser.error(f"--runs must be at least {MIN_RUNS}")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         plans = []
         for label, flags in PLANS:
             print(f"optimize: {label}", file=sys.stderr)
-            plans.append(run_plan(model, calib, folder, label, flags))
+            plans.append(run_plan(model, calib, folder, label, (*flags, "--target", args.ep)))
         # Fidelity on inputs no pass saw (the same distribution as the calibration images).
         feeds = [{INPUT_NAME: rng.standard_normal((8, 3, args.image_size, args.image_size)).astype(np.float32)}
                  for _ in range(FIDELITY_BATCHES)]
@@ -121,14 +123,15 @@ def run(args: argparse.Namespace) -> None:
         monitor = CpuMonitor()
         print("timing on ORT CPU ...", file=sys.stderr)
         bench = benchmark([("original", str(model)), *[(p["label"], p["path"]) for p in plans]],
-                          BenchOptions(batch_sizes=batches, runs=args.runs, warmup=3))
+                          BenchOptions(provider=args.ep, batch_sizes=batches, runs=args.runs, warmup=3))
         load = monitor.share()
     results = {"plans": [to_jsonable({k: v for k, v in p.items() if k != "path"}) for p in plans],
                "bench": report_without_layers(bench), "other_cpu_load": load, "image_size": args.image_size,
                "calibration_samples": CALIB_SAMPLES}
-    write_json(args.out / f"{NAME}.json", results)
-    plot_speedups(bench, args.out / f"{NAME}.png")
-    write_text(args.out / f"{NAME}.md", render(plans, bench, load, args))
+    name = NAME if args.ep == "cpu" else f"{NAME}_{args.ep}"
+    write_json(args.out / f"{name}.json", results)
+    plot_speedups(bench, args.out / f"{name}.png")
+    write_text(args.out / f"{name}.md", render(plans, bench, load, args))
     print(render(plans, bench, load, args))
 
 
@@ -150,7 +153,7 @@ def render(plans: list[dict], bench, load: float | None, args: argparse.Namespac
     commands = "\n".join(f"    {p['command']}" for p in plans)
     load_note = (f" Other processes used {100 * load:.0f}% of the CPU while the models were timed."
                  if load is not None else "")
-    return f"""## End to end: `onnxcompress optimize` on a ResNet-50-shaped model
+    return f"""## End to end: `onnxcompress optimize` on a ResNet-50-shaped model ({bench.environment.provider})
 
 ResNet-50 layout (tests/zoo.py: bottlenecks [3, 4, 6, 3], standard widths) at {args.image_size}x{args.image_size},
 exported with the TorchScript exporter (opset 17, dynamic batch); {CALIB_SAMPLES} calibration images. Each row is one
@@ -169,7 +172,7 @@ all models interleaved in one process; medians.
 
 {time_table}
 
-Reproduce: `python benchmarks/pipeline_resnet50.py --runs {args.runs} --batches {",".join(map(str, bench.options.batch_sizes))} --image-size {args.image_size}`
+Reproduce: `python benchmarks/pipeline_resnet50.py --runs {args.runs} --batches {",".join(map(str, bench.options.batch_sizes))} --image-size {args.image_size} --ep {args.ep}`
 """
 
 

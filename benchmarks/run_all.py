@@ -6,7 +6,8 @@ Scripts run one at a time (timing two at once on the same cores would corrupt bo
 default settings, which are the settings BENCHMARKS.md quotes; each writes its section to
 benchmarks/results/. A script that fails is reported and the others still run; its old section is
 kept and the exit code says something failed. Scripts whose optional peers are missing (Torch-
-Pruning, zstandard, torch) say so in their own sections.
+Pruning, zstandard, torch) say so in their own sections. Where ORT's CUDA provider is available,
+the end-to-end benchmark also runs with `--ep cuda`, and BENCHMARKS.md gets its GPU section.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cuda_available() -> bool:
+    """ORT's CUDA provider is installed (onnxruntime-gpu; see the [gpu] extra) and reports a device."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     available = [name for name in SCRIPTS if (HERE / f"{name}.py").is_file()]
@@ -47,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - start:.0f} s", flush=True)
         if done.returncode:
             failed.append(name)
+    if "pipeline_resnet50" in chosen and cuda_available():
+        print("== pipeline_resnet50 --ep cuda (a CUDA provider is available)", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / "pipeline_resnet50.py"), "--ep", "cuda"], cwd=HERE.parent)
+        if done.returncode:
+            failed.append("pipeline_resnet50 --ep cuda")
     subprocess.run([sys.executable, str(HERE / "assemble.py")], check=True, cwd=HERE.parent)
     print("BENCHMARKS.md written" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
