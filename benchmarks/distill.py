@@ -7,8 +7,8 @@ distillation, at several step budgets. Accuracy is measured on the 360 labelled 
 neither training, reconstruction nor distillation ever sees; top-1 agreement with the original on the
 same test digits and on the calibration samples held out from distillation (the last 20%).
 
-The compact network is trained at every run (seeded, deterministic for a fixed thread count, about a
-minute on 2 CPU cores) on the bundled digits model's own training split, exported with the
+The compact network is trained at every run (seeded, deterministic for a fixed thread count, well under
+a minute on 2 CPU cores) on the bundled digits model's own training split, exported with the
 TorchScript exporter into a temporary folder and cleaned with the `cleanup` recipe; nothing is cached.
 
     python benchmarks/distill.py [--out benchmarks/results] [--budgets 100,300] [--threads 1]
@@ -22,19 +22,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import CpuMonitor, markdown_table, repo_root_on_path, write_json, write_text
 
 repo_root_on_path()
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from onnxcompress import Calibration, Pipeline, demo_data  # noqa: E402
-from onnxcompress.model import load  # noqa: E402
-from onnxcompress.passes.distill import Distill  # noqa: E402,F401  (registers the pass)
-from onnxcompress.verify import VerifyOptions  # noqa: E402
-from scripts import train_digits  # noqa: E402  (the bundled model's data split, training loop and export)
+from onnxcompress import Calibration, Pipeline, demo_data
+from onnxcompress.model import load
+from onnxcompress.passes.distill import Distill  # noqa: F401  (registers the pass)
+from onnxcompress.verify import VerifyOptions
+from scripts import train_digits
 
 #: (calibration images, speedups): the full calibration set, then a narrow one (the issue's failure
 #: mode: recovery fitted to a few images does not carry over to new ones), down to harsher pruning.
@@ -176,29 +175,39 @@ def measure(name: str, model, all_calibration, images, labels, methods, args) ->
     return rows, records
 
 
-def findings(records: list[dict], top_budget: int, points_per_digit: float) -> list[str]:
+def findings(records: list[dict], budgets: list[int], n_test: int) -> list[str]:
     """The best method per scenario, then how each recovery compares with reconstruction alone."""
     lines = []
     scenarios = [(count, speedup) for count, speedups in SCENARIOS for speedup in speedups]
     by = {(r["calibration_images"], r["target_speedup"], r["method"]): r for r in records}
-    for count, speedup in scenarios:
-        mine = [r for r in records if r["calibration_images"] == count and r["target_speedup"] == speedup]
+
+    def where(s: tuple) -> str:
+        return f"{s[0]} images, {by[(*s, 'none')]['macs_ratio']:.2f}x"
+
+    def size(diff: float) -> str:
+        return f"{100 * diff:.2f} points, {round(diff * n_test)} test digit(s)"
+
+    for s in scenarios:
+        mine = [r for r in records if (r["calibration_images"], r["target_speedup"]) == s]
         best = max(r["test_accuracy"] for r in mine)
         winners = [r["method"] for r in mine if r["test_accuracy"] == best]
-        lines.append(f"- {count} calibration images, {mine[0]['macs_ratio']:.2f}x fewer MACs: best test accuracy "
-                     f"{100 * best:.2f}% by {'; '.join(winners)}.")
-    gaps = [(max(r["test_accuracy"] for r in records if (r["calibration_images"], r["target_speedup"]) == s)
-             - by[(*s, "reconstruction")]["test_accuracy"], s) for s in scenarios]
-    gap, (count, speedup) = max(gaps)
-    lines.append(f"- Reconstruction alone is at most {100 * gap:.2f} points below the best method in any scenario "
-                 f"(the largest gap: {count} images, {by[(count, speedup, 'reconstruction')]['macs_ratio']:.2f}x); "
-                 f"one test digit is {points_per_digit:.2f} points.")
-    for method in (f"reconstruction + distillation ({top_budget} steps)", f"distillation ({top_budget} steps)"):
-        diffs = [by[(*s, method)]["test_accuracy"] - by[(*s, "reconstruction")]["test_accuracy"] for s in scenarios]
-        up, same, down = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
-        lines.append(f"- {method} vs reconstruction alone, test accuracy over the {len(scenarios)} scenarios: higher in {up} "
-                     f"(by up to {100 * max(diffs):.2f} points), equal in {same}, lower in {down} "
-                     f"(by up to {100 * -min(diffs):.2f} points).")
+        lines.append(f"- {where(s)} fewer MACs: best test accuracy {100 * best:.2f}% by {'; '.join(winners)}.")
+    refit = {s: by[(*s, "reconstruction")]["test_accuracy"] for s in scenarios}
+    gaps = [(max(r["test_accuracy"] for r in records if (r["calibration_images"], r["target_speedup"]) == s) - refit[s], s)
+            for s in scenarios]
+    gap, worst_gap = max(gaps)
+    lowest = min(scenarios, key=refit.get)
+    lines.append(f"- Reconstruction alone: lowest test accuracy {100 * refit[lowest]:.2f}% ({where(lowest)}); at most "
+                 f"{size(gap)} below the best method in any scenario" + (f" ({where(worst_gap)})." if gap > 0 else "."))
+    for method in [f"reconstruction + distillation ({b} steps)" for b in budgets] + [f"distillation ({b} steps)" for b in budgets]:
+        diffs = [by[(*s, method)]["test_accuracy"] - refit[s] for s in scenarios]
+        up, same, down = [d for d in diffs if d > 0], [d for d in diffs if d == 0], [d for d in diffs if d < 0]
+        lines.append(f"- {method} vs reconstruction alone, test accuracy over the {len(scenarios)} scenarios: "
+                     f"higher in {len(up)}" + (f" (by up to {size(max(up))})" if up else "")
+                     + f", equal in {len(same)}, lower in {len(down)}" + (f" (by up to {size(-min(down))})" if down else "") + ".")
+    combined = [r for r in records if r["recover"] == "refit" and r["distill_steps"]]
+    kept = sum(r["best_step"] == 0 for r in combined)
+    lines.append(f"- Reconstruction + distillation kept the reconstructed weights (best step 0) in {kept} of {len(combined)} runs.")
     return lines
 
 
@@ -235,13 +244,13 @@ def main() -> None:
     def section(name: str, intro: str) -> list[str]:
         rows, mine = tables[name]
         return [f"### {name}", "", intro, "", markdown_table(headers, rows, right=right), "",
-                "Findings (computed from the table):", "", *findings(mine, max(budgets), points_per_digit), ""]
+                "Findings (computed from the table):", "", *findings(mine, budgets, len(labels)), ""]
 
     f = mobile_facts
     text = "\n".join([
         "## Accuracy recovery by distillation: a residual CNN and a compact depthwise network",
         "",
-        "Two networks with real trained weights on scikit-learn's digits, scored on the same 360 labelled test "
+        ("Two networks with real trained weights on scikit-learn's digits, scored on the same 360 labelled test "
         "digits, which no step ever sees (nor training: both were trained on the same split, the test digits "
         f"left out; one test digit is {points_per_digit:.2f} points). Pruned by `prune-channels` (l2 importance, "
         "i.e. magnitude, uniform allocation, `target_macs` = 1/speedup, `round_to: 1` because widths this small "
@@ -253,7 +262,7 @@ def main() -> None:
         f"{args.threads} CPU thread(s). Test accuracy and agreement (top-1, with the unpruned model) are on the test "
         "digits; held-out agreement is on the calibration images held out from distillation (the last 20%: 51 of "
         "256, 5 of 24; before -> after distillation). The 24-image rows are the narrow-data case: reconstruction "
-        "and distillation see only those images.",
+        "and distillation see only those images."),
         "",
         *section("digits CNN", f"The bundled residual CNN (`onnxcompress/data/digits_cnn.onnx`), "
                  f"{100 * base['digits CNN']:.2f}% test accuracy."),
@@ -268,7 +277,21 @@ def main() -> None:
             f"{f['train_seconds']:.0f} s; exported (TorchScript exporter, opset {train_digits.OPSET}, dynamic batch; "
             f"logits within {f['export_rel_error']:.0e} of torch) and cleaned by the `cleanup` recipe (ops: "
             f"{', '.join(f['ops'])}). {100 * base['digits MobileNetV2-style']:.2f}% test accuracy.")),
-        "How to read this (both networks): ...",
+        ("How to read this, for both networks. Without recovery, pruning leaves either network far below its "
+        "accuracy (the `none` rows). Least-squares reconstruction recovers most of it on both, from 24 images as "
+        "well as from 256, and loses the most at the harshest pruning with 24 images (its lowest accuracy is in the "
+        "findings). It is the best method, or tied, in every row of the residual CNN; on the compact depthwise "
+        "network some 24-image rows do better with distillation after it (by how much: the findings). So the "
+        "failure the issue measured on an ImageNet network (reconstruction fitted to ten photos: 7.5% top-1 "
+        "agreement on photos it had not seen) does not reproduce at this scale (ten classes, 32x32 inputs, layers of at most 128 channels). "
+        "Distillation alone never beats reconstruction here and falls far behind it with 24 images at the harshest "
+        "pruning. Distillation after reconstruction starts from weights that already agree with the original on "
+        "the held-out images, and keeps the step with the lowest held-out loss (step 0 = the reconstructed weights, "
+        "kept as designed when no step was better): on the residual CNN it never moved them; on the compact network "
+        "it trained on in some rows and gained a few test digits with 24 images, but also lost some in a 256-image "
+        "row whose held-out agreement was 100% before and after. Early stopping on 51 (or 5) held-out images cannot "
+        "see differences of a few digits out of 360, so on these networks distillation's contribution on top of "
+        "reconstruction is small and of either sign."),
         "",
         (f"Other processes used {100 * share:.0f}% of the machine's CPU while this ran"
          + (": times are inflated and noisy." if share > 0.1 else ".")) if share is not None else "",

@@ -89,8 +89,13 @@ def test_interface_kept_only_weights_change(pruned, distilled):
 
 
 def test_seed_gives_the_same_weights(digits, pruned):
+    import torch
+
     model, calibration = digits
+    torch.manual_seed(1234)
+    caller_state = torch.get_rng_state()
     runs = [distill(pruned, model, calibration, steps=4, seed=3, **FAST).model for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), caller_state)  # the pass seeds its own run, not the caller's RNG
     other = distill(pruned, model, calibration, steps=4, seed=4, **FAST).model
     weights = [{n: v.const_value.numpy() for n, v in m.graph.initializers.items()} for m in (*runs, other)]
     assert all(np.array_equal(weights[0][n], weights[1][n]) for n in weights[0])

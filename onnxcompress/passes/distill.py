@@ -298,7 +298,8 @@ class _Trainer:
         if self.opts.threads:
             self.torch.set_num_threads(self.opts.threads)
         try:
-            return self._train()
+            with self.torch.random.fork_rng(devices=[]):  # seed for this run only; the caller's RNG is left as it was
+                return self._train()
         finally:
             self.torch.set_num_threads(threads)
 
