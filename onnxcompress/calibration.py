@@ -73,9 +73,17 @@ class Calibration:
         return cls(checked, source)
 
     @classmethod
-    def from_path(cls, model: ir.Model, path: str | Path) -> Calibration:
-        """A `.npy` (single-input models) or `.npz` (arrays named after the inputs) file."""
+    def from_path(
+        cls, model: ir.Model, path: str | Path, *, preprocessing: str | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> Calibration:
+        """A `.npy` (single-input models) or `.npz` (arrays named after the inputs) file, or a folder of
+        images read with `preprocessing` (see images.py: "imagenet", "raw" or key=value steps)."""
         path = Path(path)
+        if path.is_dir():
+            return cls.from_images(model, path, preprocessing, input_shapes)
+        if preprocessing is not None:
+            raise CalibrationError(f"{path}: image preprocessing applies to a folder of images, not to a {path.suffix} file")
         if not path.is_file():
             raise CalibrationError(f"{path}: no such calibration file")
         try:
@@ -91,6 +99,30 @@ class Calibration:
         except Exception as exc:
             raise CalibrationError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0][:200]})") from None
         return cls.from_arrays(model, arrays, source=path.name)
+
+    @classmethod
+    def from_images(
+        cls, model: ir.Model, folder: str | Path, preprocessing: str | None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None, limit: int | None = None,
+    ) -> Calibration:
+        """A folder of images (sorted by name) for a model with one image input. The preprocessing is
+        required: it must be the model's own, and no default can know it."""
+        from .images import load_images, parse_preprocessing
+
+        folder = Path(folder)
+        if not preprocessing:
+            raise CalibrationError(f"{folder}: calibration images need their preprocessing, e.g. --calib-preprocess imagenet "
+                                   "(or raw, or steps such as 'raw,mean=0.5,std=0.5,layout=nhwc'): the model's own")
+        inputs = graph_inputs(model)
+        if len(inputs) != 1:
+            raise CalibrationError(f"{folder}: a folder of images fits a model with one input; this one has "
+                                   f"{len(inputs)} ({', '.join(v.name for v in inputs)}): give an .npz")
+        value = inputs[0]
+        given = (input_shapes or {}).get(value.name)
+        dims = list(given) if given is not None else [d if isinstance(d, int) else None for d in (value.shape.dims if value.shape else ())]
+        prep = parse_preprocessing(preprocessing)
+        images = load_images(folder, dims, prep, limit=limit)
+        return cls.from_arrays(model, images, source=f"{folder.name}/ ({len(images)} images; {prep.describe()})")
 
     @classmethod
     def from_samples(cls, model: ir.Model, samples: Iterable[Mapping[str, np.ndarray]], source: str = "iterator") -> Calibration:

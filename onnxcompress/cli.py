@@ -123,7 +123,8 @@ def bench(
 def optimize(
     model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model (.onnx, or .occ for a packed download).")],
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy or .npz named by input): enables the tolerance search and static int8.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy, .npz named by input, or a folder of images): enables the tolerance search and static int8.")] = None,
+    calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps like 'raw,mean=0.5,std=0.5,layout=nhwc,channels=bgr'.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target: cpu, cuda or tensorrt (picks the int8 form).")] = "cpu",
     max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
@@ -179,7 +180,10 @@ def optimize(
         raise OnnxCompressError(f"{plot.parent}: plot folder does not exist")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
-    calibration = Calibration.from_path(source, calib) if calib else None
+    calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes)
+                   if calib else None)
+    if calib_preprocess is not None and calib is None:
+        raise OnnxCompressError("--calib-preprocess describes --calib images: give --calib FOLDER")
 
     def work(progress):
         return run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
