@@ -302,10 +302,11 @@ def pack(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .occ file.")],
     bits: Annotated[Optional[int], typer.Option(help="Lossy: share 2**BITS values per weight tensor (k-means), e.g. 5.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Lossy: zero this fraction of each tensor's smallest weights first.")] = None,
-    calib: Annotated[Optional[Path], typer.Option(help="Inputs (.npy/.npz) for the lossy model's fidelity (else random, labelled so).")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Inputs (.npy/.npz or a folder of images) for the lossy model's fidelity (else random, labelled so).")] = None,
+    calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps (see optimize).")] = None,
     input_shape: InputShapes = None,
     level: Annotated[str, typer.Option(help="Compression effort: fast, default or best.")] = "default",
-    codecs: Annotated[Optional[str], typer.Option(help="Codecs to try, comma separated (zlib,bz2,lzma,zstd); default: all installed.")] = None,
+    codecs: Annotated[Optional[str], typer.Option(help="Codecs to try, comma separated (zlib,bz2,lzma,zstd); default: the standard library's zlib,bz2,lzma.")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Pack MODEL into a compressed .occ file for distribution: lossless unless --bits/--sparsity."""
@@ -314,7 +315,8 @@ def pack(
     from .pack import pack_model, summary_lines
 
     shapes = parse_input_shapes(input_shape)
-    calibration = Calibration.from_path(load(model), calib) if calib else None
+    calibration = (Calibration.from_path(load(model), calib, preprocessing=calib_preprocess, input_shapes=shapes)
+                   if calib else None)
     stats = pack_model(model, output, bits=bits, sparsity=sparsity or 0.0, calibration=calibration,
                        input_shapes=shapes, level=level, compare_gzip=True,
                        codecs=[c.strip() for c in codecs.split(",") if c.strip()] if codecs else None)
