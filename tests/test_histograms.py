@@ -156,3 +156,14 @@ def test_ranges_contain_zero_and_stay_inside_the_data(method):
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="unknown calibration method"):
         clip_range(_hist(np.ones(3)), "kmeans")
+
+
+def test_constant_large_values_keep_bin_indices_in_int64():
+    """A near-constant activation far from zero (a model-zoo file with constant weights gives one)."""
+    hist = TensorHistogram(bins=64)
+    hist.update(np.full(100, 3.0e30, dtype=np.float32))
+    hist.update(np.full(10, 3.0e30 * (1 + 1e-6), dtype=np.float32))
+    assert hist.count == 110 and hist.counts.sum() == 110
+    assert abs(hist.start) < 2**62
+    lo, hi = hist.edges[0], hist.edges[-1]
+    assert lo <= 3.0e30 <= hi

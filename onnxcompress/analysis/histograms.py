@@ -18,6 +18,8 @@ import numpy as np
 
 #: Smallest bin width (a power of two): a constant tensor still gets a finite, canonical grid.
 MIN_WIDTH_EXP = -32
+#: Bin indices stay below 2**MAX_INDEX_BITS in magnitude (int64 arithmetic, with room to spare).
+MAX_INDEX_BITS = 60
 
 
 @dataclass
@@ -107,9 +109,13 @@ class TensorHistogram:
 
 
 def _smallest_fitting_exp(lo: float, hi: float, bins: int) -> int:
-    """Smallest exponent e (>= MIN_WIDTH_EXP) such that [lo, hi] spans at most `bins` bins of width 2**e."""
+    """Smallest exponent e (>= MIN_WIDTH_EXP) such that [lo, hi] spans at most `bins` bins of width 2**e.
+
+    Bin indices are value / 2**e, so e also keeps them within int64 for values far from zero (a
+    near-constant activation of large magnitude would otherwise get a tiny width and huge indices)."""
+    floor = max(MIN_WIDTH_EXP, math.frexp(max(abs(lo), abs(hi)))[1] - MAX_INDEX_BITS)
     span = hi - lo
-    exp = MIN_WIDTH_EXP if span <= 0 else max(MIN_WIDTH_EXP, math.ceil(math.log2(span / max(bins - 1, 1))))
+    exp = floor if span <= 0 else max(floor, math.ceil(math.log2(span / max(bins - 1, 1))))
 
     def fits(e: int) -> bool:
         w = math.ldexp(1.0, e)
@@ -117,7 +123,7 @@ def _smallest_fitting_exp(lo: float, hi: float, bins: int) -> int:
 
     while not fits(exp):
         exp += 1
-    while exp > MIN_WIDTH_EXP and fits(exp - 1):
+    while exp > floor and fits(exp - 1):
         exp -= 1
     return exp
 
