@@ -230,15 +230,14 @@ def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | 
 
 def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions) -> dict[str, Any]:
     """Median ORT CPU latency before and after, interleaved, at the model's batch size."""
-    from .bench import BenchOptions, benchmark
+    from .bench import MIN_RUNS, BenchOptions, benchmark
 
     batch = int(next(iter(shapes.values()))[0]) if shapes else 1
-    report = benchmark([("original", original), ("optimized", optimized)],
-                       BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, 20), warmup=3,
-                                    input_shapes=dict(shapes)))
+    bench_options = BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, MIN_RUNS), warmup=3, input_shapes=dict(shapes))
+    report = benchmark([("original", original), ("optimized", optimized)], bench_options)
     before, after = report.row("original", batch), report.row("optimized", batch)
     return {
-        "provider": "cpu", "batch": batch, "runs": max(options.bench_runs, 20),
+        "provider": "cpu", "batch": batch, "runs": bench_options.runs,
         "original_ms": before.timing.median_ms if before.timing else None,
         "optimized_ms": after.timing.median_ms if after.timing else None,
         "measured_speedup": after.measured_speedup, "theoretical_speedup": after.theoretical_speedup,

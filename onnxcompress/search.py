@@ -143,7 +143,8 @@ def search(
 
     def measure(float_model: ir.Model, level: float, chain: list[PassRecord], note: str = "") -> SearchPoint:
         final, records = finished(float_model)
-        stats = _stats(final, shapes)
+        records = [*cleaned.report.passes, *chain, *records]
+        stats = records[-1].after if records else cleaned.report.after  # every pass record has the stats after it
         fidelity, value, accepted = judge(final)
         point = SearchPoint(
             level=level, macs_ratio=stats.macs / max(original_stats.macs, 1),
@@ -153,7 +154,7 @@ def search(
         if accepted and options.target_speedup is not None:
             point = dataclasses.replace(point, speedup=_speedup(original, final, shapes, options.bench_runs))
         points.append(point)
-        models.append((final, [*cleaned.report.passes, *chain, *records], stats))
+        models.append((final, records, stats))
         step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'}")
         if on_point:  # e.g. a benchmark scoring every candidate on labelled data
             on_point(point, final)
@@ -315,19 +316,12 @@ class _Judge:
         return fidelity, self.tolerance.value(fidelity), self.tolerance.accepts(fidelity)
 
 
-def _stats(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> ModelStats:
-    from .analysis.cost import analyze_cost
+def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int) -> float:
+    """Measured ORT CPU speedup of `candidate` over `original` at the search's input shapes (interleaved medians)."""
+    from .analysis.layer_timing import time_pair
+    from .verify import random_feeds
 
-    return analyze_cost(model, shapes).stats
-
-
-def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int) -> float | None:
-    from .bench import BenchOptions, benchmark
-
-    batch = int(next(iter(shapes.values()))[0]) if shapes else 1
-    report = benchmark([("original", original), ("candidate", candidate)],
-                       BenchOptions(batch_sizes=(batch,), runs=runs, warmup=3, input_shapes=dict(shapes)))
-    return report.row("candidate", batch).measured_speedup
+    return time_pair(original, candidate, feeds=random_feeds(original, shapes)[0], min_runs=runs).speedup
 
 
 def _describe(tolerance: Tolerance, evaluate: Evaluate | None) -> str:
