@@ -394,16 +394,9 @@ def _with_progress(label: str, work, steps: int | None = None):
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from .model import write_atomic
 
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCompressError(f"{folder}: report folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, [text.encode()], what="report")
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:

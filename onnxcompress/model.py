@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import InputShapeError, ModelLoadError
+from .errors import InputShapeError, ModelLoadError, OnnxCompressError
 
 #: Above this many bytes of initializers a model is saved with external data (protobuf's 2 GiB limit).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -169,6 +169,27 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         if external_data:
             os.replace(Path(tmp) / data_name, folder / data_name)
         os.replace(tmp_model, path)
+    return path
+
+
+def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes], *, what: str = "output") -> Path:
+    """Write `chunks` to `path` through a temporary file in the same folder and a rename, so a reader
+    never sees a partial file and a failure leaves no debris; `what` names the file in errors."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OnnxCompressError(f"{folder}: {what} folder does not exist")
+    if path.is_dir():
+        raise OnnxCompressError(f"{path}: is a directory")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .errors import ModelLoadError, OnnxCompressError
-from .model import EXTERNAL_DATA_THRESHOLD, ModelLike, load, to_proto
+from .model import EXTERNAL_DATA_THRESHOLD, ModelLike, load, to_proto, write_atomic
 from .report import Fidelity, to_jsonable
 
 MAGIC = b"\x89OCC\r\n\x1a\n"
@@ -475,22 +475,7 @@ def _skeleton_bytes(proto: onnx.ModelProto) -> bytes:
 def _write_container(path: Path, index: Mapping[str, Any], sections: Sequence[_Section]) -> int:
     index_bytes = zlib.compress(json.dumps(index, separators=(",", ":"), allow_nan=True).encode(), 9)
     header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(index_bytes), hashlib.sha256(index_bytes).digest())
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCompressError(f"{folder}: output folder does not exist")
-    if path.is_dir():
-        raise OnnxCompressError(f"{path}: is a directory")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(index_bytes)
-            for section in sections:
-                f.write(section.payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, [header, index_bytes, *(section.payload for section in sections)])
     return path.stat().st_size
 
 
