@@ -126,7 +126,7 @@ def optimize(
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy, .npz named by input, or a folder of images): enables the tolerance search and static int8.")] = None,
     calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps like 'raw,mean=0.5,std=0.5,layout=nhwc,channels=bgr'.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
-    target: Annotated[str, typer.Option(help="Deployment target: cpu, cuda or tensorrt (picks the int8 form).")] = "cpu",
+    target: Annotated[str, typer.Option(help="Deployment target (picks the int8 form): cpu (any x86 with AVX2 and up, or ARM: int8 codes proven exact on kernels without VNNI), vnni (x86 with VNNI/AMX only: full-range codes), host (this machine's CPU), cuda or tensorrt.")] = "cpu",
     max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Tolerance metric: top1, cosine or mse (default: top1 for class scores, else cosine).")] = None,
     min_sqnr: Annotated[Optional[float], typer.Option(help="Tolerance as a minimum output SQNR in dB (instead of --max-drop).")] = None,
@@ -253,7 +253,9 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factor
     if latency_aware:
         if not factorize_options:
             raise OnnxCompressError("--latency-aware applies to factorization: add --factorize, --factorize-energy or --factorize-budget")
-        factorize_options.update(latency_aware=True, provider=target)
+        from .optimize import provider_for
+
+        factorize_options.update(latency_aware=True, provider=provider_for(target))
     if factorize_options:
         specs.append({"type": "factorize", **factorize_options})
     if distill is not None:
@@ -267,9 +269,12 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factor
     elif quantize is not None or calib_method is not None or preset is not None or smooth is not None:
         if quantize not in (None, "int8"):
             raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
+        from .optimize import CPU_TARGETS, int8_kernels
+
         if preset is None and target == "tensorrt":
             preset = "tensorrt"
-        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset,
+        kernels = int8_kernels(target) if target in CPU_TARGETS else None
+        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset, "kernels": kernels,
                                                                     "smooth_alpha": smooth}.items() if v is not None}})
     return specs
 

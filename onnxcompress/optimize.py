@@ -29,8 +29,11 @@ from .report import RunReport
 from .tolerance import Tolerance
 from .verify import VerifyOptions
 
-Target = Literal["cpu", "cuda", "tensorrt"]
-TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")
+Target = Literal["cpu", "vnni", "host", "cuda", "tensorrt"]
+TARGETS: tuple[str, ...] = ("cpu", "vnni", "host", "cuda", "tensorrt")
+#: Targets that run on ORT's CPU provider: any CPU (x86 with AVX2 and up, ARM), x86 with VNNI only,
+#: or this machine's CPU (VNNI when it has it).
+CPU_TARGETS = frozenset({"cpu", "vnni", "host"})
 #: The tolerance when calibration data is given and none was asked for: a cosine drop of 0.002 is a
 #: relative output error of about 6% (about 24 dB SQNR), roughly what int8 alone costs a typical
 #: CNN. Cosine rather than top-1: on the few samples a search holds out, top-1 agreement cannot see
@@ -124,7 +127,7 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
         source, calibration,
         SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
                       target_macs=options.target_macs, target_speedup=options.target_speedup,
-                      finish_must_be_faster=options.target == "cpu" and options.bench_runs > 0),
+                      finish_must_be_faster=options.target in CPU_TARGETS and options.bench_runs > 0),
         evaluate=evaluate, input_shapes=shapes, on_step=on_step,
     )
     chosen = found.chosen_point
@@ -173,7 +176,7 @@ def _no_calibration_plan(pipeline: Pipeline, model: ir.Model, shapes, target: st
     total = sum(c.macs for c in cost.nodes)
     share = sum(c.macs for c in cost.nodes if c.op_type in ("MatMul", "Gemm")) / total if total else 0.0
     notes = []
-    if target == "cpu" and share >= DYNAMIC_INT8_MIN_SHARE:
+    if target in CPU_TARGETS and share >= DYNAMIC_INT8_MIN_SHARE:
         pipeline.passes.append(build_pass("quantize-dynamic"))
         notes.append(f"no calibration data: exact cleanup, then dynamic int8 (MatMul/Gemm carry {share:.0%} of the MACs)")
     else:
@@ -187,7 +190,22 @@ def _int8_for(target: str) -> list[dict[str, Any]]:
     """The closing int8 step that runs fast on `target` (none for CUDA: ORT's CUDA EP runs few int8 kernels)."""
     if target == "cuda":
         return []
-    return [{"type": "quantize-int8", "preset": "tensorrt" if target == "tensorrt" else "cpu"}]
+    if target == "tensorrt":
+        return [{"type": "quantize-int8", "preset": "tensorrt"}]
+    return [{"type": "quantize-int8", "preset": "cpu", "kernels": int8_kernels(target)}]
+
+
+def int8_kernels(target: str) -> str:
+    """The CPU int8 kernels a target runs on: "vnni" only where the user said so or this CPU has
+    VNNI (`host`); "any" otherwise, exact on x86 without VNNI and on ARM."""
+    from .analysis.int8_kernels import host_has_vnni
+
+    return "vnni" if target == "vnni" or (target == "host" and host_has_vnni()) else "any"
+
+
+def provider_for(target: str) -> str:
+    """The ORT provider a target runs on."""
+    return "cpu" if target in CPU_TARGETS else target
 
 
 #: Where each pass belongs in a pipeline: structure first, then weights, then number formats.
@@ -241,5 +259,5 @@ def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeO
         "original_ms": before.timing.median_ms if before.timing else None,
         "optimized_ms": after.timing.median_ms if after.timing else None,
         "measured_speedup": after.measured_speedup, "theoretical_speedup": after.theoretical_speedup,
-        "note": None if options.target == "cpu" else f"measured on ORT CPU, not on the {options.target} target",
+        "note": None if options.target in CPU_TARGETS else f"measured on ORT CPU, not on the {options.target} target",
     }

@@ -13,6 +13,7 @@ from onnxcompress.analysis.histograms import METHODS, collect_histograms
 from onnxcompress.calibration import Calibration
 from onnxcompress.errors import OnnxCompressError
 from onnxcompress.model import load, to_proto
+from onnxcompress.passes.int8_weights import encode_weight
 from onnxcompress.passes.quantize import (
     QuantizeQDQ,
     QuantParams,
@@ -23,7 +24,6 @@ from onnxcompress.passes.quantize import (
     quantize_bias,
     quantize_graph,
     quantize_weight,
-    weight_rounding_error,
 )
 from onnxcompress.pipeline import PassContext, build_pass
 from onnxcompress.tolerance import Tolerance
@@ -335,6 +335,11 @@ def test_bias_correction_removes_the_mean_output_error(seed):
     assert plain.record.details["bias_shift_max_abs"] == {}
 
 
+def _rounding_error(op_type: str, w: np.ndarray, axis: int, trans_b: bool = False) -> np.ndarray:
+    """dequantize(codes) - W for the weight form the pass chooses (kernel-safe by default)."""
+    return encode_weight(op_type, w, axis, trans_b=trans_b).dequantized() - w
+
+
 def test_bias_correction_is_weight_rounding_error_times_input_mean():
     """1x1 Conv and Gemm: corrected bias = b - (dequant(W_q) - W) @ E[x], E[x] computed in numpy
     (the Gemm input is the pooled 1x1 Conv output, whose mean is W_conv @ E[x] + b_conv)."""
@@ -345,8 +350,8 @@ def test_bias_correction_is_weight_rounding_error_times_input_mean():
     fc_w, fc_b = _init(proto, "fc_w"), _init(proto, "fc_b")
     x_mean = calib.mean(axis=(0, 2, 3))
     flat_mean = w.astype(np.float64) @ x_mean + b
-    conv_shift = (weight_rounding_error(_init(proto, "w"), 0).reshape(16, 8)).astype(np.float64) @ x_mean
-    fc_shift = weight_rounding_error(fc_w, 0).astype(np.float64) @ flat_mean
+    conv_shift = _rounding_error("Conv", _init(proto, "w"), 0).reshape(16, 8).astype(np.float64) @ x_mean
+    fc_shift = _rounding_error("Gemm", fc_w, 0, trans_b=True).astype(np.float64) @ flat_mean
     plan = QuantizeQDQ().plan(proto)
     fixed, shifts, skipped = correct_biases(proto, plan, {}, {"x": x_mean, "flat": flat_mean})
     conv, fc = (next(n for n in fixed.graph.node if n.name == k) for k in ("conv", "fc"))

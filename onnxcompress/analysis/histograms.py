@@ -81,6 +81,13 @@ class TensorHistogram:
         a.nonfinite += b.nonfinite
         return a
 
+    def mean_square(self) -> float:
+        """E[x^2] from the bin centres (exact to half a bin width)."""
+        if not self.count:
+            return 0.0
+        centres = self.edges[:-1] + self.width / 2
+        return float(np.dot(self.counts, centres**2) / self.count)
+
     def copy(self) -> TensorHistogram:
         return TensorHistogram(self.bins, self.count, self.nonfinite, self.minimum, self.maximum,
                                self.width_exp, self.start, self.counts.copy())

@@ -43,6 +43,7 @@ from ..pipeline import Pass, PassContext, PassResult
 from ..report import Fidelity
 from ..tolerance import Tolerance
 from ..verify import compare, outputs
+from .int8_weights import KERNELS, MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias, quantize_weight
 
 QDQ_MIN_OPSET = 13  # per-axis DequantizeLinear
 ANCHORS = frozenset({"Conv", "MatMul", "Gemm"})
@@ -53,9 +54,6 @@ SCALE_PRESERVING = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squ
 # int8 ops whose output gets its own quantization, so a following Relu/Clip can fold into it
 # (Concat shares its inputs' scale and the scale-preserving ops their input's: nothing to fold into)
 FOLDS_ACTIVATION = ANCHORS | frozenset({"Add", "Mul"})
-INT32_MAX = np.iinfo(np.int32).max
-MIN_SCALE = 1e-12  # an all-zero tensor still needs a positive scale
-WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127]: the range is symmetric around zero
 #: Tolerance mode holds out this fraction of the calibration samples (the last ones, which the
 #: pipeline's verification also uses), at most TOLERANCE_MAX_HELDOUT, to measure the metric on.
 TOLERANCE_HOLDOUT = 0.25
@@ -94,6 +92,9 @@ class QuantizeQDQ(Pass):
     method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
     percentile: float = 99.99
     preset: Literal["cpu", "tensorrt"] = "cpu"
+    # The CPU int8 kernels the model must be exact on: "any" (x86 without VNNI, whose u8 x s8 kernels
+    # saturate int16 pair sums, and ARM) or "vnni" (full-range codes; wrong on AVX2 CPUs).
+    kernels: Kernels = "any"
     per_channel: bool = True
     skip_nodes: tuple[str, ...] = ()
     skip_ops: tuple[str, ...] = ()
@@ -109,6 +110,8 @@ class QuantizeQDQ(Pass):
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.samples < 1 or self.bins < 16:
             raise ValueError("samples must be >= 1 and bins >= 16")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -165,6 +168,7 @@ class QuantizeQDQ(Pass):
         kind = "uint8 asymmetric" if self.preset == "cpu" else "int8 symmetric"
         changes.append(f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
                        f"({self.preset}: {kind}, {self.method})")
+        changes.append(describe_forms(variant.encodings, self.kernels))
         if fallback is not None and fallback["kept_float"]:
             changes.append(f"{len(fallback['kept_float'])} sensitive layers kept in float: {fallback['summary']}")
         details = {
@@ -173,6 +177,7 @@ class QuantizeQDQ(Pass):
             "fused_activations": sorted(plan.fused_activations), "notes": notes + variant.notes,
             "bias_correction": self.bias_correction, "bias_shift_max_abs": variant.shifts,
             "bias_correction_skipped": variant.uncorrected, "smoothing": smoothing, "tolerance": fallback,
+            "kernels": self.kernels, "weight_forms": {n: e.describe() for n, e in variant.encodings.items()},
         }
         return self.result(load(variant.proto), changes=changes, skipped=skipped, details=details)
 
@@ -270,6 +275,18 @@ class QuantizeQDQ(Pass):
         return {v: by_root[plan.groups.get(v, v)] for v in plan.values if plan.groups.get(v, v) in by_root}
 
 
+def describe_forms(encodings: Mapping[str, WeightEncoding], kernels: str) -> str:
+    """One line: how many layers got each weight form, for which kernels."""
+    forms = {f: [e for e in encodings.values() if e.form == f] for f in ("s8", "s8-safe", "u8")}
+    parts = [f"{len(es)} {f}" for f, es in forms.items() if es]
+    if forms["s8-safe"]:
+        parts[-2 if forms["u8"] else -1] += f" (up to +{max(e.widened_db for e in forms['s8-safe']):.2f} dB layer output noise)"
+    bias = sum(e.bias_widened for e in encodings.values())
+    where = "exact on every CPU (x86 without VNNI included)" if kernels == "any" else "full range for VNNI CPUs only"
+    tail = f"; {bias} channels widened so the int32 bias fits" if bias else ""
+    return f"int8 weights {where}: {', '.join(parts) or 'none'}{tail}"
+
+
 def holdout_split(calibration: Calibration) -> tuple[Calibration, Calibration]:
     """(calibrate on, measure on): the last TOLERANCE_HOLDOUT of the samples (at most
     TOLERANCE_MAX_HELDOUT) are held out; a single sample is used for both (nothing to hold out)."""
@@ -289,6 +306,7 @@ class _Variant:
     shifts: dict[str, float]
     uncorrected: list[str]
     notes: list[str]
+    encodings: dict[str, WeightEncoding]
 
 
 class _Quantizer:
@@ -314,6 +332,9 @@ class _Quantizer:
             self.hists.update(hists)
             self.asked.update(missing)
         params = o.ranges(plan, self.hists)
+        mean_squares = {v: h.mean_square() for v, h in self.hists.items()}
+        encodings = weight_encodings(self.proto, plan, params, per_channel=o.per_channel, kernels=o.kernels,
+                                     mean_squares=mean_squares)
         proto, shifts, uncorrected = self.proto, {}, []
         if o.bias_correction:
             axes = correction_inputs(proto, plan)
@@ -322,9 +343,9 @@ class _Quantizer:
                 stats = collect(self.model, need, self.calibration, limit=o.samples)
                 self.means.update({v: s.mean for v, s in stats.values.items()})
                 self.asked_means.update(need)
-            proto, shifts, uncorrected = correct_biases(proto, plan, params, self.means, per_channel=o.per_channel)
-        rewritten, notes = quantize_graph(proto, plan, params, per_channel=o.per_channel, drop_relus=o.preset == "cpu")
-        return _Variant(plan, rewritten, shifts, uncorrected, notes)
+            proto, shifts, uncorrected = correct_biases(proto, plan, params, self.means, encodings=encodings)
+        rewritten, notes = quantize_graph(proto, plan, params, encodings=encodings, drop_relus=o.preset == "cpu")
+        return _Variant(plan, rewritten, shifts, uncorrected, notes, encodings)
 
 
 def activation_params(lo: float, hi: float, *, symmetric: bool) -> QuantParams:
@@ -335,30 +356,6 @@ def activation_params(lo: float, hi: float, *, symmetric: bool) -> QuantParams:
     scale = max((hi - lo) / 255.0, MIN_SCALE)
     zero_point = int(np.clip(round(-lo / scale), 0, 255))
     return QuantParams(scale, zero_point, TensorProto.UINT8)
-
-
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 (per channel along `axis`, or per tensor): (int8 values, float32 scales)."""
-    if axis is None:
-        amax = np.asarray(np.abs(w).max() if w.size else 0.0)
-    else:
-        amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
-    scale = np.maximum(amax / WEIGHT_QMAX, MIN_SCALE).astype(np.float32)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
-    return q, scale
-
-
-def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """int32 bias with scale x_scale * w_scale (what QLinearConv/QGemm add to the int32 accumulator);
-    returns (values, scales, saturated)."""
-    scale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
-    scale = np.broadcast_to(scale, b.shape) if scale.size == 1 else scale
-    raw = np.round(b.astype(np.float64) / scale.astype(np.float64))
-    saturated = bool(np.any(np.abs(raw) > INT32_MAX))
-    return np.clip(raw, -INT32_MAX, INT32_MAX).astype(np.int32), np.ascontiguousarray(scale), saturated
 
 
 # ---------------------------------------------------------------------------- placement
@@ -587,15 +584,42 @@ def _weight_axis(node: onnx.NodeProto) -> int:
     return 1  # MatMul [K, N]: one scale per output column
 
 
+def weight_encodings(
+    proto: onnx.ModelProto, plan: Plan, params: Mapping[str, QuantParams], *, per_channel: bool = True,
+    kernels: Kernels = "any", mean_squares: Mapping[str, float] | None = None,
+) -> dict[str, WeightEncoding]:
+    """{int8 anchor node: its weight's encoding} (passes/int8_weights.py), from the float weight, the
+    per-channel axis, the input's scale and E[x^2] (`mean_squares`) and the float bias (so the int32
+    bias fits)."""
+    mean_squares = mean_squares or {}
+    g = _Graph(proto.graph)
+    encodings: dict[str, WeightEncoding] = {}
+    for node in _correctable(g, plan):
+        w = numpy_helper.to_array(g.inits[node.input[1]]).astype(np.float32)
+        x = params.get(node.input[0])
+        b_name = node.input[2] if len(node.input) > 2 else ""
+        bias = numpy_helper.to_array(g.inits[b_name]).astype(np.float32) if b_name in g.inits else None
+        bias = bias if bias is not None and bias.ndim == 1 else None
+        encodings[node.name] = encode_weight(
+            node.op_type, w, _weight_axis(node) if per_channel else None, trans_b=bool(_attr(node, "transB", 0)),
+            kernels=kernels, x_scale=None if x is None else x.scale, x_mean_square=mean_squares.get(node.input[0]),
+            bias=bias)
+    return encodings
+
+
 def quantize_graph(
     proto: onnx.ModelProto,
     plan: Plan,
     params: Mapping[str, QuantParams],
     *,
+    encodings: Mapping[str, WeightEncoding] | None = None,
     per_channel: bool = True,
     drop_relus: bool = True,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `proto` with Q/DQ pairs on the planned values and int8/int32 weights and biases."""
+    """A copy of `proto` with Q/DQ pairs on the planned values and int8/int32 weights and biases
+    (`encodings` from weight_encodings; computed here for any kernels when not given)."""
+    if encodings is None:
+        encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
@@ -649,31 +673,22 @@ def quantize_graph(
             helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=fresh(f"{v}_DequantizeLinear")),
         ]
 
-    int8_nodes = set(plan.nodes)
-    weight_dq: dict[tuple[str, int | None], tuple[str, np.ndarray]] = {}
+    weight_dq: dict[tuple, str] = {}  # one DQ per distinct encoding of a weight
     pre_nodes: list[onnx.NodeProto] = []
     saturated: list[str] = []
-    for node in graph.node:
-        if node.name not in int8_nodes or node.op_type not in ANCHORS:
-            continue
-        w_name = node.input[1]
-        if w_name not in g.constants:
-            continue  # MatMul of two activations: both already have Q/DQ
+    for node in _correctable(g, plan):
+        w_name, enc = node.input[1], encodings[node.name]
         x_params = params.get(node.input[0])
-        w = numpy_helper.to_array(g.inits[w_name]).astype(np.float32)
-        axis = _weight_axis(node) if per_channel else None
-        key = (w_name, axis)
+        ws = enc.scales
+        key = (w_name, enc.axis, enc.codes.dtype.str, ws.tobytes())
         if key not in weight_dq:
-            wq, ws = quantize_weight(w, axis)
-            scale = const(f"{w_name}_scale", ws if axis is not None else ws.reshape(()))
-            zp = const(f"{w_name}_zero_point", np.zeros(ws.shape, dtype=np.int8))
-            dq_out = fresh(f"{w_name}_dequantized")
-            attrs = {"axis": axis} if axis is not None else {}
-            pre_nodes.append(helper.make_node("DequantizeLinear", [const(f"{w_name}_quantized", wq), scale, zp],
-                                              [dq_out], name=fresh(f"{w_name}_DequantizeLinear"), **attrs))
-            weight_dq[key] = (dq_out, ws)
-        dq_out, ws = weight_dq[key]
-        node.input[1] = dq_out
+            scale = const(f"{w_name}_scale", ws)
+            zp = const(f"{w_name}_zero_point", np.full(ws.shape, enc.zero_point, dtype=enc.codes.dtype))
+            weight_dq[key] = fresh(f"{w_name}_dequantized")
+            attrs = {"axis": enc.axis} if enc.axis is not None else {}
+            pre_nodes.append(helper.make_node("DequantizeLinear", [const(f"{w_name}_quantized", enc.codes), scale, zp],
+                                              [weight_dq[key]], name=fresh(f"{w_name}_DequantizeLinear"), **attrs))
+        node.input[1] = weight_dq[key]
         if len(node.input) > 2 and node.input[2] and node.input[2] in g.constants and x_params is not None:
             b = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float32)
             if b.ndim == 1 and (ws.size == 1 or ws.size == b.size):
@@ -748,7 +763,7 @@ def correction_inputs(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
 
 
 def weight_rounding_error(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """dequantize(quantize(W)) - W, with the same quantization (and float32 arithmetic) as quantize_graph."""
+    """dequantize(quantize(W)) - W for full-range symmetric int8 codes (float32 arithmetic)."""
     q, scale = quantize_weight(w, axis)
     shape = [1] * w.ndim
     if axis is not None:
@@ -780,10 +795,14 @@ def correct_biases(
     params: Mapping[str, QuantParams],
     means: Mapping[str, np.ndarray],
     *,
+    encodings: Mapping[str, WeightEncoding] | None = None,
     per_channel: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
-    """A copy of `proto` whose int8 layers' float biases absorb their weight-rounding shift;
-    returns (model, {node: max |shift|}, ["node: why not corrected"])."""
+    """A copy of `proto` whose int8 layers' float biases absorb their weight-rounding shift (the
+    rounding of `encodings`, computed for any kernels when not given); returns
+    (model, {node: max |shift|}, ["node: why not corrected"])."""
+    if encodings is None:
+        encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     graph = out.graph
@@ -810,8 +829,8 @@ def correct_biases(
         if mean is None or mean.size != k_in:
             skipped.append(f"{node.name}: no input mean")
             continue
-        axis = _weight_axis(node) if per_channel else None
-        shift = bias_shift(node, weight_rounding_error(w, axis), mean)
+        enc = encodings[node.name]
+        shift = bias_shift(node, enc.dequantized() - w, mean)
         if node.op_type == "MatMul":  # no bias slot: fold into a following Add of a constant
             users = g.consumers.get(node.output[0], [])
             add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
@@ -830,9 +849,8 @@ def correct_biases(
             node.input[2] = new_bias(node.input[2], corrected.reshape(-1) if corrected.size == shift.size else corrected)
         else:
             x = params.get(node.input[0])
-            _, ws = quantize_weight(w, axis)
             # create a bias only when the shift survives int32 rounding (half a bias step)
-            if x is None or not np.any(np.abs(shift) >= 0.5 * x.scale * ws.astype(np.float64)):
+            if x is None or not np.any(np.abs(shift) >= 0.5 * x.scale * enc.scales.astype(np.float64)):
                 continue
             while len(node.input) < 2:
                 node.input.append("")
@@ -862,5 +880,5 @@ def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
 __all__ = [
     "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "bias_shift", "clamp_bounds",
     "correct_biases", "correction_inputs", "plan_placement", "quantization_clamps_to", "quantize_bias", "quantize_graph",
-    "quantize_weight", "weight_rounding_error",
+    "quantize_weight", "weight_encodings", "weight_rounding_error",
 ]
