@@ -196,4 +196,12 @@ def render_demo(console: Console, demo) -> None:
     for p in r.passes:
         mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
         console.print(f"  {p.name}: {mark}, {len(p.changes)} changes in {p.seconds:.2f}s")
+        if p.name == "quantize-int8":
+            for line in int8_lines(p):
+                console.print(f"    {escape(line)}")
     console.print(f"  compressed model written to {escape(str(demo.output))}")
+
+
+def int8_lines(record) -> list[str]:
+    """What the int8 pass made its codes for, and whether this CPU's kernels compute them."""
+    return [c for c in record.changes if c.startswith(("int8 weights", "kernel check"))]

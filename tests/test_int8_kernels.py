@@ -43,12 +43,16 @@ def test_a_full_range_pair_saturates_and_the_bound_sees_it():
     assert saturating_dot(x, w)[0, 0] == 32767  # exact: 64,770
     assert overflowing_rows(w).tolist() == [True]
     assert overflowing_rows(np.array([[127, 1], [64, 64], [-64, -64], [-128, 0]])).tolist() == [False, False, False, False]
-    assert overflowing_rows(np.array([[64, 65], [-65, -64]])).tolist() == [True, True]
+    assert overflowing_rows(np.array([[64, 65], [-65, -64], [127, 2]])).tolist() == [True, True, True]
+    # only the kernel's pairs (0, 1), (2, 3), ... count; an odd last code pairs with zero
+    assert overflowing_rows(np.array([[0, 127, 127, 0], [127, 0, 0, 127]])).tolist() == [False, False]
+    assert overflowing_rows(np.array([[0, 127, 127], [127, 127, 0]])).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_rows_the_bound_calls_safe_are_exact_under_pair_saturation(seed):
-    """Every input, worst case included: a row called safe gives the exact int32 sum."""
+def test_the_bound_is_exact_for_the_pair_saturation_model(seed):
+    """A row called safe gives the exact int32 sum for every input; a row called unsafe saturates
+    for its worst input (255 where the weight is positive)."""
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (64, 9)).astype(np.int8)
     w[::2] //= 2  # half the rows safe-ish, half not
@@ -58,10 +62,10 @@ def test_rows_the_bound_calls_safe_are_exact_under_pair_saturation(seed):
     safe = ~overflowing_rows(w)
     assert safe.any() and (~safe).any()
     np.testing.assert_array_equal(got[:, safe], exact[:, safe])
-    # an unsafe row does saturate for the worst input: all 255 where the weight is positive
-    worst = np.where(w > 0, 255, 0).astype(np.uint8)
-    unsafe = np.flatnonzero(~safe & (reduction_rows("MatMul", w.T.astype(np.float64)) > 0).sum(1).astype(bool))
-    assert any(saturating_dot(worst[r : r + 1], w[r : r + 1])[0, 0] != worst[r].astype(np.int64) @ w[r] for r in unsafe)
+    for r in np.flatnonzero(~safe):
+        lows, highs = np.where(w[r] > 0, 255, 0), np.where(w[r] < 0, 255, 0)
+        worst = np.stack([lows, highs]).astype(np.uint8)
+        assert np.any(saturating_dot(worst, w[r : r + 1])[:, 0] != worst.astype(np.int64) @ w[r].astype(np.int64))
 
 
 def test_conv_reduction_order_is_channels_last():
@@ -83,7 +87,7 @@ def test_safe_scales_are_safe_and_barely_wider_than_needed(seed):
     codes = np.clip(np.round(rows / safe[:, None]), -127, 127)
     assert not overflowing_rows(codes).any()
     pos, neg = np.maximum(rows, 0), np.minimum(rows, 0)
-    need = np.maximum((pos[:, 1:] + pos[:, :-1]).max(1), -(neg[:, 1:] + neg[:, :-1]).min(1)) / PAIR_CODE_LIMIT
+    need = np.maximum((pos[:, 0::2] + pos[:, 1::2]).max(1), -(neg[:, 0::2] + neg[:, 1::2]).min(1)) / PAIR_CODE_LIMIT
     bound = np.maximum(full, need)
     assert np.all(safe >= full * (1 - 1e-6)) and np.all(safe <= bound * SAFE_SCALE_SLACK)
     assert np.any(safe > full * 1.01)  # the fixture does need widening somewhere
@@ -101,9 +105,10 @@ def test_weight_forms_per_kernels():
     else:  # the same values, shifted to uint8 for u8 x u8 kernels
         assert safe.codes.dtype == np.uint8 and safe.zero_point == 128
         np.testing.assert_array_equal(safe.codes.astype(np.int16) - 128, vnni.codes)
-    # small weights never need widening
+    # one large weight per pair never needs widening; depthwise kernels are exact
     tiny = encode_weight("Conv", np.concatenate([w[:, :1] * 10, w[:, 1:] * 0.01], axis=1), 0)
     assert tiny.form == "s8"
+    assert encode_weight("Conv", w[:, :1], 0, depthwise=True).form == "s8"
 
 
 def test_u8_when_widening_would_cost_too_much_noise():
@@ -216,3 +221,28 @@ def test_kernel_safe_int8_keeps_its_simulation_on_avx2_and_vnni_codes_do_not(dig
     assert not vnni.ok and vnni.gap_db > 10, vnni.describe()  # measured: 14.2 dB lost
     accuracy = np.mean(np.concatenate([o[0] for o in safe_avx2]).argmax(1) == labels)
     assert accuracy >= 0.99  # the float model: 0.9972 (onnxcompress/data/README.md)
+
+
+def test_a_failed_kernel_check_redoes_vnni_codes_as_safe_codes(monkeypatch):
+    """Codes made for VNNI on a CPU whose kernels lose them: the pass says so and redoes them safe."""
+    import onnxcompress.passes.quantize as quantize
+    from onnxcompress.analysis.kernel_check import KernelCheck
+    from onnxcompress.calibration import Calibration
+    from onnxcompress.demo_data import demo_model_path, load_calibration
+    from onnxcompress.model import load
+    from onnxcompress.pipeline import PassContext
+
+    calls = []
+
+    def lossy_then_fine(model, feeds, reference, source, **_):
+        calls.append(source)
+        return KernelCheck(5.0 if len(calls) == 1 else 40.0, 40.0, 4, source)
+
+    monkeypatch.setattr(quantize, "check_kernels", lossy_then_fine)
+    source = load(str(demo_model_path()))
+    ctx = PassContext(calibration=Calibration.from_arrays(source, {"image": load_calibration()[:32]}), model=source)
+    result = quantize.QuantizeQDQ(kernels="vnni").run(source, ctx)
+    details = result.record.details
+    assert len(calls) == 2 and details["kernels"] == "any" and details["kernel_check"]["ok"]
+    assert any("redone with codes exact on any CPU" in c for c in result.record.changes)
+    assert {e.split(":")[0] for e in details["weight_forms"].values()} <= {"s8", "s8-safe", "u8"}

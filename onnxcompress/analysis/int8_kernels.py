@@ -8,14 +8,19 @@ wrong on AVX2 CPUs (AMD Zen 2/3, Intel before Cascade Lake) while exact on VNNI 
 VPDPBUSD adds straight into int32. The kernel multiplies the raw activation code (0..255), the
 zero point is applied later, so the worst case is any code up to 255 whatever the encoding.
 
-A layer is exact on every path when, for every output channel and every two neighbouring weights
-of the reduction order, 255 * (sum of the positive codes) <= 32767 and 255 * (sum of the negative
-codes) >= -32768. The reduction order is the kernel's: ORT runs convolutions channels-last, so a
-Conv weight [M, C/g, kh, kw] reduces over (kh, kw, c); MatMul [K, N] and Gemm over K. Any two
-neighbours in that order are checked (not only the even-aligned pairs) so the proof does not
-depend on where a kernel starts a block. u8 x u8 kernels widen both operands to int16 and use
-VPMADDWD (int32 sums): exact for any codes, and the fallback for a layer whose s8 codes cannot be
-made safe cheaply. ARM64 kernels widen or use SDOT/UDOT into int32: exact.
+A layer is exact when, for every output channel and every pair (k, k+1), k even, of the reduction
+order, 255 * (sum of the positive codes) <= 32767 and 255 * (sum of the negative codes) >= -32768.
+The order is the kernel's: ORT runs convolutions channels-last (its QLinearConv reorders the weight
+to [kh, kw, C/g, M]), so a Conv weight [M, C/g, kh, kw] reduces over (kh, kw, c) within its group;
+MatMul [K, N] and Gemm over K, in blocks of even length, so the pairs never shift. The same holds
+for the indirect "ConvSym" kernels and for AVX-512 without VNNI. Measured on ORT 1.32 under an
+emulated Haswell: 1x1 and 3x3 convolutions with 2 to 16 channels, groups 2 and 3, MatMul with
+K = 800; an (even) pair at (127, 1) or (64, 64) stays exact, (127, 2) or (64, 65) saturates.
+
+Exact whatever the codes: depthwise convolutions (their kernels widen to int16 and sum in int32),
+u8 x u8 kernels (VPMADDWD on widened operands: the fallback for a layer whose s8 codes cannot be
+made safe cheaply), s8 x s8 (but ORT turns s8 activations into u8 on x86, so they pair like u8),
+and ARM64, whose int16 paths can only overflow on -128 * -128 twice: symmetric codes never use -128.
 """
 
 from __future__ import annotations
@@ -42,19 +47,19 @@ def reduction_rows(op_type: str, w: np.ndarray, *, trans_b: bool = False) -> np.
     return np.asarray(w).T
 
 
-def neighbour_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the largest sum of the positive parts and the smallest sum of the negative parts
-    of any two neighbours (a single element counts as a pair with zero)."""
+    of the kernel's pairs (k, k+1), k even (an odd last element pairs with the kernel's zero pad)."""
     rows = np.asarray(rows, dtype=np.float64)
+    if rows.shape[1] % 2:
+        rows = np.pad(rows, ((0, 0), (0, 1)))
     pos, neg = np.maximum(rows, 0.0), np.minimum(rows, 0.0)
-    if rows.shape[1] < 2:
-        return pos.max(axis=1, initial=0.0), neg.min(axis=1, initial=0.0)
-    return (pos[:, 1:] + pos[:, :-1]).max(axis=1), (neg[:, 1:] + neg[:, :-1]).min(axis=1)
+    return (pos[:, 0::2] + pos[:, 1::2]).max(axis=1, initial=0.0), (neg[:, 0::2] + neg[:, 1::2]).min(axis=1, initial=0.0)
 
 
 def overflowing_rows(codes: np.ndarray) -> np.ndarray:
-    """Boolean per output channel: some pair of neighbouring s8 codes can saturate int16."""
-    hi, lo = neighbour_sums(codes)
+    """Boolean per output channel: some pair of s8 codes can saturate int16."""
+    hi, lo = pair_sums(codes)
     return (hi > PAIR_CODE_LIMIT) | (lo < -PAIR_CODE_LIMIT)
 
 
@@ -64,7 +69,7 @@ def safe_scales(rows: np.ndarray, scales: np.ndarray, qmax: int = 127) -> np.nda
     The float neighbour sums give the scale that puts the worst pair exactly at the limit; rounding
     can add one code, so the scale grows a step at a time until the rounded codes are safe."""
     rows = np.asarray(rows, dtype=np.float64)
-    hi, lo = neighbour_sums(rows)
+    hi, lo = pair_sums(rows)
     worst = np.maximum(hi, -lo)
     out = np.maximum(scales.astype(np.float64), worst / PAIR_CODE_LIMIT)
     for _ in range(64):
@@ -108,6 +113,6 @@ def host_has_vnni(cpuinfo: str | None = None) -> bool:
 
 
 __all__ = [
-    "ACTIVATION_CODE_MAX", "PAIR_CODE_LIMIT", "VNNI_FLAGS", "host_has_vnni", "neighbour_sums", "overflowing_rows",
+    "ACTIVATION_CODE_MAX", "PAIR_CODE_LIMIT", "VNNI_FLAGS", "host_has_vnni", "overflowing_rows", "pair_sums",
     "reduction_rows", "safe_scales", "saturating_dot",
 ]

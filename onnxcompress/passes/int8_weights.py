@@ -2,9 +2,10 @@
 
 Each int8 layer's weight gets one of three forms, chosen per layer:
 
-- `s8`: per-channel symmetric int8 over the full range [-127, 127]; taken as is when no two
-  neighbouring codes can saturate the int16 pair sums of x86 kernels without VNNI
-  (analysis/int8_kernels.py), or when the target kernels have VNNI (`kernels="vnni"`);
+- `s8`: per-channel symmetric int8 over the full range [-127, 127]; taken as is when no pair of
+  codes can saturate the int16 pair sums of x86 kernels without VNNI (analysis/int8_kernels.py),
+  for depthwise convolutions (their kernels are exact), or when the target kernels have VNNI
+  (`kernels="vnni"`);
 - `s8-safe`: the same, with the scales of the channels that could saturate widened just enough that
   they cannot (7-bit-like precision in those channels only). Chosen when that raises the layer's
   output quantization noise by at most SAFE_WIDENING_MAX_DB: per output channel, weight rounding
@@ -106,13 +107,15 @@ def quantize_bias(b: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[n
 
 
 def encode_weight(
-    op_type: str, w: np.ndarray, axis: int | None, *, trans_b: bool = False, kernels: Kernels = "any",
+    op_type: str, w: np.ndarray, axis: int | None, *, trans_b: bool = False, depthwise: bool = False,
+    kernels: Kernels = "any",
     x_scale: float | None = None, x_mean_square: float | None = None, bias: np.ndarray | None = None,
 ) -> WeightEncoding:
     """The weight's codes in the form that is exact on `kernels` (see the module doc).
 
     `axis` is the per-channel axis (None: one scale); the reduction order comes from `op_type`
-    (Conv, MatMul, Gemm with `trans_b`). With `x_scale` and a per-channel `bias`, scales also grow
+    (Conv, MatMul, Gemm with `trans_b`; a `depthwise` Conv has exact kernels). With `x_scale` and a
+    per-channel `bias`, scales also grow
     until the int32 bias codes fit. `x_scale` and `x_mean_square` (the input's E[x^2]) weigh
     widening against the input's own rounding noise; without them only weight noise counts."""
     w = np.asarray(w, dtype=np.float32)
@@ -130,7 +133,7 @@ def encode_weight(
     row_scales = scales if channel_of_row else np.full(rows.shape[0], scales, dtype=np.float32)
     codes, _ = quantize_weight(w, axis, scales)
     unsafe = overflowing_rows(reduction_rows(op_type, codes.astype(np.float64), trans_b=trans_b))
-    if kernels == "vnni" or not unsafe.any():
+    if kernels == "vnni" or depthwise or not unsafe.any():
         return WeightEncoding(codes, scales, axis, "s8", bias_widened=bias_widened)
     safe = safe_scales(rows, row_scales, WEIGHT_QMAX)
     safe = safe if channel_of_row else np.asarray(safe.max(), dtype=np.float32)

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.activations import collect
 from ..analysis.histograms import TensorHistogram, clip_range, collect_histograms
+from ..analysis.kernel_check import check_kernels
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
 from ..model import load, to_proto
@@ -129,12 +130,13 @@ class QuantizeQDQ(Pass):
         from .cleanup import FoldBatchNorm
 
         tolerance = self.tolerance()
-        calibration, held = ctx.calibration, None
-        if tolerance is not None:
-            # Measured against the float model this pass received, before anything here touches it.
-            calibration, held = holdout_split(ctx.calibration)
-            held_feeds = list(held.batches(batch_size_for(model, 16)))
-            reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
+        # Measured against the float model this pass received, before anything here touches it: the
+        # tolerance on calibration samples held out from calibration, the kernel check on the last
+        # samples (held out too in tolerance mode).
+        calibration, held = holdout_split(ctx.calibration) if tolerance is not None else (ctx.calibration, None)
+        checked = held if held is not None else holdout_split(ctx.calibration)[1]
+        held_feeds = list(checked.batches(batch_size_for(model, 16)))
+        reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
         changes: list[str] = []
         folded = FoldBatchNorm().run(model, ctx)
         model = folded.model
@@ -152,11 +154,17 @@ class QuantizeQDQ(Pass):
             changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
             smoothing = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
         quantizer = _Quantizer(self, model, calibration)
-        variant = quantizer.build()
-        skipped = list(variant.plan.skipped)
-        fallback = None
-        if tolerance is not None:
-            variant, fallback, skipped = self._fallback(quantizer, variant, tolerance, held_feeds, reference, held.source)
+        variant, fallback, skipped = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
+        check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
+        kernel_notes = []
+        if not check.ok and quantizer.kernels != "any":
+            # This CPU's kernels are not the VNNI ones the codes were made for: redo with safe codes.
+            kernel_notes.append(f"{check.describe()} with codes for VNNI kernels; redone with codes exact on any CPU")
+            quantizer.kernels = "any"
+            variant, fallback, skipped = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
+            check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
+        if not check.ok:
+            skipped.append(f"int8 kernels: {check.describe()}")
         plan = variant.plan
         if self.bias_correction:
             changes.append(f"bias correction on {len(variant.shifts)} layers")
@@ -168,7 +176,8 @@ class QuantizeQDQ(Pass):
         kind = "uint8 asymmetric" if self.preset == "cpu" else "int8 symmetric"
         changes.append(f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
                        f"({self.preset}: {kind}, {self.method})")
-        changes.append(describe_forms(variant.encodings, self.kernels))
+        changes.append(describe_forms(variant.encodings, quantizer.kernels))
+        changes += kernel_notes + [check.describe()]
         if fallback is not None and fallback["kept_float"]:
             changes.append(f"{len(fallback['kept_float'])} sensitive layers kept in float: {fallback['summary']}")
         details = {
@@ -177,12 +186,23 @@ class QuantizeQDQ(Pass):
             "fused_activations": sorted(plan.fused_activations), "notes": notes + variant.notes,
             "bias_correction": self.bias_correction, "bias_shift_max_abs": variant.shifts,
             "bias_correction_skipped": variant.uncorrected, "smoothing": smoothing, "tolerance": fallback,
-            "kernels": self.kernels, "weight_forms": {n: e.describe() for n, e in variant.encodings.items()},
+            "kernels": quantizer.kernels, "weight_forms": {n: e.describe() for n, e in variant.encodings.items()},
+            "kernel_check": check.to_dict(),
         }
         return self.result(load(variant.proto), changes=changes, skipped=skipped, details=details)
 
     def tolerance(self) -> Tolerance | None:
         return None if self.max_drop is None else Tolerance(self.metric, self.max_drop)
+
+    def _quantize(
+        self, quantizer: _Quantizer, tolerance: Tolerance | None, feeds: list[dict[str, np.ndarray]],
+        reference: list[list[np.ndarray]], source: str,
+    ) -> tuple[_Variant, dict[str, Any] | None, list[str]]:
+        """Everything in int8, then (tolerance mode) the most sensitive layers back to float."""
+        variant = quantizer.build()
+        if tolerance is None:
+            return variant, None, list(variant.plan.skipped)
+        return self._fallback(quantizer, variant, tolerance, feeds, reference, source)
 
     # ------------------------------------------------------------------ tolerance mode
 
@@ -315,6 +335,7 @@ class _Quantizer:
 
     def __init__(self, options: QuantizeQDQ, model: ir.Model, calibration: Calibration) -> None:
         self.options, self.model, self.calibration = options, model, calibration
+        self.kernels = options.kernels
         self.proto = to_proto(model)
         self.hists: dict[str, TensorHistogram] = {}
         self.means: dict[str, np.ndarray] = {}
@@ -333,7 +354,7 @@ class _Quantizer:
             self.asked.update(missing)
         params = o.ranges(plan, self.hists)
         mean_squares = {v: h.mean_square() for v, h in self.hists.items()}
-        encodings = weight_encodings(self.proto, plan, params, per_channel=o.per_channel, kernels=o.kernels,
+        encodings = weight_encodings(self.proto, plan, params, per_channel=o.per_channel, kernels=self.kernels,
                                      mean_squares=mean_squares)
         proto, shifts, uncorrected = self.proto, {}, []
         if o.bias_correction:
@@ -600,9 +621,11 @@ def weight_encodings(
         b_name = node.input[2] if len(node.input) > 2 else ""
         bias = numpy_helper.to_array(g.inits[b_name]).astype(np.float32) if b_name in g.inits else None
         bias = bias if bias is not None and bias.ndim == 1 else None
+        groups = int(_attr(node, "group", 1))
+        depthwise = node.op_type == "Conv" and groups > 1 and w.shape[1] == 1 and w.shape[0] == groups
         encodings[node.name] = encode_weight(
             node.op_type, w, _weight_axis(node) if per_channel else None, trans_b=bool(_attr(node, "transB", 0)),
-            kernels=kernels, x_scale=None if x is None else x.scale, x_mean_square=mean_squares.get(node.input[0]),
+            depthwise=depthwise, kernels=kernels, x_scale=None if x is None else x.scale, x_mean_square=mean_squares.get(node.input[0]),
             bias=bias)
     return encodings
 
