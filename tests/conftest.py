@@ -36,3 +36,18 @@ def fold_light_model(path: Path) -> ir.Model:
 def load_folded_light(light_model_paths) -> Callable[[str], ir.Model]:
     """A loader: name -> a fresh folded copy of that light model (the caller may modify it)."""
     return lambda name: fold_light_model(light_model_paths[name])
+
+
+@pytest.fixture
+def avx2():
+    """Runs a model file on an emulated AVX2 CPU without VNNI: (path, feeds) -> outputs per feed.
+    Skips where qemu-user is missing, except in CI, which installs it (.ci/run): there it fails."""
+    import os
+
+    from onnxcompress import cpu_emulation
+
+    if not cpu_emulation.available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the AVX2 kernel tests: install qemu-user (apt-get install qemu-user)")
+        pytest.skip("qemu-x86_64 not installed (apt-get install qemu-user) or not x86-64 Linux")
+    return cpu_emulation.run_emulated

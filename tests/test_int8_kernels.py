@@ -3,8 +3,6 @@ and what ORT really computes on an emulated AVX2 CPU (qemu-user, see onnxcompres
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -21,17 +19,6 @@ from onnxcompress.passes.int8_weights import BIAS_CODE_LIMIT, encode_weight, qua
 
 #: safe_scales grows a scale in steps of 1/(2*PAIR_CODE_LIMIT); it may end this far above the float bound.
 SAFE_SCALE_SLACK = 1 + 4 / (2 * PAIR_CODE_LIMIT)
-
-
-def _emulation():
-    """The qemu runner, or a skip where it cannot run; CI installs qemu-user, so there it must run."""
-    from onnxcompress import cpu_emulation
-
-    if not cpu_emulation.available():
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the AVX2 kernel tests: install qemu-user (apt-get install qemu-user)")
-        pytest.skip("qemu-x86_64 not installed (apt-get install qemu-user) or not x86-64 Linux")
-    return cpu_emulation
 
 
 # ---------------------------------------------------------------------------- the bound, in numpy
@@ -156,11 +143,10 @@ def _qlinear_conv(w: np.ndarray, x_shape: tuple[int, ...], y_scale: float):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_avx2_conv_saturates_exactly_as_the_numpy_emulation_says(tmp_path):
+def test_avx2_conv_saturates_exactly_as_the_numpy_emulation_says(tmp_path, avx2):
     """The bound's model of the kernel, checked against the kernel: a 3x3 Conv on 4 channels with
     large weights, input all 255: ORT on an emulated Haswell gives the pair-saturated sums of the
     channels-last order; natively (VNNI here) or with safe codes, the exact sums."""
-    emulation = _emulation()
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (6, 4, 3, 3))
     w[0] = 127  # every pair saturates
@@ -173,7 +159,7 @@ def test_avx2_conv_saturates_exactly_as_the_numpy_emulation_says(tmp_path):
     assert expected[0, 0] != exact[0, 0] and expected[0, 1] == exact[0, 1]
     path = tmp_path / "qconv.onnx"
     path.write_bytes(_qlinear_conv(w, x.shape, y_scale).SerializeToString())
-    got = emulation.run_emulated(path, [{"x": x}])[0][0].reshape(-1).astype(np.int64) - 128
+    got = avx2(path, [{"x": x}])[0][0].reshape(-1).astype(np.int64) - 128
     np.testing.assert_array_equal(got, expected.reshape(-1))
 
 
@@ -201,23 +187,22 @@ def digits_int8(tmp_path_factory):
     return paths, [{"image": images[i : i + 120]} for i in range(0, len(images), 120)], labels
 
 
-def test_kernel_safe_int8_keeps_its_simulation_on_avx2_and_vnni_codes_do_not(digits_int8):
+def test_kernel_safe_int8_keeps_its_simulation_on_avx2_and_vnni_codes_do_not(digits_int8, avx2):
     """On an emulated AVX2 CPU, the kernel-safe codes compute what their QDQ graph says (the kernel
     check passes, the emulated fused outputs equal this machine's), the VNNI-only codes do not."""
     from onnxcompress.analysis.kernel_check import check_kernels
     from onnxcompress.demo_data import demo_model_path
     from onnxcompress.verify import outputs
 
-    emulation = _emulation()
     paths, feeds, labels = digits_int8
     reference = outputs(str(demo_model_path()), feeds, "float")
-    safe_avx2 = emulation.run_emulated(paths["any"], feeds)
+    safe_avx2 = avx2(paths["any"], feeds)
     safe = check_kernels(str(paths["any"]), feeds, reference, "digits test set", fused=safe_avx2)
     assert safe.ok, safe.describe()
     for a, b in zip(outputs(paths["any"], feeds, "native"), safe_avx2):
         np.testing.assert_array_equal(a[0], b[0])
     vnni = check_kernels(str(paths["vnni"]), feeds, reference, "digits test set",
-                         fused=emulation.run_emulated(paths["vnni"], feeds))
+                         fused=avx2(paths["vnni"], feeds))
     assert not vnni.ok and vnni.gap_db > 10, vnni.describe()  # measured: 14.2 dB lost
     accuracy = np.mean(np.concatenate([o[0] for o in safe_avx2]).argmax(1) == labels)
     assert accuracy >= 0.99  # the float model: 0.9972 (onnxcompress/data/README.md)

@@ -22,7 +22,7 @@ def test_matmul_runs_as_integer_kernel_and_keeps_its_interface():
     pipeline = Pipeline([QuantizeDynamic()], verify=VerifyOptions(samples=4))
     result = pipeline.run(proto, input_shapes={"x": (2, 7, 16)})
     record = result.report.passes[0]
-    assert record.changes == ("1 of 1 MatMul/Gemm nodes now use int8 weights",)
+    assert record.changes[0] == "1 of 1 MatMul/Gemm nodes now use int8 weights"
     assert record.details["integer_ops"]  # MatMulInteger (+ DynamicQuantizeLinear) in the saved graph
     assert record.fidelity.sqnr_db >= MIN_SQNR_DB
     assert [v.name for v in result.model.graph.inputs] == ["x"] and [v.name for v in result.model.graph.outputs] == ["y"]
@@ -37,6 +37,25 @@ def test_no_calibration_needed_and_skips_are_reported():
         proto, input_shapes={"x": (1, 3, 16)})
     record = result.report.passes[0]
     assert not record.modified and record.skipped == ("1 MatMul/Gemm nodes left in float (non-constant weight, or excluded)",)
+
+
+@pytest.mark.parametrize("kernels", ["any", "vnni"])
+def test_on_avx2_kernels_only_the_safe_weights_keep_their_fidelity(tmp_path, avx2, kernels):
+    """A projection with full-range weights: ORT's s8 codes saturate on an emulated AVX2 CPU; the
+    pass's default shifts them to uint8 (exact u8 x u8 kernels)."""
+    from onnxcompress.verify import compare, outputs
+
+    proto = dynamic_matmul()
+    result = Pipeline([QuantizeDynamic(kernels=kernels)], verify=VerifyOptions(samples=1)).run(proto, input_shapes={"x": (2, 7, 16)})
+    shifted = result.report.passes[0].details["shifted_to_uint8"]
+    assert bool(shifted) == (kernels == "any")
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(M.to_proto(result.model), path)
+    rng = np.random.default_rng(5)
+    # inputs near their batch maximum: codes near 255 everywhere, the worst case for pair sums
+    feeds = [{"x": (1 + 0.05 * rng.random((2, 7, 16))).astype(np.float32)} for _ in range(4)]
+    sqnr = compare(outputs(M.load(proto), feeds, "float"), avx2(path, feeds), "random").sqnr_db
+    assert (sqnr >= MIN_SQNR_DB) == (kernels == "any"), sqnr
 
 
 @pytest.mark.parametrize("dynamo", [False, True])

@@ -4,6 +4,11 @@ No calibration data is needed, which makes it the int8 that works on any MatMul-
 the box. ONNX Runtime's own `quantize_dynamic` does the rewriting (a well-kept implementation whose
 output its kernels are built for: DynamicQuantizeLinear + MatMulInteger, fused by ORT into
 DynamicQuantizeMatMul); this pass wraps it in the pipeline contract and reports what it changed.
+
+ORT's int8 weights run with u8 x s8 kernels, which on x86 without VNNI add pairs of products into
+a saturating int16 (analysis/int8_kernels.py). Unless the target kernels have VNNI, a weight whose
+codes could saturate is shifted to uint8 with zero point + 128: the same values, exact u8 x u8
+kernels; scales are untouched.
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ from typing import ClassVar, Literal
 import onnx
 import onnx_ir as ir
 
+import numpy as np
+from onnx import numpy_helper
+
+from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
 from ..model import load, save
 from ..pipeline import Pass, PassContext, PassResult
+from .int8_weights import KERNELS, U8_ZERO_POINT, Kernels
 
 #: Ops ORT's dynamic quantizer rewrites to integer kernels.
 _INTEGER_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "DynamicQuantizeLSTM"}
@@ -36,6 +46,11 @@ class QuantizeDynamic(Pass):
     per_channel: bool = True
     weight_type: Literal["int8", "uint8"] = "int8"
     skip_nodes: tuple[str, ...] = ()
+    kernels: Kernels = "any"  # "vnni": keep every int8 weight as ORT wrote it (wrong on AVX2 CPUs)
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -53,7 +68,9 @@ class QuantizeDynamic(Pass):
             except Exception as exc:  # ORT's quantizer raises assorted types for models it cannot handle
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise OnnxCompressError(f"quantize-dynamic: onnxruntime could not quantize the model ({first})") from None
-            quantized = load(onnx.load(str(target)))  # read fully: the folder goes away with the block
+            proto = onnx.load(str(target))  # read fully: the folder goes away with the block
+        shifted = [] if self.kernels == "vnni" else shift_unsafe_weights(proto)
+        quantized = load(proto)
         quantized.meta.update(model.meta)
         after = Counter(n.op_type for n in quantized.graph)
         integer = {op: n for op, n in after.items() if op in _INTEGER_OPS}
@@ -61,6 +78,42 @@ class QuantizeDynamic(Pass):
         left = sum(after[op] for op in self.op_types)
         changes = [f"{candidates - left} of {candidates} {'/'.join(self.op_types)} nodes now use int8 weights"] \
             if candidates > left else []
+        if shifted:
+            changes.append(f"{len(shifted)} int8 weights shifted to uint8 (exact u8 x u8 kernels): their s8 codes could "
+                           "saturate the int16 pair sums of x86 CPUs without VNNI")
         skipped = [f"{left} {'/'.join(self.op_types)} nodes left in float (non-constant weight, or excluded)"] if left else []
         return self.result(quantized, changes=changes, skipped=skipped,
-                           details={"integer_ops": integer, "weight_type": self.weight_type})
+                           details={"integer_ops": integer, "weight_type": self.weight_type, "kernels": self.kernels,
+                                    "shifted_to_uint8": shifted})
+
+
+def shift_unsafe_weights(proto: onnx.ModelProto) -> list[str]:
+    """Shift to uint8 (codes and zero points + 128) every constant int8 MatMulInteger weight whose
+    codes could saturate int16 pair sums; returns their names."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    shifted = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
+            continue
+        w_name, zp_name = node.input[1], node.input[3] if len(node.input) > 3 else ""
+        w = numpy_helper.to_array(inits[w_name])
+        if w.dtype != np.int8 or w.ndim != 2 or w_name in shifted:
+            continue
+        zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else np.zeros((), np.int8)
+        if not overflowing_rows(reduction_rows("MatMul", w.astype(np.float64))).any():
+            continue
+        users = [n for n in proto.graph.node if w_name in n.input or (zp_name and zp_name in n.input)]
+        if any(n.op_type != "MatMulInteger" for n in users):
+            continue  # shared with something that expects int8
+        inits[w_name].CopyFrom(numpy_helper.from_array((w.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), w_name))
+        u8_zp = (zp.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8)
+        if zp_name in inits:
+            inits[zp_name].CopyFrom(numpy_helper.from_array(u8_zp, zp_name))
+        else:
+            name = f"{w_name}_zero_point_u8"
+            proto.graph.initializer.append(numpy_helper.from_array(u8_zp, name))
+            while len(node.input) < 4:
+                node.input.append("")
+            node.input[3] = name
+        shifted.append(w_name)
+    return shifted
