@@ -42,6 +42,14 @@ class Calibration:
         for start in range(0, n, batch_size):
             yield {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items()}
 
+    def first(self, n: int) -> Calibration:
+        """The first `n` samples (all when there are fewer)."""
+        if n < 1:
+            raise CalibrationError(f"calibration sample count must be at least 1, got {n}")
+        if n >= self.num_samples:
+            return self
+        return Calibration({k: v[:n] for k, v in self.arrays.items()}, f"{self.source} (first {n})", self.is_random)
+
     def split(self, holdout: float) -> tuple[Calibration, Calibration]:
         """(fit, held-out) parts, the held-out part taken from the end so results stay reproducible."""
         n_hold = max(1, int(round(self.num_samples * holdout)))
@@ -75,13 +83,16 @@ class Calibration:
     @classmethod
     def from_path(
         cls, model: ir.Model, path: str | Path, *, preprocessing: str | None = None,
-        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None, limit: int | None = None,
     ) -> Calibration:
         """A `.npy` (single-input models) or `.npz` (arrays named after the inputs) file, or a folder of
-        images read with `preprocessing` (see images.py: "imagenet", "raw" or key=value steps)."""
+        images read with `preprocessing` (see images.py: "imagenet", "raw" or key=value steps); the
+        first `limit` samples only when given."""
         path = Path(path)
+        if limit is not None and limit < 1:
+            raise CalibrationError(f"calibration sample count must be at least 1, got {limit}")
         if path.is_dir():
-            return cls.from_images(model, path, preprocessing, input_shapes)
+            return cls.from_images(model, path, preprocessing, input_shapes, limit=limit)
         if preprocessing is not None:
             raise CalibrationError(f"{path}: image preprocessing applies to a folder of images, not to a {path.suffix} file")
         if not path.is_file():
@@ -98,7 +109,8 @@ class Calibration:
             raise
         except Exception as exc:
             raise CalibrationError(f"{path}: cannot read calibration data ({str(exc).splitlines()[0][:200]})") from None
-        return cls.from_arrays(model, arrays, source=path.name)
+        calibration = cls.from_arrays(model, arrays, source=path.name)
+        return calibration if limit is None else calibration.first(limit)
 
     @classmethod
     def from_images(

@@ -125,6 +125,7 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model (.onnx, or .occ for a packed download).")],
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy, .npz named by input, or a folder of images): enables the tolerance search and static int8.")] = None,
     calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps like 'raw,mean=0.5,std=0.5,layout=nhwc,channels=bgr'.")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(help="Use the first N calibration samples (default: all of them).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target (picks the int8 form): cpu (any x86 with AVX2 and up, or ARM: int8 codes proven exact on kernels without VNNI), vnni (x86 with VNNI/AMX only: full-range codes), host (this machine's CPU), cuda or tensorrt.")] = "cpu",
     max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
@@ -176,14 +177,17 @@ def optimize(
     )
     if bench_runs and bench_runs < 20:
         raise OnnxCompressError(f"--bench-runs must be 0 (skip) or at least 20, got {bench_runs}")
+    if calib_samples is not None and calib is None:
+        raise OnnxCompressError("--calib-samples counts --calib samples: give --calib DATA")
     if plot and not (plot.parent if str(plot.parent) else Path(".")).is_dir():
         raise OnnxCompressError(f"{plot.parent}: plot folder does not exist")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
-    calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes)
-                   if calib else None)
+    calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes,
+                                         limit=calib_samples) if calib else None)
     if calib_preprocess is not None and calib is None:
         raise OnnxCompressError("--calib-preprocess describes --calib images: give --calib FOLDER")
+
 
     def work(progress):
         return run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,

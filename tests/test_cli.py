@@ -113,6 +113,10 @@ def _bad_cases(tmp: Path, good: Path) -> dict[str, tuple[list, str]]:
         "output folder missing": (["optimize", good, "-o", tmp / "no" / "dir" / "o.onnx"], "does not exist"),
         "calibration wrong shape": (["optimize", good, "-o", o, "--calib", tmp / "calib_wrong.npy"], "must be 8"),
         "calibration missing": (["optimize", good, "-o", o, "--calib", tmp / "none.npz"], "no such calibration"),
+        "calibration count without data": (["optimize", good, "-o", o, "--calib-samples", "8"], "give --calib"),
+        "calibration count zero": (["optimize", good, "-o", o, "--calib", tmp / "calib_wrong.npy", "--calib-samples", "0"],
+                                   "at least 1"),
+        "unknown target": (["optimize", good, "-o", o, "--target", "avx9"], "unknown target"),
         "bad batch list": (["bench", good, "--batch", "1,x"], "bad --batch"),
         "too few runs": (["bench", good, "--runs", "5"], "20"),
         "unknown provider": (["bench", good, "--ep", "tpu"], "unknown provider"),
@@ -182,6 +186,16 @@ def test_quantize_flags_add_the_int8_pass_after_pruning(capsys, tmp_path, model_
     assert code == 0, err
     passes = json.loads(report.read_text())["passes"]
     assert [p["name"] for p in passes][-2:] == ["prune-channels", "quantize-int8"]
+    assert passes[-1]["details"]["kernels"] == "any" and passes[-1]["details"]["samples"] == 16
+    assert passes[-1]["details"]["kernel_check"]["ok"]
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q4.onnx", "--quantize", "int8", "--calib", calib,
+                           "--calib-samples", "12", "--target", "vnni", "--report", report)
+    assert code == 0, err
+    details = json.loads(report.read_text())["passes"][-1]["details"]
+    # full-range codes stay on a VNNI CPU; elsewhere the kernel check sees them lose and redoes them
+    from onnxcompress.analysis.int8_kernels import host_has_vnni
+
+    assert details["kernels"] == ("vnni" if host_has_vnni() else "any") and details["samples"] == 12
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q2.onnx", "--quantize", "int4")
     assert code == 2 and "choose int8" in err
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q3.onnx", "--quantize", "int8")

@@ -99,7 +99,7 @@ class QuantizeQDQ(Pass):
     per_channel: bool = True
     skip_nodes: tuple[str, ...] = ()
     skip_ops: tuple[str, ...] = ()
-    samples: int = 256
+    samples: int | None = None  # calibration samples used (None: all given; --calib-samples cuts the data itself)
     bins: int = 2048
     bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
     smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
@@ -113,7 +113,7 @@ class QuantizeQDQ(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        if self.samples < 1 or self.bins < 16:
+        if (self.samples is not None and self.samples < 1) or self.bins < 16:
             raise ValueError("samples must be >= 1 and bins >= 16")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")

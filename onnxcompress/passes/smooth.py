@@ -61,13 +61,13 @@ class SmoothQuant(Pass):
     exact: ClassVar[bool] = True
 
     alpha: float = 0.5  # migration strength: 0 keeps the activation as is, 1 moves all its range into W
-    samples: int = 256  # calibration samples for the activation ranges
+    samples: int | None = None  # calibration samples for the activation ranges (None: all given)
     insert_mul: bool = True  # where the producer cannot absorb 1/s, insert a per-channel Mul
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.samples < 1:
+        if self.samples is not None and self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
