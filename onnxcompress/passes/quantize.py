@@ -25,6 +25,7 @@ and reused by every variant the fallback builds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -134,7 +135,11 @@ class QuantizeQDQ(Pass):
         # tolerance on calibration samples held out from calibration, the kernel check on the last
         # samples (held out too in tolerance mode).
         calibration, held = holdout_split(ctx.calibration) if tolerance is not None else (ctx.calibration, None)
-        checked = held if held is not None else holdout_split(ctx.calibration)[1]
+        if held is not None:
+            checked = held
+        else:  # not held out: the check compares kernels with their simulation, not int8 with float
+            checked = holdout_split(ctx.calibration)[1]
+            checked = dataclasses.replace(checked, source=f"{ctx.calibration.source} (last {checked.num_samples})")
         held_feeds = list(checked.batches(batch_size_for(model, 16)))
         reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
         changes: list[str] = []
