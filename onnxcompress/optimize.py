@@ -112,8 +112,24 @@ def optimize(
         mode = "recipe" if calibration is not None or options.recipe is not None or options.passes else "no-calibration"
     report = result.report
     if options.bench_runs:
-        report = dataclasses.replace(report, bench=_latency(source, result.model, shapes, options))
+        bench = _latency(source, result.model, shapes, options)
+        report = dataclasses.replace(report, bench=bench, notes=(*report.notes, *_slower_note(bench, [p.name for p in report.passes if p.modified])))
     return OptimizeResult(result.model, report, mode)
+
+
+#: Measured speedups below this call the result slower than its input (medians of interleaved
+#: runs move by a few percent between repeats on a quiet machine).
+SLOWER_BELOW = 0.97
+
+
+def _slower_note(bench: Mapping[str, Any], changed: Sequence[str]) -> list[str]:
+    """A note when the result measured slower than the input: it is not an optimization here."""
+    speedup = bench.get("measured_speedup")
+    if speedup is None or speedup >= SLOWER_BELOW:
+        return []
+    lossy = ", ".join(changed) or "no pass"
+    return [f"slower than the input: measured {1 / speedup:.2f}x slower on ORT CPU at batch {bench['batch']} "
+            f"({lossy}); keep the input model for speed on this CPU"]
 
 
 def _search(source, calibration, options, evaluate, shapes, on_step):

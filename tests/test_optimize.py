@@ -186,3 +186,12 @@ def test_cli_factorize_budget_and_latency_aware(capsys, tmp_path, conv_model, mo
     assert aware["after"]["macs"] == aware["before"]["macs"]  # every factorization was judged slower: none kept
     code, _, err = run_cli(capsys, "optimize", conv_model, "-o", tmp_path / "h.onnx", "--latency-aware")
     assert code == 2 and "--latency-aware applies to factorization" in err
+
+
+def test_a_result_measured_slower_than_its_input_says_so():
+    from onnxcompress.optimize import SLOWER_BELOW, _slower_note
+
+    assert _slower_note({"measured_speedup": 1.0, "batch": 1}, ["quantize-int8"]) == []
+    assert _slower_note({"measured_speedup": None, "batch": 1}, ["quantize-int8"]) == []
+    (note,) = _slower_note({"measured_speedup": SLOWER_BELOW / 1.2, "batch": 1}, ["quantize-int8"])
+    assert note.startswith("slower than the input: measured 1.24x slower") and "(quantize-int8)" in note
