@@ -10,7 +10,7 @@ For every corpus model (default: DEFAULT_MODELS) and every quantizer setting (se
   `dynamic-int8`. Calibration: `Calibration.from_arrays(model, corpus.stack(calibration samples))`.
 - ONNX Runtime `quantize_static` (QDQ, per-channel QInt8 weights, QUInt8 activations) with MinMax,
   Entropy and Percentile calibration, each with reduce_range off and on; text encoders also
-  `quantize_dynamic` (its defaults). ORT's `quant_pre_process` only with --ort-preprocess (see notes()).
+  `quantize_dynamic` (its defaults); all on the model after ORT's `quant_pre_process` (see notes()).
 - NNCF `nncf.quantize` (ONNX backend, default settings); text encoders also with
   `model_type=ModelType.TRANSFORMER`.
 
@@ -36,6 +36,7 @@ last). Progress goes to stderr; the table to stdout at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -54,6 +55,7 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent.parent
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))  # run by path: make `common` and `real.corpus` importable
+os.environ.setdefault("NNCF_CI", "1")  # NNCF sends no telemetry (here and in the spawned children)
 
 import numpy as np  # noqa: E402
 from common import CpuMonitor, Stopwatch, markdown_table, write_json, write_text  # noqa: E402
@@ -119,6 +121,14 @@ class Setting:
     options: dict[str, Any]
 
 
+#: Pairs of settings whose identical results the notes point out, with the reason where known.
+SAME_OUTPUT_CHECKS = (
+    ("ort_minmax", "ort_entropy", ": ORT's Entropy calibrator with its defaults (num_bins = num_quantized_bins = 128) "
+     "has a single candidate threshold, the whole histogram"),
+    ("ort_minmax", "ort_minmax_rr", ""),
+)
+
+
 def settings_for(kind: str) -> list[Setting]:
     text = kind == TEXT
     out = [
@@ -138,6 +148,9 @@ def settings_for(kind: str) -> list[Setting]:
     if text:
         out.append(Setting("nncf_transformer", "NNCF model_type=TRANSFORMER", "nncf", {"model_type": "TRANSFORMER"}))
     return out
+
+
+LABELS = {s.key: s.label for s in settings_for(TEXT)}
 
 
 # ------------------------------------------------------------------------------ child: quantize
@@ -163,11 +176,12 @@ def _status_bytes(field_name: str, pid: int | str = "self") -> int | None:
     return None
 
 
-def unstacked(arrays: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+def unstacked(arrays: dict[str, np.ndarray], batch: int, *, same_shape: bool = False) -> list[dict[str, np.ndarray]]:
     """The stacked calibration arrays as feed dicts again: text one sentence at a time at its own length
-    (corpus.stack right-pads; the attention mask gives each length back), images `batch` at a time."""
+    (corpus.stack right-pads; the attention mask gives each length back), images `batch` at a time;
+    text too (padded) when the feeds must all have the same shape."""
     n = sample_count(arrays)
-    if "attention_mask" in arrays:
+    if "attention_mask" in arrays and not same_shape:
         lengths = arrays["attention_mask"].sum(axis=1)
         return [{k: v[i:i + 1, :int(lengths[i])] for k, v in arrays.items()} for i in range(n)]
     return [{k: v[s:s + batch] for k, v in arrays.items()} for s in range(0, n, batch)]
@@ -195,7 +209,9 @@ def _quantize_ours(options: dict[str, Any], job: dict[str, Any], arrays: dict[st
                            for p in pipeline.passes]
     pipeline.verify = VerifyOptions(enabled=False)  # ORT and NNCF verify nothing either: time the quantization alone
     model = onnxcompress.load(job["model"])
-    calibration = Calibration.from_arrays(model, arrays, source="corpus calibration split") if options["recipe"] != "dynamic-int8" else None
+    calibration = None
+    if options["recipe"] != "dynamic-int8":  # dynamic int8 takes no calibration data
+        calibration = Calibration.from_arrays(model, arrays, source="corpus calibration split")
     shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}  # pins symbolic dims (text: the padded length)
     result = pipeline.run(model, calibration=calibration, input_shapes=shapes)
     onnxcompress.save(result.model, job["output"])
@@ -212,7 +228,8 @@ def _quantize_ort(options: dict[str, Any], job: dict[str, Any], arrays: dict[str
     if options["mode"] == "dynamic":
         ortq.quantize_dynamic(job["prepared_model"], job["output"])
         return {"call": "quantize_dynamic(model_input, model_output): defaults (weight_type QInt8, per_channel False)"}
-    feeds = unstacked(arrays, CALIBRATION_BATCH)
+    # ORT's histogram calibrators (Entropy, Percentile) stack every feed's outputs: one shape for all.
+    feeds = unstacked(arrays, CALIBRATION_BATCH, same_shape=options["method"] != "MinMax")
     ortq.quantize_static(
         job["prepared_model"], job["output"], _Reader(feeds), quant_format=ortq.QuantFormat.QDQ,
         activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8, per_channel=True,
@@ -266,8 +283,8 @@ def _child_measure(job: dict[str, Any]) -> dict[str, Any]:
 
 def child_main(job: dict[str, Any]) -> None:
     """Entry point of a calibration child: measure one quantization, write the report file."""
-    os.environ["NNCF_CI"] = "1"  # NNCF: no telemetry
     os.dup2(2, 1)  # toolkits' progress bars go to stderr, never into the table on stdout
+    os.chdir(Path(job["output"]).parent)  # whatever a toolkit leaves in the cwd goes with the temporary folder
     try:
         result = _child_measure(job)
     except BaseException as exc:  # noqa: BLE001 - any failure becomes the quantizer's one-line error
@@ -361,7 +378,8 @@ def ort_pre_process(source: Path, folder: Path) -> tuple[Path, dict[str, Any]]:
     errors = []
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(source), str(output), skip_symbolic_shape=skip_symbolic)
+            with contextlib.chdir(folder):  # a failed symbolic shape inference saves its model into the cwd
+                quant_pre_process(str(source), str(output), skip_symbolic_shape=skip_symbolic)
         except Exception as exc:  # noqa: BLE001 - try the next variant, and say so
             errors.append(one_line(exc))
             continue
@@ -525,6 +543,18 @@ def measure_emulated(subject: Subject, reference: list[list[np.ndarray]], path: 
     return measure(subject.kind, reference, lambda: run_emulated(path, subject.avx2_feeds, timeout=CHILD_TIMEOUT_S))
 
 
+def measure_fusion(path: Path) -> dict[str, Any]:
+    """The int8 kernels and float Conv/MatMul/Gemm left in ORT's optimized graph of this CPU."""
+    from onnxcompress.analysis.fusion import fusion_check
+
+    try:
+        report = fusion_check(path)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": one_line(exc)}
+    return {"int8": report.int8_count, "float_compute": report.float_compute_count, "int8_by_op": report.int8,
+            "float_compute_by_op": report.float_compute, "qdq_left": sum(report.qdq.values())}
+
+
 def measure_latency(subject: Subject, done: dict[str, Calibrated], runs: int, threads: int) -> tuple[dict[str, Any], float | None]:
     """Median batch-1 latency of the float model and each int8 one, interleaved; the CPU share others took."""
     from onnxcompress.bench import BenchOptions, benchmark
@@ -576,6 +606,7 @@ def run_model(entry: corpus.Entry, args: argparse.Namespace, watch: Stopwatch) -
             with watch.phase("evaluation (native)"):
                 results[key]["kernel"] = measure_native(subject, reference, cal.path, args.threads, optimize=True)
                 results[key]["simulated"] = measure_native(subject, reference, cal.path, args.threads, optimize=False)
+                results[key]["fusion"] = measure_fusion(cal.path)
             with watch.phase("evaluation (emulated AVX2)"):
                 results[key]["avx2"] = (measure_emulated(subject, avx2_reference, cal.path) if args.avx2
                                         else {"skipped": "--no-avx2"})
@@ -631,6 +662,10 @@ def sqnr_cell(m: dict[str, Any]) -> str:
     return fmt_db(m.get("sqnr_db"))
 
 
+def kernels_cell(fusion: dict[str, Any]) -> str:
+    return "error" if fusion.get("error") else f"{fusion['int8']} / {fusion['float_compute']}"
+
+
 def latency_cells(lat: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
     ms, base = lat.get("median_ms"), fp32.get("median_ms")
     if ms is None:
@@ -639,14 +674,14 @@ def latency_cells(lat: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
 
 
 HEADERS = ["model", "quantizer", "calib s", "calib peak MiB", "kernel SQNR dB", "simulated SQNR dB", "fidelity",
-           f"SQNR dB, {AVX2_LABEL}", f"fidelity, {AVX2_LABEL}", "b1 ms", "fp32 / int8"]
+           f"SQNR dB, {AVX2_LABEL}", f"fidelity, {AVX2_LABEL}", "b1 ms", "fp32 / int8", "int8 / float kernels"]
 
 
 def table_rows(model: dict[str, Any]) -> list[list[str]]:
     kind, fp32 = model["kind"], model["fp32_latency"]
     base = fp32.get("median_ms")
     rows = [[model["name"], "fp32 (reference)", "-", "-", "-", "-", "-", "-", "-",
-             f"{base:.2f}" if base else "error", "1.00x" if base else "-"]]
+             f"{base:.2f}" if base else "error", "1.00x" if base else "-", "-"]]
     for r in model["results"].values():
         cal, label = r["calibration"], r["setting"]["label"]
         if cal.get("error"):
@@ -657,7 +692,7 @@ def table_rows(model: dict[str, Any]) -> list[list[str]]:
             model["name"], label, f"{cal['seconds']:.1f}",
             "-" if cal["rss_growth_mib"] is None else f"{cal['rss_growth_mib']:.0f}",
             sqnr_cell(kernel), sqnr_cell(simulated), fidelity_cell(kind, kernel),
-            sqnr_cell(avx2), fidelity_cell(kind, avx2), *latency_cells(r["latency"], fp32),
+            sqnr_cell(avx2), fidelity_cell(kind, avx2), *latency_cells(r["latency"], fp32), kernels_cell(r["fusion"]),
         ])
     return rows
 
@@ -703,6 +738,8 @@ def notes(data: dict[str, Any]) -> list[str]:
         (f"{AVX2_LABEL}: `onnxcompress.cpu_emulation.run_emulated` (AVX2 without AVX-512/VNNI: ORT's u8 x s8 "
          "kernels sum product pairs in saturating int16), one thread, on the first evaluation samples; float "
          "references computed natively."),
+        ("int8 / float kernels: int8 kernels and float Conv/MatMul/Gemm left in ORT's optimized graph on this CPU "
+         "(onnxcompress.analysis.fusion)."),
         (f"b1 ms: median latency at batch 1, {threads} intra-op threads, spinning off, interleaved with the fp32 "
          f"model ({data['args']['runs']} runs each, onnxcompress.bench, random inputs of the shapes given per "
          "model: text at the median evaluation sentence length)."),
@@ -712,8 +749,10 @@ def notes(data: dict[str, Any]) -> list[str]:
         ("Every quantizer gets the same calibration samples, the first N of the corpus calibration split: "
          "onnxcompress as `Calibration.from_arrays` of them stacked (text right-padded to the longest with "
          f"attention mask 0); ORT in feeds of {CALIBRATION_BATCH} images, NNCF one image per item; text one "
-         "sentence per feed at its own length for both (padded rows put the attention mask's large negative "
-         "values into their calibration ranges, which evaluation at batch 1 never sees)."),
+         "sentence per feed at its own length for ORT MinMax and NNCF (padded rows put the attention mask's large "
+         "negative values into their calibration ranges, which evaluation at batch 1 never sees); ORT Entropy and "
+         f"Percentile fail on feeds of different shapes, so they read text in padded feeds of {CALIBRATION_BATCH} "
+         "like onnxcompress."),
     ]
     return lines + third_party_notes(data) + finding_notes(data)
 
@@ -731,16 +770,16 @@ def third_party_notes(data: dict[str, Any]) -> list[str]:
             "model; NNCF falls back to per-tensor below opset 13. onnxcompress got the original file."
             + (f" Conversion failed on: {'; '.join(failed)}." if failed else ""))
     if not data["args"]["ort_preprocess"]:
-        lines.append("ORT's `quant_pre_process` was not run (--ort-preprocess runs it). Tried when this script was "
-                     "written (onnxruntime 1.32): on efficientnet_lite1 and minilm it left ORT's SQNR unchanged; on "
-                     "ppocr_cls its symbolic shape inference fails, and with skip_symbolic_shape=True its fused "
-                     "Conv+Add bias makes ORT's per-channel quantizer emit an invalid model.")
+        lines.append("ORT's quantizers got the model without `quant_pre_process` (--no-ort-preprocess).")
         return lines
     pre = {k: v["ort_pre_process"] for k, v in prepared.items()}
     failed = [f"{k} ({'; '.join(v['errors'])})" for k, v in pre.items() if not v.get("applied")]
     partial = [f"{k} ({v['errors'][0]})" for k, v in pre.items() if v.get("applied") and v.get("errors")]
     lines.append("ORT's quantizers ran on the model after `onnxruntime.quantization.shape_inference.quant_pre_process` "
-                 "(symbolic shape inference, ORT basic graph optimizations, ONNX shape inference)."
+                 "(symbolic shape inference, ORT basic graph optimizations, ONNX shape inference), as ORT recommends. "
+                 "Tried both ways when this script was written: it left ORT's SQNR on efficientnet_lite1 and minilm "
+                 "unchanged, and made ORT's PP-OCR models much faster (it folds BatchNorm and turns the Constant-node "
+                 "weights of ppocr_cls into initializers, which ORT's quantizer otherwise quantizes as activations)."
                  + (f" Symbolic shape inference failed, so it ran with skip_symbolic_shape=True, on: "
                     f"{'; '.join(partial)}." if partial else "")
                  + (f" It failed, so ORT got the model without it, on: {'; '.join(failed)}." if failed else ""))
@@ -750,18 +789,21 @@ def third_party_notes(data: dict[str, Any]) -> list[str]:
 def finding_notes(data: dict[str, Any]) -> list[str]:
     """Statements computed from the numbers: where two settings gave the very same model, CPU noise."""
     lines = []
-    for m in data["models"]:
-        r = m["results"]
-        for a, b in (("ort_minmax", "ort_entropy"), ("ort_minmax", "ort_minmax_rr")):
-            sa, sb = (r.get(k, {}).get("kernel", {}).get("sqnr_db") for k in (a, b))
-            if sa is not None and sa == sb:
-                lines.append(f"{m['name']}: {r[a]['setting']['label']} and {r[b]['setting']['label']} give the same "
-                             "outputs (same SQNR to the last digit).")
+    for a, b, why in SAME_OUTPUT_CHECKS:
+        same = [m["name"] for m in data["models"] if _same_sqnr(m["results"], a, b)]
+        if same:
+            lines.append(f"{LABELS[a]} and {LABELS[b]} give the same outputs (SQNR equal to the last digit) on "
+                         f"{', '.join(same)}{why}.")
     busy = {m["name"]: m["others_cpu_share"] for m in data["models"] if (m["others_cpu_share"] or 0) > OTHERS_NOTICE}
     if busy:
         lines.append("Other processes took CPU while timing (" + ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
                      + "): latencies there are noisy.")
     return lines
+
+
+def _same_sqnr(results: dict[str, Any], a: str, b: str) -> bool:
+    sa, sb = (results.get(k, {}).get("kernel", {}).get("sqnr_db") for k in (a, b))
+    return sa is not None and sa == sb
 
 
 def render(data: dict[str, Any]) -> str:
@@ -795,8 +837,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default per kind: " + ", ".join(f"{k} {v[2]}" for k, v in DEFAULT_COUNTS.items()) + ")")
     parser.add_argument("--no-avx2", dest="avx2", action="store_false", help="skip the emulated AVX2 runs")
     parser.add_argument("--only", default=None, help="comma-separated quantizer keys (e.g. ours,ort_minmax,nncf)")
-    parser.add_argument("--ort-preprocess", action="store_true",
-                        help="run ORT's quant_pre_process on the model its quantizers get")
+    parser.add_argument("--no-ort-preprocess", dest="ort_preprocess", action="store_false",
+                        help="skip ORT's quant_pre_process on the model its quantizers get")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model at batch 1 (at least 30)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for evaluation and timing")
     parser.add_argument("--mem-limit-gib", type=float, default=10.0, help="kill a calibration child past this RSS")
