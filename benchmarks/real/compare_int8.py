@@ -663,7 +663,7 @@ def sqnr_cell(m: dict[str, Any]) -> str:
 
 
 def kernels_cell(fusion: dict[str, Any]) -> str:
-    return "error" if fusion.get("error") else f"{fusion['int8']} / {fusion['float_compute']}"
+    return "error" if fusion.get("error") else f"{fusion['int8']} / {fusion['float_compute']} / {fusion['qdq_left']}"
 
 
 def latency_cells(lat: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
@@ -674,7 +674,7 @@ def latency_cells(lat: dict[str, Any], fp32: dict[str, Any]) -> list[str]:
 
 
 HEADERS = ["model", "quantizer", "calib s", "calib peak MiB", "kernel SQNR dB", "simulated SQNR dB", "fidelity",
-           f"SQNR dB, {AVX2_LABEL}", f"fidelity, {AVX2_LABEL}", "b1 ms", "fp32 / int8", "int8 / float kernels"]
+           f"SQNR dB, {AVX2_LABEL}", f"fidelity, {AVX2_LABEL}", "b1 ms", "fp32 / int8", "int8 / float / Q-DQ"]
 
 
 def table_rows(model: dict[str, Any]) -> list[list[str]]:
@@ -738,8 +738,8 @@ def notes(data: dict[str, Any]) -> list[str]:
         (f"{AVX2_LABEL}: `onnxcompress.cpu_emulation.run_emulated` (AVX2 without AVX-512/VNNI: ORT's u8 x s8 "
          "kernels sum product pairs in saturating int16), one thread, on the first evaluation samples; float "
          "references computed natively."),
-        ("int8 / float kernels: int8 kernels and float Conv/MatMul/Gemm left in ORT's optimized graph on this CPU "
-         "(onnxcompress.analysis.fusion)."),
+        ("int8 / float / Q-DQ: int8 kernels, float Conv/MatMul/Gemm and QuantizeLinear/DequantizeLinear nodes left "
+         "in ORT's optimized graph on this CPU (onnxcompress.analysis.fusion)."),
         (f"b1 ms: median latency at batch 1, {threads} intra-op threads, spinning off, interleaved with the fp32 "
          f"model ({data['args']['runs']} runs each, onnxcompress.bench, random inputs of the shapes given per "
          "model: text at the median evaluation sentence length)."),
@@ -794,10 +794,23 @@ def finding_notes(data: dict[str, Any]) -> list[str]:
         if same:
             lines.append(f"{LABELS[a]} and {LABELS[b]} give the same outputs (SQNR equal to the last digit) on "
                          f"{', '.join(same)}{why}.")
+    lines += error_notes(data)
     busy = {m["name"]: m["others_cpu_share"] for m in data["models"] if (m["others_cpu_share"] or 0) > OTHERS_NOTICE}
     if busy:
         lines.append("Other processes took CPU while timing (" + ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
                      + "): latencies there are noisy.")
+    return lines
+
+
+def error_notes(data: dict[str, Any]) -> list[str]:
+    """One line per model and quantizer whose int8 model failed to load or run (the table says only 'error')."""
+    lines = []
+    for m in data["models"]:
+        for r in m["results"].values():
+            failed = [(part, r[part]["error"]) for part in ("kernel", "simulated", "avx2") if r.get(part, {}).get("error")]
+            if failed:
+                where = ", ".join(part for part, _ in failed)
+                lines.append(f"{m['name']}, {r['setting']['label']}: its int8 model fails ({where}): {failed[0][1]}")
     return lines
 
 
