@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import model as M
-from onnxcompress.passes import EliminateNoOps, FoldBatchNorm, FoldConstants
+from onnxcompress.passes import EliminateNoOps, FoldBatchNorm, FoldConstants, FusePadIntoConv
 from onnxcompress.pipeline import PassContext, Pipeline
 from onnxcompress.verify import outputs, random_feeds
 from tests.graphs import OPSET, conv_bn_relu_gemm
@@ -150,3 +150,38 @@ def test_dropout_before_graph_output_keeps_the_output_declaration():
     (output,) = result.model.graph.outputs
     assert output.name == "y" and output.type is not None and list(output.shape.dims) == [1, 4]
     onnx.checker.check_model(M.to_proto(result.model), full_check=True)
+
+
+def _same_padded_convs(pad_value: float = 0.0) -> onnx.ModelProto:
+    """TF-style "same" padding as exported: Pad (asymmetric, constant) -> Conv, twice, then ReLU."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+        numpy_helper.from_array(np.array(pad_value, np.float32), "pad_value"),
+        numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(8, 1, 3, 3)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads", "pad_value"], ["p1"], name="pad1", mode="constant"),
+        helper.make_node("Conv", ["p1", "w1"], ["c1"], name="conv1", strides=[2, 2]),
+        helper.make_node("Pad", ["c1", "pads", "pad_value"], ["p2"], name="pad2"),
+        helper.make_node("Conv", ["p2", "w2"], ["c2"], name="conv2", group=8, pads=[1, 1, 0, 0]),
+        helper.make_node("Relu", ["c2"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(nodes, "same_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def test_fuse_pad_folds_zero_padding_into_conv_exactly():
+    original = M.load(_same_padded_convs())
+    result = _run(FusePadIntoConv(), M.load(original))
+    assert "Pad" not in _ops(result.model) and len(result.record.changes) == 1
+    conv2 = next(n for n in result.model.graph if n.name == "conv2")
+    assert list(conv2.attributes["pads"].as_ints()) == [1, 1, 1, 1]  # its own pads plus the Pad's
+    assert _max_rel_error(original, result.model) < FOLD_RTOL
+
+
+def test_fuse_pad_leaves_nonzero_padding():
+    result = _run(FusePadIntoConv(), M.load(_same_padded_convs(pad_value=1.0)))
+    assert _ops(result.model)["Pad"] == 2 and not result.record.changes

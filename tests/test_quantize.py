@@ -704,3 +704,17 @@ def test_top1_tolerance_on_a_non_classifier_is_a_clear_error():
     with pytest.raises(OnnxCompressError, match="top1 needs class-score outputs") as info:
         QuantizeQDQ(max_drop=0.01, metric="top1").run(load(model), PassContext(calibration=calib, model=model))
     assert "\n" not in str(info.value)
+
+
+def test_same_padding_runs_in_int8_without_float_pads():
+    """Exported "same" padding (Pad -> Conv) would leave DQ -> Pad -> Q in float between int8 convs."""
+    from tests.test_cleanup import _same_padded_convs
+
+    data = _data((3, 16, 16))
+    original, result = _quantize(_same_padded_convs(), data)
+    _checked(result.model)
+    assert any("Pad nodes folded" in c for c in result.record.changes)
+    report = fusion_check(result.model)
+    assert report.int8 == {"QLinearConv": 2} and report.float_compute == {}, report.summary()
+    assert report.qdq == {"QuantizeLinear": 1, "DequantizeLinear": 1}, report.summary()
+    assert _sqnr(original, result.model, data) >= SMALL_CNN_MIN_SQNR

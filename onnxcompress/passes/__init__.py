@@ -1,6 +1,6 @@
 """Built-in passes; importing this module registers them with the pipeline by name."""
 
-from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants
+from .cleanup import EliminateNoOps, FoldBatchNorm, FoldConstants, FusePadIntoConv
 from .distill import Distill
 from .equalize import Equalize
 from .factorize import Factorize
@@ -11,4 +11,4 @@ from .quantize_dynamic import QuantizeDynamic
 from .smooth import SmoothQuant
 from .weight_share import WeightShare
 
-__all__ = ["Distill", "EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant", "WeightShare"]
+__all__ = ["Distill", "EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "FusePadIntoConv", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant", "WeightShare"]

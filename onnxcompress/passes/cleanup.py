@@ -1,4 +1,5 @@
-"""Cleanup passes: fold constants, fold BatchNorm and per-channel affine ops into weights, drop no-ops.
+"""Cleanup passes: fold constants, fold BatchNorm and per-channel affine ops into weights, fold zero
+padding into convolutions, drop no-ops.
 
 Each is exact: outputs change only by float rounding, which the pipeline verifies.
 """
@@ -12,6 +13,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.optimizer as onnxscript_optimizer
+from onnxscript import rewriter
+from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule
 
 from ..pipeline import Pass, PassContext, PassResult
 
@@ -122,6 +125,31 @@ class FoldBatchNorm(Pass):
                 elif node.op_type == "BatchNormalization":
                     skipped.append(f"{node.name}: {reason}")
         return self.result(model, changes=changes, skipped=sorted(set(skipped)))
+
+
+@dataclass
+class FusePadIntoConv(Pass):
+    """Fold a zero-constant Pad of spatial axes into the following Conv's `pads` (onnxscript's rule).
+
+    Exported TF-style "same" padding leaves a Pad before most convolutions; in an int8 graph it sits
+    between a DequantizeLinear and a QuantizeLinear that no runtime fuses, so it runs in float and
+    costs a dequantize/quantize round trip per layer. Pads whose amounts are computed become constant
+    once constants are folded (FoldConstants)."""
+
+    name: ClassVar[str] = "fuse-pad"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        before = _count(model, "Pad")
+        if any(n.op_type == "Pad" and n.inputs[0].shape is None for n in model.graph):
+            ir_passes.ShapeInferencePass()(model)  # the rule needs each Pad input's rank
+        if before:
+            model = rewriter.rewrite(model, pattern_rewrite_rules=[fuse_pad_into_conv_rule])
+        fused = before - _count(model, "Pad")
+        return self.result(model, changes=[f"{fused} Pad nodes folded into the following Conv"] if fused else [])
+
+
+def _count(model: ir.Model, op_type: str) -> int:
+    return sum(1 for node in model.graph if node.op_type == op_type)
 
 
 def _type_from_tensor(value: ir.Value) -> None:
