@@ -36,10 +36,10 @@ class Calibration:
     def num_samples(self) -> int:
         return len(next(iter(self.arrays.values())))
 
-    def batches(self, batch_size: int = 1, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feed dicts of up to `batch_size` samples, over the first `limit` samples (all by default)."""
+    def batches(self, batch_size: int = 1, limit: int | None = None, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of up to `batch_size` samples, over samples `start` .. `limit` (all by default)."""
         n = self.num_samples if limit is None else min(limit, self.num_samples)
-        for start in range(0, n, batch_size):
+        for start in range(start, n, batch_size):
             yield {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items()}
 
     def first(self, n: int) -> Calibration:

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .. import runtime
-from ..calibration import Calibration, batch_size_for
-from ..model import load
+from ..calibration import Calibration
+from .streaming import stream_values
 
 
 @dataclass
@@ -74,23 +73,13 @@ def collect(
     progress: Callable[[int, int], None] | None = None,
 ) -> ActivationStats:
     """Per-channel statistics of the values named in `axes` (value name -> channel axis)."""
-    probe = load(model)
-    outputs = {v.name for v in probe.graph.outputs}
-    by_name = {v.name: v for n in probe.graph for v in n.outputs}
-    by_name.update({v.name: v for v in probe.graph.inputs})
-    names = [n for n in axes if n in by_name]
-    for name in names:
-        if name not in outputs:
-            probe.graph.outputs.append(by_name[name])
-    sess = runtime.session(probe)
-    stats = ActivationStats({n: ChannelStats(axes[n]) for n in names}, 0, calibration.source)
+    stats = ActivationStats({}, 0, calibration.source)
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
-    for feeds in calibration.batches(batch_size_for(model, batch_size), limit=limit):
-        results = sess.run(names, feeds)
-        for name, array in zip(names, results):
-            stats.values[name].update(array)
-        stats.samples += len(next(iter(feeds.values())))
-        if progress:
+    for count, values in stream_values(model, list(axes), calibration, batch_size=batch_size, limit=limit):
+        for name, array in values.items():
+            stats.values.setdefault(name, ChannelStats(axes[name])).update(array)
+        stats.samples += count
+        if progress and count:
             progress(stats.samples, total)
     return stats
 

@@ -244,29 +244,15 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 def collect_histograms(model, names, calibration, *, bins: int = 2048, batch_size: int = 16,
                        limit: int | None = None) -> tuple[dict[str, TensorHistogram], int]:
     """Histograms of the named values (graph inputs or node outputs) over the calibration data,
-    updated batch by batch through ORT; returns (histograms, samples seen)."""
-    from .. import runtime
-    from ..calibration import batch_size_for
-    from ..model import load
+    updated batch by batch through ORT in bounded memory; returns (histograms, samples seen)."""
+    from .streaming import stream_values
 
-    probe = load(model)
-    inputs = {v.name for v in probe.graph.inputs}
-    outputs = {v.name for v in probe.graph.outputs}
-    produced = {v.name: v for n in probe.graph for v in n.outputs}
-    fetched = [n for n in names if n in produced]
-    for name in fetched:
-        if name not in outputs:
-            probe.graph.outputs.append(produced[name])
-    hists = {n: TensorHistogram(bins) for n in names if n in produced or n in inputs}
-    sess = runtime.session(probe) if fetched else None
+    hists: dict[str, TensorHistogram] = {}
     samples = 0
-    for feeds in calibration.batches(batch_size_for(model, batch_size), limit=limit):
-        results = sess.run(fetched, feeds) if sess is not None else []
-        for name, array in zip(fetched, results):
-            hists[name].update(array)
-        for name in hists.keys() & feeds.keys():
-            hists[name].update(feeds[name])
-        samples += len(next(iter(feeds.values())))
+    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
+        for name, array in values.items():
+            hists.setdefault(name, TensorHistogram(bins)).update(array)
+        samples += count
     return hists, samples
 
 

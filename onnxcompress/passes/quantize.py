@@ -60,6 +60,9 @@ FOLDS_ACTIVATION = ANCHORS | frozenset({"Add", "Mul"})
 #: pipeline's verification also uses), at most TOLERANCE_MAX_HELDOUT, to measure the metric on.
 TOLERANCE_HOLDOUT = 0.25
 TOLERANCE_MAX_HELDOUT = 64
+#: Held-out samples run (float reference, tolerance, kernel check) this many at a time: larger
+#: batches are no faster on a CPU and hold every intermediate of every sample at once.
+HELD_BATCH = 4
 
 
 class CalibrationNeededError(OnnxCompressError):
@@ -140,7 +143,7 @@ class QuantizeQDQ(Pass):
         else:  # not held out: the check compares kernels with their simulation, not int8 with float
             checked = holdout_split(ctx.calibration)[1]
             checked = dataclasses.replace(checked, source=f"{ctx.calibration.source} (last {checked.num_samples})")
-        held_feeds = list(checked.batches(batch_size_for(model, 16)))
+        held_feeds = list(checked.batches(batch_size_for(model, HELD_BATCH)))
         reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
         changes: list[str] = []
         for cleanup in (FoldBatchNorm(), FusePadIntoConv()):  # exact; fewer float ops between int8 ones
