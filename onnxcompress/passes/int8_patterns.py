@@ -32,8 +32,9 @@ from ..calibration import Calibration, batch_size_for
 from ..model import load
 from .smooth import find_groups, smoothing_factors
 
-#: Candidate alphas (None = leave the input as it is).
-ALPHAS: tuple[float | None, ...] = (None, 0.3, 0.5, 0.65, 0.8, 0.9)
+#: Candidate alphas (None = leave the input as it is). Dense above 0.65, where the outlier inputs
+#: land (all-mpnet-base-v2 dynamic int8: cosine 0.9934 with steps of 0.15 there, 0.9946 with 0.05).
+ALPHAS: tuple[float | None, ...] = (None, 0.3, 0.5, 0.65, 0.75, 0.8, 0.85, 0.9, 0.95)
 #: Smoothing must lower the consumers' output error by this much (dB) to be chosen.
 MIN_GAIN_DB = 0.5
 #: Rows (token positions) sampled per calibration sample, and samples used.
