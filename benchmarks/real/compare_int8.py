@@ -209,9 +209,8 @@ def _quantize_ours(options: dict[str, Any], job: dict[str, Any], arrays: dict[st
                            for p in pipeline.passes]
     pipeline.verify = VerifyOptions(enabled=False)  # ORT and NNCF verify nothing either: time the quantization alone
     model = onnxcompress.load(job["model"])
-    calibration = None
-    if options["recipe"] != "dynamic-int8":  # dynamic int8 takes no calibration data
-        calibration = Calibration.from_arrays(model, arrays, source="corpus calibration split")
+    # dynamic int8 needs none, but with it picks a SmoothQuant alpha per MatMul input on attention models
+    calibration = Calibration.from_arrays(model, arrays, source="corpus calibration split")
     shapes = {k: (1, *v.shape[1:]) for k, v in arrays.items()}  # pins symbolic dims (text: the padded length)
     result = pipeline.run(model, calibration=calibration, input_shapes=shapes)
     onnxcompress.save(result.model, job["output"])

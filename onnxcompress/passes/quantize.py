@@ -107,6 +107,9 @@ class QuantizeQDQ(Pass):
     bins: int = 2048
     bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
     smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
+    # "auto": on attention models (Softmax + MatMul), without smooth_alpha, SmoothQuant each MatMul
+    # input with the alpha that measures best on calibration rows (passes/int8_patterns.py)
+    outliers: Literal["auto", "off"] = "auto"
     # Tolerance mode: keep the most sensitive layers in float until `metric` is within `max_drop`
     # (for sqnr: the minimum output SQNR in dB) on calibration samples held out from calibration.
     max_drop: float | None = None
@@ -119,6 +122,8 @@ class QuantizeQDQ(Pass):
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if (self.samples is not None and self.samples < 1) or self.bins < 16:
             raise ValueError("samples must be >= 1 and bins >= 16")
+        if self.outliers not in ("auto", "off"):
+            raise ValueError(f"outliers must be 'auto' or 'off', got {self.outliers!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         try:
@@ -162,7 +167,17 @@ class QuantizeQDQ(Pass):
             model = smoothed.model
             changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
             smoothing = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
+        elif self.outliers == "auto":
+            from .int8_patterns import smooth_outliers
+
+            model, notes, smoothing = smooth_outliers(model, calibration, ctx.input_shapes, "static", samples=self.samples)
+            changes += notes
         quantizer = _Quantizer(self, model, calibration)
+        if smoothing is not None and smoothing.get("applied") and self.method != "minmax":
+            from .int8_patterns import pick_range_method
+
+            quantizer, note = pick_range_method(quantizer, held_feeds, reference, checked.source)
+            changes.append(note)
         variant, fallback, skipped = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
         check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
         kernel_notes = []
@@ -184,13 +199,13 @@ class QuantizeQDQ(Pass):
             notes.append("one calibration sample: the tolerance was measured on it, nothing was held out")
         kind = "uint8 asymmetric" if self.preset == "cpu" else "int8 symmetric"
         changes.append(f"{len(plan.nodes)} nodes run in int8, {len(plan.values)} activations quantized "
-                       f"({self.preset}: {kind}, {self.method})")
+                       f"({self.preset}: {kind}, {quantizer.options.method})")
         changes.append(describe_forms(variant.encodings, quantizer.kernels))
         changes += kernel_notes + [check.describe()]
         if fallback is not None and fallback["kept_float"]:
             changes.append(f"{len(fallback['kept_float'])} sensitive layers kept in float: {fallback['summary']}")
         details = {
-            "method": self.method, "preset": self.preset, "per_channel": self.per_channel,
+            "method": quantizer.options.method, "preset": self.preset, "per_channel": self.per_channel,
             "samples": quantizer.seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
             "fused_activations": sorted(plan.fused_activations), "notes": notes + variant.notes,
             "bias_correction": self.bias_correction, "bias_shift_max_abs": variant.shifts,

@@ -47,15 +47,25 @@ class QuantizeDynamic(Pass):
     weight_type: Literal["int8", "uint8"] = "int8"
     skip_nodes: tuple[str, ...] = ()
     kernels: Kernels = "any"  # "vnni": keep every int8 weight as ORT wrote it (wrong on AVX2 CPUs)
+    # "auto": with calibration data, on attention models, SmoothQuant each MatMul input with the alpha
+    # that measures best for run-time (per-run) activation ranges first (passes/int8_patterns.py)
+    outliers: Literal["auto", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.outliers not in ("auto", "off"):
+            raise ValueError(f"outliers must be 'auto' or 'off', got {self.outliers!r}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         before = Counter(n.op_type for n in model.graph)
+        smoothing_changes, smoothing = [], None
+        if self.outliers == "auto" and ctx.calibration is not None:
+            from .int8_patterns import smooth_outliers
+
+            model, smoothing_changes, smoothing = smooth_outliers(model, ctx.calibration, ctx.input_shapes, "dynamic")
         with tempfile.TemporaryDirectory(prefix="onnxcompress-dynamic-") as tmp:
             source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
             save(model, source)
@@ -76,15 +86,15 @@ class QuantizeDynamic(Pass):
         integer = {op: n for op, n in after.items() if op in _INTEGER_OPS}
         candidates = sum(before[op] for op in self.op_types)
         left = sum(after[op] for op in self.op_types)
-        changes = [f"{candidates - left} of {candidates} {'/'.join(self.op_types)} nodes now use int8 weights"] \
-            if candidates > left else []
+        changes = smoothing_changes + ([f"{candidates - left} of {candidates} {'/'.join(self.op_types)} nodes now use "
+                                        "int8 weights"] if candidates > left else [])
         if shifted:
             changes.append(f"{len(shifted)} int8 weights shifted to uint8 (exact u8 x u8 kernels): their s8 codes could "
                            "saturate the int16 pair sums of x86 CPUs without VNNI")
         skipped = [f"{left} {'/'.join(self.op_types)} nodes left in float (non-constant weight, or excluded)"] if left else []
         return self.result(quantized, changes=changes, skipped=skipped,
                            details={"integer_ops": integer, "weight_type": self.weight_type, "kernels": self.kernels,
-                                    "shifted_to_uint8": shifted})
+                                    "shifted_to_uint8": shifted, "smoothing": smoothing})
 
 
 def shift_unsafe_weights(proto: onnx.ModelProto) -> list[str]:

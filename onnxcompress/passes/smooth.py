@@ -63,6 +63,9 @@ class SmoothQuant(Pass):
     alpha: float = 0.5  # migration strength: 0 keeps the activation as is, 1 moves all its range into W
     samples: int | None = None  # calibration samples for the activation ranges (None: all given)
     insert_mul: bool = True  # where the producer cannot absorb 1/s, insert a per-channel Mul
+    # {input value: its own alpha, None = leave it} (int8_patterns.choose_alphas); inputs not named
+    # are left alone. None: `alpha` for every input.
+    alphas: dict[str, float | None] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -76,6 +79,8 @@ class SmoothQuant(Pass):
                 f"{self.name} needs calibration data (--calib FILE.npy/.npz) for the activation ranges"
             )
         groups, skipped = find_groups(model)
+        if self.alphas is not None:
+            groups = [g for g in groups if self.alphas.get(g.value.name) is not None]
         if not groups:
             return self.result(model, changes=[], skipped=skipped, details={"alpha": self.alpha, "inputs": []},
                                preserved=frozenset({cost_analysis}))
@@ -93,7 +98,8 @@ class SmoothQuant(Pass):
             if x_range.size != w_range.size:
                 skipped.append(f"{group.value.name}: {x_range.size} activation channels but {w_range.size} weight rows")
                 continue
-            s = smoothing_factors(x_range, w_range, self.alpha)
+            alpha = self.alpha if self.alphas is None else self.alphas[group.value.name]
+            s = smoothing_factors(x_range, w_range, alpha)
             where = _absorb(model, group, s, names, insert_mul=self.insert_mul)
             if where is None:
                 skipped.append(f"{group.value.name}: its producer cannot absorb the scale and insert_mul is off")
@@ -102,7 +108,7 @@ class SmoothQuant(Pass):
                 _scale_rows(node, s, names)
             new_x = x_range / s
             records.append({
-                "input": group.value.name, "consumers": [_name(n) for n in group.consumers], "where": where,
+                "input": group.value.name, "alpha": alpha, "consumers": [_name(n) for n in group.consumers], "where": where,
                 "channels": int(s.size), "activation_spread": [_spread(x_range), _spread(new_x)],
                 "activation_max": [float(x_range.max()), float(new_x.max())],
                 "factor_range": [float(s.min()), float(s.max())],
@@ -286,6 +292,16 @@ def _fold_into(producer: ir.Node, x: ir.Value, s: np.ndarray, names: _NameSource
     if op == "MatMul" and _dense_weight_ok(producer, k):
         _scale_columns(producer, 1, s, names, axis=1)
         return f"folded into MatMul {_name(producer)}"
+    if op == "Mul":  # x * c with a constant c (the 0.5 closing a GELU): c becomes c / s per channel
+        for c_slot in (0, 1):
+            c = producer.inputs[c_slot]
+            if _is_constant(c) and c.const_value.shape.dims in ((), (1,), (k,)):
+                base = c.const_value.numpy().astype(np.float64).reshape(-1)
+                array = (np.broadcast_to(base, (k,)) / s).astype(c.const_value.numpy().dtype)
+                # a new value: the old one may be shared, and its declared shape is the scalar's
+                producer.replace_input_with(c_slot, names.constant(f"{c.name}_smoothed", array))
+                return f"folded into the constant of Mul {_name(producer)}"
+        return None
     if op == "Add":
         for bias_slot in (0, 1):
             bias, other = producer.inputs[bias_slot], producer.inputs[1 - bias_slot]
