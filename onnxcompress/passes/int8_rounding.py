@@ -41,10 +41,10 @@ from ..model import load
 from .int8_weights import U8_ZERO_POINT, WEIGHT_QMAX, Kernels, WeightEncoding
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "learned")
-#: Gram rows taken from one calibration sample per layer (random output positions): enough rows to
-#: outnumber the widest reduction (~1,300 on EfficientNet-Lite) over a few dozen samples, while
-#: early high-resolution layers cost no more than late ones.
-ROWS_PER_SAMPLE = 1024
+#: Gram rows taken from one calibration sample per layer (random output positions): over a few
+#: dozen samples they outnumber the widest reduction (~1,400 on EfficientNet-Lite), while early
+#: high-resolution layers cost no more than late ones (the Gram sums are most of the time spent).
+ROWS_PER_SAMPLE = 256
 #: GPTQ's dampening: this fraction of the mean diagonal of H is added to its diagonal, so inputs
 #: that never vary (dead channels, constant padding) do not make H singular.
 DAMPING = 0.01
@@ -54,19 +54,24 @@ BLOCK = 128
 
 @dataclass
 class Gram:
-    """Running sums of one layer's reduction rows: H = sum x x^T per group, sum x, row count."""
+    """Running sums over one layer's reduction rows x (the int8 layer's inputs), per group."""
 
-    xx: np.ndarray  # [groups, K, K] float64
-    x: np.ndarray  # [groups, K] float64
+    xx: np.ndarray  # [groups, K, K] sum x x^T
+    x: np.ndarray  # [groups, K] sum x
     rows: int = 0
 
-    def add(self, patches: np.ndarray) -> None:
-        p = patches.astype(np.float32)
-        self.xx += np.matmul(p.transpose(0, 2, 1), p).astype(np.float64)
-        self.x += p.sum(axis=1, dtype=np.float64)
-        self.rows += p.shape[1]
+    @classmethod
+    def empty(cls, groups: int, k: int) -> Gram:
+        return cls(np.zeros((groups, k, k)), np.zeros((groups, k)))
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.astype(np.float32)
+        self.xx += np.matmul(x.transpose(0, 2, 1), x)
+        self.x += x.sum(axis=1, dtype=np.float64)
+        self.rows += x.shape[1]
 
     def matrix(self, centered: bool) -> np.ndarray:
+        """E[x x^T], or the covariance when `centered`."""
         n = max(self.rows, 1)
         h = self.xx / n
         if centered:
@@ -108,105 +113,115 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def conv_patches(x: np.ndarray, node: onnx.NodeProto, kernel: Sequence[int], groups: int, rows: int,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Up to `rows` random im2col rows of one sample's Conv input x [C, H, W], per group, in the
-    kernel's reduction order (kh, kw, channel fastest): [groups, rows, kh*kw*C/groups]."""
-    c, h, w = x.shape
-    kh, kw = kernel
-    sh, sw = _attr(node, "strides", [1, 1])
+def conv_geometry(node: onnx.NodeProto, kernel: Sequence[int], height: int, width: int) -> dict:
+    """Strides, dilations, pads and output size of a 2-D Conv on an input of height x width."""
+    (kh, kw), (sh, sw) = kernel, _attr(node, "strides", [1, 1])
     dh, dw = _attr(node, "dilations", [1, 1])
-    pads = _attr(node, "pads", [0, 0, 0, 0])
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise ValueError("auto_pad")  # FoldBatchNorm/onnx export give explicit pads; others are not learned
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    oh = (height + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (width + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    return {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads, "out": (oh, ow)}
+
+
+def conv_patches(x: np.ndarray, geometry: dict, groups: int, positions: np.ndarray) -> np.ndarray:
+    """im2col rows of one sample's Conv input x [C, H, W] at the given flat output positions, per
+    group, in the kernel's reduction order (kh, kw, channel fastest): [groups, P, kh*kw*C/groups]."""
+    c = x.shape[0]
+    (kh, kw), (sh, sw), (dh, dw), pads = geometry["kernel"], geometry["strides"], geometry["dilations"], geometry["pads"]
     xp = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    oh = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    ow = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
-    positions = np.arange(oh * ow)
-    if len(positions) > rows:
-        positions = np.sort(rng.choice(len(positions), rows, replace=False))
-    oy, ox = positions // ow, positions % ow
+    oy, ox = positions // geometry["out"][1], positions % geometry["out"][1]
     ky, kx = np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij")
     iy = oy[:, None] * sh + ky.reshape(1, -1)  # [P, T]
     ix = ox[:, None] * sw + kx.reshape(1, -1)
-    taps = xp[:, iy, ix]  # [C, P, T]
-    taps = taps.reshape(groups, c // groups, len(positions), kh * kw)
+    taps = xp[:, iy, ix].reshape(groups, c // groups, len(positions), kh * kw)  # [G, C/G, P, T]
     return np.ascontiguousarray(taps.transpose(0, 2, 3, 1)).reshape(groups, len(positions), -1)
 
 
-def _matmul_patches(x: np.ndarray, k: int, rows: int, rng: np.random.Generator) -> np.ndarray:
-    flat = x.reshape(-1, k)
-    if len(flat) > rows:
-        flat = flat[rng.choice(len(flat), rows, replace=False)]
-    return flat[None]
+def _rows_of(node: onnx.NodeProto, shape: tuple[int, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One sample's reduction rows of the node's input at random positions: [groups, rows, K per group]."""
+    if node.op_type == "Conv":
+        geometry = conv_geometry(node, shape[2:], x.shape[-2], x.shape[-1])
+        total = geometry["out"][0] * geometry["out"][1]
+        groups = int(_attr(node, "group", 1))
+        return np.concatenate([conv_patches(xi, geometry, groups, _pick(total, rng)) for xi in x], axis=1)
+    k = shape[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else shape[0]
+    flat = np.asarray(x).reshape(-1, k)
+    return flat[_pick(len(flat), rng)][None]
+
+
+def _pick(total: int, rng: np.random.Generator) -> np.ndarray:
+    if total <= ROWS_PER_SAMPLE:
+        return np.arange(total)
+    return np.sort(rng.choice(total, ROWS_PER_SAMPLE, replace=False))
 
 
 def collect_grams(
     quantized: onnx.ModelProto, nodes: Sequence[str], calibration: Calibration, *, limit: int | None = None,
     seed: int = 0,
 ) -> dict[str, Gram]:
-    """{node: Gram of its input rows} for the named Conv/MatMul/Gemm nodes, from running
-    `quantized` (a QDQ model: the nodes' inputs are what the int8 layers see) on the calibration data."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(quantized)
-    by_name = {n.name: n for n in proto.graph.node}
-    inits = {t.name: t for t in proto.graph.initializer}
-    producers = {o: n for n in proto.graph.node for o in n.output}
+    """{node: Gram of its input rows} for the named Conv/MatMul/Gemm nodes of `quantized` (a QDQ
+    model: the rows are what the int8 layers see), on the calibration data."""
+    by_name = {n.name: n for n in quantized.graph.node}
     chosen = [by_name[n] for n in nodes if n in by_name]
-    inputs = list(dict.fromkeys(n.input[0] for n in chosen))
-    existing = {o.name for o in proto.graph.output}
-    for v in inputs:
-        if v not in existing and v not in {i.name for i in proto.graph.input}:
-            proto.graph.output.append(helper.make_value_info(v, helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
+    inits = {t.name: t for t in quantized.graph.initializer}
+    producers = {o: n for n in quantized.graph.node for o in n.output}
     shapes = {n.name: _weight_shape(n, inits, producers) for n in chosen}
+    fetch = _Fetcher(quantized, [n.input[0] for n in chosen])
     grams: dict[str, Gram] = {}
     rng = np.random.default_rng(seed)
-    sess = runtime.session(load(proto), options=runtime.session_options(spinning=False))
-    feed_names = {i.name for i in sess.get_inputs()}
-    fetched = [v for v in inputs if v not in feed_names]
     for feeds in calibration.batches(1, limit=limit):
-        got = dict(zip(fetched, sess.run(fetched, feeds)))
-        got.update({v: feeds[v] for v in inputs if v in feed_names})
+        got = fetch(feeds)
         for node in chosen:
-            patches = _patches(node, shapes[node.name], got[node.input[0]], rng)
+            x = _rows_of(node, shapes[node.name], got[node.input[0]], rng)
             if node.name not in grams:
-                g, k = patches.shape[0], patches.shape[2]
-                grams[node.name] = Gram(np.zeros((g, k, k)), np.zeros((g, k)))
-            grams[node.name].add(patches)
+                grams[node.name] = Gram.empty(x.shape[0], x.shape[2])
+            grams[node.name].add(x)
     return grams
 
 
 def _weight_shape(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
                   producers: Mapping[str, onnx.NodeProto]) -> tuple[int, ...]:
-    """The float weight's shape: the initializer's, or that of the codes behind a DequantizeLinear."""
+    """The weight's shape: its initializer's, or that of the codes behind its DequantizeLinear."""
     name = node.input[1]
     if name in inits:
         return tuple(inits[name].dims)
     return tuple(inits[producers[name].input[0]].dims)
 
 
-def _patches(node: onnx.NodeProto, shape: tuple[int, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One sample's reduction rows of the node's input: [groups, rows, K per group]."""
-    if node.op_type == "Conv":
-        groups = int(_attr(node, "group", 1))
-        return np.concatenate([conv_patches(xi, node, shape[2:], groups, ROWS_PER_SAMPLE, rng) for xi in x], axis=1)
-    k = shape[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else shape[0]
-    return _matmul_patches(np.asarray(x), k, ROWS_PER_SAMPLE, rng)
+class _Fetcher:
+    """Runs a model with the named intermediate values as extra outputs."""
+
+    def __init__(self, proto: onnx.ModelProto, values: Sequence[str]) -> None:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        self.inputs = {i.name for i in model.graph.input}
+        self.values = list(dict.fromkeys(values))
+        outputs = {o.name for o in model.graph.output}
+        for v in self.values:
+            if v not in outputs and v not in self.inputs:
+                model.graph.output.append(helper.make_value_info(v, helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
+        self.fetched = [v for v in self.values if v not in self.inputs]
+        self.sess = runtime.session(load(model), options=runtime.session_options(spinning=False))
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        got = dict(zip(self.fetched, self.sess.run(self.fetched, dict(feeds))))
+        got.update({v: np.asarray(feeds[v]) for v in self.values if v in self.inputs})
+        return got
 
 
 # ---------------------------------------------------------------------------- rounding
 
 
 def gptq_codes(target: np.ndarray, nearest: np.ndarray, h: np.ndarray, paired: bool) -> np.ndarray:
-    """Codes for target [G, R, K] (weights in code units, R rows per group sharing h [G, K, K]),
-    each within one step of `nearest`, by GPTQ's column-wise error feedback (see the module doc).
-    `paired`: keep every kernel pair (k, k+1), k even, within PAIR_CODE_LIMIT."""
+    """Codes for target [G, R, K] (weights in code units, R rows per group sharing the dampened
+    h [G, K, K]), each within one step of `nearest`, by GPTQ's column-wise error feedback (see the
+    module doc). `paired`: keep every kernel pair (k, k+1), k even, within PAIR_CODE_LIMIT."""
     g, r, k = target.shape
     hinv = _inverse_cholesky(h)  # [G, K, K] upper triangular
     w = target.astype(np.float64).copy()
     q = nearest.astype(np.float64).copy()
-    lo = np.where(target < nearest, nearest - 1, nearest).clip(-WEIGHT_QMAX, WEIGHT_QMAX)
-    hi = np.where(target > nearest, nearest + 1, nearest).clip(-WEIGHT_QMAX, WEIGHT_QMAX)
+    lo = np.clip(nearest - 1, -WEIGHT_QMAX, WEIGHT_QMAX)
+    hi = np.clip(nearest + 1, -WEIGHT_QMAX, WEIGHT_QMAX)
     for b0 in range(0, k, BLOCK):
         b1 = min(b0 + BLOCK, k)
         err = np.zeros((g, r, b1 - b0))
@@ -224,21 +239,25 @@ def gptq_codes(target: np.ndarray, nearest: np.ndarray, h: np.ndarray, paired: b
     return q
 
 
-def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of the dampened H^-1, per group (GPTQ's numerically stable form)."""
+def damped(h: np.ndarray) -> np.ndarray:
+    """H with DAMPING times its mean diagonal added to the diagonal, and 1 where an input is dead."""
     h = h.copy()
-    k = h.shape[-1]
-    diag = np.einsum("gkk->gk", h)
-    dead = diag <= 0
-    idx = np.arange(k)
-    h[:, idx, idx] = np.where(dead, 1.0, diag) + DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
+    idx = np.arange(h.shape[-1])
+    diag = h[:, idx, idx]
+    h[:, idx, idx] = np.where(diag <= 0, 1.0, diag) + DAMPING * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12)
+    return h
+
+
+def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of h^-1 per group (GPTQ's numerically stable form of the updates)."""
     inv = np.linalg.inv(h)
     inv = (inv + inv.transpose(0, 2, 1)) / 2
     return np.linalg.cholesky(inv).transpose(0, 2, 1)
 
 
-def row_errors(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Per row of delta [G, R, K]: delta H delta^T, the output error energy on the calibration rows."""
+def output_errors(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per row of delta [G, R, K] (weight units): delta H delta^T, the layer's output error energy
+    per calibration row."""
     return np.einsum("grk,grk->gr", np.matmul(delta, h), delta)
 
 
@@ -246,24 +265,22 @@ def learn_codes(
     op_type: str, enc: WeightEncoding, w: np.ndarray, gram: Gram, *, trans_b: bool = False, depthwise: bool = False,
     kernels: Kernels = "any", centered: bool = True,
 ) -> tuple[WeightEncoding, float, int]:
-    """The encoding with learned codes (same scales and form); returns (encoding, reconstruction
-    error of nearest over learned in dB, channels kept nearest)."""
+    """The encoding with learned codes (same scales and form); returns (encoding, output error of
+    nearest over learned in dB on the calibration rows, channels kept nearest)."""
     codes = enc.codes.astype(np.int16) - enc.zero_point  # signed values either form
     rows_w = reduction_rows(op_type, w.astype(np.float64), trans_b=trans_b)
     rows_q = reduction_rows(op_type, codes.astype(np.float64), trans_b=trans_b)
     m, k_all = rows_w.shape
-    scales = np.broadcast_to(np.asarray(enc.scales, dtype=np.float64).reshape(-1), (m,)) if enc.axis is not None \
-        else np.full(m, float(enc.scales))
-    groups = gram.xx.shape[0]
-    k = gram.xx.shape[1]
+    groups, k = gram.xx.shape[0], gram.xx.shape[1]
     if k != k_all or m % groups:
         raise ValueError(f"Gram of size {groups}x{k} does not fit a weight of {m}x{k_all}")
-    target = (rows_w / scales[:, None]).reshape(groups, m // groups, k)
-    nearest = rows_q.reshape(groups, m // groups, k)
+    s = np.broadcast_to(np.asarray(enc.scales, dtype=np.float64).reshape(-1), (m,)).reshape(groups, m // groups, 1)
+    target, nearest = rows_w.reshape(groups, m // groups, k) / s, rows_q.reshape(groups, m // groups, k)
     h = gram.matrix(centered)
     paired = kernels == "any" and enc.form != "u8" and not depthwise
-    learned = gptq_codes(target, nearest, h, paired)
-    before, after = row_errors(nearest - target, h), row_errors(learned - target, h)
+    learned = gptq_codes(target, nearest, damped(h), paired)
+    # per row the scale is one constant: compare the errors in code units
+    before, after = output_errors(nearest - target, h), output_errors(learned - target, h)
     worse = after > before
     learned[worse] = nearest[worse]
     after = np.where(worse, before, after)
@@ -289,5 +306,5 @@ def _from_rows(op_type: str, rows: np.ndarray, shape: tuple[int, ...], trans_b: 
 
 __all__ = [
     "BLOCK", "DAMPING", "Gram", "ROUNDINGS", "ROWS_PER_SAMPLE", "RoundingReport", "collect_grams", "conv_patches",
-    "gptq_codes", "learn_codes", "row_errors",
+    "conv_geometry", "damped", "gptq_codes", "learn_codes", "output_errors",
 ]
