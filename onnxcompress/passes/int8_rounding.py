@@ -157,7 +157,7 @@ def _pick(total: int, rng: np.random.Generator) -> np.ndarray:
 
 def collect_grams(
     quantized: onnx.ModelProto, nodes: Sequence[str], calibration: Calibration, *, limit: int | None = None,
-    seed: int = 0,
+    batch_size: int = 1, seed: int = 0,
 ) -> dict[str, Gram]:
     """{node: Gram of its input rows} for the named Conv/MatMul/Gemm nodes of `quantized` (a QDQ
     model: the rows are what the int8 layers see), on the calibration data."""
@@ -169,7 +169,7 @@ def collect_grams(
     fetch = _Fetcher(quantized, [n.input[0] for n in chosen])
     grams: dict[str, Gram] = {}
     rng = np.random.default_rng(seed)
-    for feeds in calibration.batches(1, limit=limit):
+    for feeds in calibration.batches(batch_size, limit=limit):  # small batches: the rows are sampled per item
         got = fetch(feeds)
         for node in chosen:
             x = _rows_of(node, shapes[node.name], got[node.input[0]], rng)

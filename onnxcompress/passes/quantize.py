@@ -411,7 +411,8 @@ class _Quantizer:
         if missing:
             nearest, _ = quantize_graph(corrected, plan, params, encodings=encodings,
                                         drop_relus=self.options.preset == "cpu")
-            self.grams.update(collect_grams(nearest, missing, self.calibration, limit=self.options.samples))
+            self.grams.update(collect_grams(nearest, missing, self.calibration, limit=self.options.samples,
+                                           batch_size=batch_size_for(self.model, 1)))
         report = RoundingReport()
         out = dict(encodings)
         for node in layers:
