@@ -14,7 +14,8 @@ activations uint8 asymmetric (preset "cpu": the only form x86 ORT fuses into int
 symmetric (preset "tensorrt"). Activation ranges come from streaming histograms
 (analysis/histograms.py) through one calibration method chosen for the whole model.
 
-Beyond ORT: bias correction (on by default), SmoothQuant on MatMul/Gemm inputs first
+Beyond ORT: learned weight rounding (`weight_rounding`, on by default: passes/int8_rounding.py),
+bias correction (on by default), SmoothQuant on MatMul/Gemm inputs first
 (`smooth_alpha`, passes/smooth.py), and a tolerance mode (`max_drop` with `metric`): quantize
 everything, measure on calibration samples held out from calibration against the float model this
 pass received (earlier lossy passes are not this pass's to undo, and measuring against the
