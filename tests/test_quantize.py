@@ -361,7 +361,7 @@ def test_bias_correction_is_weight_rounding_error_times_input_mean():
     assert shifts == pytest.approx({"conv": np.abs(conv_shift).max(), "fc": np.abs(fc_shift).max()})
     assert skipped == []
     # Through the pass (means streamed by ORT): the int32 bias rounds the corrected float bias.
-    _, result = _quantize(proto, data)
+    _, result = _quantize(proto, data, weight_rounding="nearest")  # the shift of nearest codes
     q = to_proto(result.model)
     bias_dq = next(n for n in q.graph.node if n.name == "fc_bias_DequantizeLinear")
     bq, bs = _init(q, bias_dq.input[0]).astype(np.float64), _init(q, bias_dq.input[1]).astype(np.float64)
