@@ -169,3 +169,14 @@ def test_smoothed_int8_is_exact_on_avx2_kernels(tmp_path, avx2):
     feeds = [{"x": data[CALIB : CALIB + 8]}]
     native = outputs(result.model, feeds, "native")
     assert compare(native, avx2(path, feeds), "avx2").sqnr_db >= AVX2_MIN_AGREEMENT_DB
+
+
+def test_a_classifier_ending_in_matmul_and_softmax_is_not_attention():
+    """Only a MatMul of two activations (scores x values) marks attention, not a constant-weight head."""
+    w = numpy_helper.from_array(np.ones((16, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["y"], axis=-1)],
+        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    assert not has_attention(load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert has_attention(load(_attention_block()))

@@ -65,9 +65,16 @@ class InputChoice:
 
 
 def has_attention(model: ir.Model) -> bool:
-    """Softmax and MatMul in the graph: the attention encoders whose outliers this module handles."""
-    ops = {n.op_type for n in model.graph}
-    return "Softmax" in ops and "MatMul" in ops
+    """A Softmax and a MatMul of two activations (attention scores or their weighted sum): the
+    attention encoders whose outliers this module handles. A classifier ending in MatMul + Softmax
+    (a constant weight) is not one: its calibration and ranges stay those asked for."""
+    def constant(value: ir.Value | None) -> bool:
+        return value is None or value.const_value is not None or (
+            value.producer() is not None and value.producer().op_type == "Constant")
+
+    nodes = list(model.graph)
+    return any(n.op_type == "Softmax" for n in nodes) and any(
+        n.op_type == "MatMul" and not constant(n.inputs[0]) and not constant(n.inputs[1]) for n in nodes)
 
 
 def choose_alphas(model: ir.Model, calibration: Calibration, mode: Mode, *, limit: int | None = None) -> list[InputChoice]:
