@@ -42,6 +42,17 @@ class Calibration:
         for start in range(start, n, batch_size):
             yield {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items()}
 
+    def sample_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
+        """The shape of one sample per model input it feeds (the model's own batch where fixed, else 1):
+        the shapes to analyse and time at when the user gave none, so dynamic dims need no --input-shape."""
+        shapes = {}
+        for value in graph_inputs(model):
+            if value.name in self.arrays:
+                dims = list(value.shape.dims) if value.shape is not None else []
+                batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
+                shapes[value.name] = (batch, *self.arrays[value.name].shape[1:])
+        return shapes
+
     def first(self, n: int) -> Calibration:
         """The first `n` samples (all when there are fewer)."""
         if n < 1:

@@ -88,9 +88,9 @@ def optimize(
     """Compress `model` as `options` ask; see the module docstring for how the plan is chosen."""
     options = options or OptimizeOptions()
     source = load(model)
-    shapes = resolve_input_shapes(source, input_shapes)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(source, calibration)
+    shapes = resolve_input_shapes(source, {**(calibration.sample_shapes(source) if calibration else {}), **(input_shapes or {})})
     # A recipe or a fixed pruning ratio is run as written; so are explicit pass flags unless a
     # tolerance or a target asks for the search.
     asked = options.tolerance is not None or options.target_macs is not None or options.target_speedup is not None

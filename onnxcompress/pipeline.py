@@ -130,9 +130,10 @@ class Pipeline:
     ) -> RunResult:
         source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         original = load(model)
-        shapes = resolve_input_shapes(original, input_shapes)
         if calibration is not None and not isinstance(calibration, Calibration):
             calibration = Calibration.from_arrays(original, calibration)
+        given = {**(calibration.sample_shapes(original) if calibration else {}), **(input_shapes or {})}
+        shapes = resolve_input_shapes(original, given)
         ctx = PassContext(calibration=calibration, input_shapes=shapes, model=original)
         before = ctx.get(cost_analysis).stats
 

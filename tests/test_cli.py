@@ -225,3 +225,13 @@ def test_factorize_flags(capsys, tmp_path, model_path):
 def test_bare_command_shows_help_without_an_empty_error(capsys):
     code, out, err = run_cli(capsys)
     assert code == 2 and "Commands" in out + err and "error:" not in err
+
+
+def test_calibration_data_fixes_dynamic_shapes(capsys, tmp_path):
+    """--calib gives every sample's shape: a dynamic sequence length needs no --input-shape then."""
+    onnx.save(dynamic_matmul(), tmp_path / "dyn.onnx")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(8, 5, 16)).astype(np.float32))
+    code, out, err = run_cli(capsys, "optimize", tmp_path / "dyn.onnx", "-o", tmp_path / "q.onnx", "--quantize", "int8",
+                             "--calib", tmp_path / "calib.npy", "--json", "--bench-runs", "0")
+    assert code == 0, err
+    assert json.loads(out)["before"]["macs"] == 5 * 16 * 16  # analysed at one calibration sample's shape
