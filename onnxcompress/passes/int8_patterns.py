@@ -15,7 +15,7 @@ sample, as ORT's DynamicQuantizeLinear takes it per run) and per-channel int8 we
 with the lowest output error wins; None unless smoothing beats it by MIN_GAIN_DB (each smoothed input
 that its producer cannot absorb costs a float Mul at run time).
 
-It runs only on models with the attention pattern (Softmax and MatMul): that is where the outlier
+It runs only on models with the attention pattern (a Softmax and a MatMul of two activations): that is where the outlier
 channels are known to live, and it keeps CNN/MLP quantization as it was.
 """
 
@@ -28,9 +28,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from .. import runtime
-from ..calibration import Calibration, batch_size_for
-from ..model import load
+from ..analysis.streaming import stream_values
+from ..calibration import Calibration
 from .smooth import find_groups, smoothing_factors
 
 #: Candidate alphas (None = leave the input as it is). Dense above 0.65, where the outlier inputs
@@ -42,6 +41,8 @@ MIN_GAIN_DB = 0.5
 ROWS_PER_SAMPLE = 16
 MAX_SAMPLES = 64
 Mode = Literal["static", "dynamic"]
+#: The `outliers` option of quantize-int8 and quantize-dynamic.
+OUTLIER_MODES = ("auto", "off")
 
 
 @dataclass
@@ -102,28 +103,23 @@ def sample_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """({value: sampled rows [n, C]}, {value: (per-sample per-channel minima and maxima
     [samples, 2, C] over all of the sample's positions, the sample index of each row)}), from one
-    ORT run over the calibration data."""
-    probe = load(model)
-    by_name = {v.name: v for n in probe.graph for v in n.outputs}
-    outputs = {v.name for v in probe.graph.outputs}
-    names = [n for n in names if n in by_name]
-    for name in names:
-        if name not in outputs:
-            probe.graph.outputs.append(by_name[name])
-    sess = runtime.session(probe)
-    rng = np.random.default_rng(seed)
+    ORT run over the calibration data (analysis/streaming.py: bounded memory)."""
+    produced = {v.name for n in model.graph for v in n.outputs}
+    names = [n for n in names if n in produced]
+    # one generator per value: the rows drawn do not depend on how the runs group the values
+    rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
     limit = min(limit or MAX_SAMPLES, MAX_SAMPLES)
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ids: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feeds in calibration.batches(batch_size_for(model, 8), limit=limit):
-        for name, array in zip(names, sess.run(names, feeds), strict=True):
+    for _, values in stream_values(model, names, calibration, batch_size=8, limit=limit):
+        for name, array in values.items():
             array = np.asarray(array, dtype=np.float32)
             per_sample = array.reshape(array.shape[0], -1, array.shape[-1]) if array.ndim >= 2 else array[None, None]
             for sample in per_sample:
                 k = len(ranges[name])
                 ranges[name].append(np.stack([sample.min(axis=0), sample.max(axis=0)]))
-                take = sample if len(sample) <= ROWS_PER_SAMPLE else sample[rng.choice(len(sample), ROWS_PER_SAMPLE, replace=False)]
+                take = sample if len(sample) <= ROWS_PER_SAMPLE else sample[rngs[name].choice(len(sample), ROWS_PER_SAMPLE, replace=False)]
                 rows[name].append(take)
                 ids[name].append(np.full(len(take), k))
     out_rows = {n: np.concatenate(rows[n]) for n in names if rows[n]}
@@ -194,7 +190,7 @@ def smooth_outliers(
     from .smooth import SmoothQuant
 
     if not has_attention(model):
-        return model, [], {"applied": False, "why": "no attention pattern (Softmax and MatMul)"}
+        return model, [], {"applied": False, "why": "no attention pattern (a Softmax and a MatMul of two activations)"}
     choices = choose_alphas(model, calibration, mode, limit=samples)
     alphas = alphas_of(choices)
     chosen = [c for c in choices if c.alpha is not None]
@@ -241,5 +237,5 @@ def pick_range_method(quantizer, feeds, reference, source: str):
     return (alt if best == "minmax" else quantizer), note
 
 
-__all__ = ["ALPHAS", "InputChoice", "MIN_GAIN_DB", "alphas_of", "choose_alphas", "has_attention", "pick_range_method",
+__all__ = ["ALPHAS", "InputChoice", "MIN_GAIN_DB", "OUTLIER_MODES", "alphas_of", "choose_alphas", "has_attention", "pick_range_method",
            "sample_inputs", "smooth_outliers"]

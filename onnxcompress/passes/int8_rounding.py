@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
-from .. import runtime
 from ..analysis.int8_kernels import PAIR_CODE_LIMIT, overflowing_rows, reduction_rows
+from ..analysis.streaming import stream_values
 from ..calibration import Calibration
 from ..model import load
 from .int8_weights import U8_ZERO_POINT, WEIGHT_QMAX, Kernels, WeightEncoding
@@ -168,16 +168,20 @@ def collect_grams(
     inits = {t.name: t for t in quantized.graph.initializer}
     producers = {o: n for n in quantized.graph.node for o in n.output}
     shapes = {n.name: _weight_shape(n, inits, producers) for n in chosen}
-    fetch = _Fetcher(quantized, [n.input[0] for n in chosen])
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in chosen:
+        readers.setdefault(node.input[0], []).append(node)
+    # one generator per layer: the rows drawn do not depend on how the runs group the values
+    rngs = {n.name: np.random.default_rng([seed, i]) for i, n in enumerate(chosen)}
     grams: dict[str, Gram] = {}
-    rng = np.random.default_rng(seed)
-    for feeds in calibration.batches(batch_size, limit=limit):  # small batches: the rows are sampled per item
-        got = fetch(feeds)
-        for node in chosen:
-            x = _rows_of(node, shapes[node.name], got[node.input[0]], rng)
-            if node.name not in grams:
-                grams[node.name] = Gram.empty(x.shape[0], x.shape[2])
-            grams[node.name].add(x)
+    # small batches: the rows are sampled per item (analysis/streaming.py bounds the memory)
+    for _, values in stream_values(load(quantized), list(readers), calibration, batch_size=batch_size, limit=limit):
+        for value, array in values.items():
+            for node in readers[value]:
+                x = _rows_of(node, shapes[node.name], array, rngs[node.name])
+                if node.name not in grams:
+                    grams[node.name] = Gram.empty(x.shape[0], x.shape[2])
+                grams[node.name].add(x)
     return grams
 
 
@@ -188,27 +192,6 @@ def _weight_shape(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
     if name in inits:
         return tuple(inits[name].dims)
     return tuple(inits[producers[name].input[0]].dims)
-
-
-class _Fetcher:
-    """Runs a model with the named intermediate values as extra outputs."""
-
-    def __init__(self, proto: onnx.ModelProto, values: Sequence[str]) -> None:
-        model = onnx.ModelProto()
-        model.CopyFrom(proto)
-        self.inputs = {i.name for i in model.graph.input}
-        self.values = list(dict.fromkeys(values))
-        outputs = {o.name for o in model.graph.output}
-        for v in self.values:
-            if v not in outputs and v not in self.inputs:
-                model.graph.output.append(helper.make_value_info(v, helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
-        self.fetched = [v for v in self.values if v not in self.inputs]
-        self.sess = runtime.session(load(model), options=runtime.session_options(spinning=False))
-
-    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        got = dict(zip(self.fetched, self.sess.run(self.fetched, dict(feeds))))
-        got.update({v: np.asarray(feeds[v]) for v in self.values if v in self.inputs})
-        return got
 
 
 # ---------------------------------------------------------------------------- rounding

@@ -47,6 +47,7 @@ from ..pipeline import Pass, PassContext, PassResult
 from ..report import Fidelity
 from ..tolerance import Tolerance
 from ..verify import compare, outputs
+from .int8_patterns import OUTLIER_MODES
 from .int8_rounding import ROUNDINGS, Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import KERNELS, MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias, quantize_weight
 
@@ -114,7 +115,7 @@ class QuantizeQDQ(Pass):
     # Not the default: +1.2 dB on EfficientNet-Lite1 but -1.7 dB on PP-OCR cls (measured, 64 photos).
     weight_rounding: Literal["nearest", "learned"] = "nearest"
     smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
-    # "auto": on attention models (Softmax + MatMul), without smooth_alpha, SmoothQuant each MatMul
+    # "auto": on attention models (a Softmax and a MatMul of two activations), without smooth_alpha, SmoothQuant each MatMul
     # input with the alpha that measures best on calibration rows (passes/int8_patterns.py)
     outliers: Literal["auto", "off"] = "auto"
     # Tolerance mode: keep the most sensitive layers in float until `metric` is within `max_drop`
@@ -131,7 +132,7 @@ class QuantizeQDQ(Pass):
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if (self.samples is not None and self.samples < 1) or self.bins < 16:
             raise ValueError("samples must be >= 1 and bins >= 16")
-        if self.outliers not in ("auto", "off"):
+        if self.outliers not in OUTLIER_MODES:
             raise ValueError(f"outliers must be 'auto' or 'off', got {self.outliers!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")

@@ -29,6 +29,7 @@ from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
 from ..model import load, save
 from ..pipeline import Pass, PassContext, PassResult
+from .int8_patterns import OUTLIER_MODES
 from .int8_weights import KERNELS, U8_ZERO_POINT, Kernels
 
 #: Ops ORT's dynamic quantizer rewrites to integer kernels.
@@ -54,7 +55,7 @@ class QuantizeDynamic(Pass):
     def __post_init__(self) -> None:
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
-        if self.outliers not in ("auto", "off"):
+        if self.outliers not in OUTLIER_MODES:
             raise ValueError(f"outliers must be 'auto' or 'off', got {self.outliers!r}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
