@@ -143,7 +143,8 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
         source, calibration,
         SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
                       target_macs=options.target_macs, target_speedup=options.target_speedup,
-                      finish_must_be_faster=options.target in CPU_TARGETS and options.bench_runs > 0),
+                      finish_must_be_faster=options.target in CPU_TARGETS and options.bench_runs > 0,
+                      verify=options.verify),
         evaluate=evaluate, input_shapes=shapes, on_step=on_step,
     )
     chosen = found.chosen_point

@@ -23,7 +23,7 @@ from .calibration import Calibration, batch_size_for
 from .errors import RecipeError
 from .model import ModelLike, load, resolve_input_shapes
 from .report import Fidelity, ModelStats, PassRecord, RunReport
-from .verify import VerifyOptions, outputs, random_feeds, verify_model
+from .verify import VerifyOptions, float_noise, outputs, random_feeds, verify_model
 
 A = TypeVar("A")
 Analysis = Callable[[ir.Model, "PassContext"], Any]
@@ -139,6 +139,8 @@ class Pipeline:
 
         feeds, feed_source = self._verification_feeds(original, ctx)
         reference = outputs(original, feeds, "input model") if self.verify.enabled else []
+        noise = (float_noise(original, feeds, reference, "input model")
+                 if self.verify.enabled and any(p.exact for p in self.passes) else None)
 
         current = load(original)  # passes work on a copy; the original stays the reference
         notes = []
@@ -159,7 +161,8 @@ class Pipeline:
             ctx.invalidate(result.preserved if result.modified else frozenset(ctx._cache))
             if self.verify.enabled:
                 fidelity = verify_model(
-                    current, f"pass '{p.name}'", feeds, reference, feed_source, self.verify, exact=p.exact
+                    current, f"pass '{p.name}'", feeds, reference, feed_source, self.verify, exact=p.exact,
+                    noise=noise,
                 )
             records.append(
                 dataclasses.replace(

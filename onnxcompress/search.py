@@ -85,6 +85,9 @@ class SearchOptions:
     holdout: float = HOLDOUT
     bench_runs: int = 30  # timed runs per model when target_speedup or finish_must_be_faster asks for measurements
     finish_must_be_faster: bool = False  # time the closing passes on ORT CPU and drop them if they slow the model
+    # checker + ORT load + exactness after every pass of every candidate (--no-verify: off; the
+    # candidates are still judged on held-out samples)
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
@@ -127,7 +130,8 @@ def search(
         notes.append("calibration data is random: the fidelity says nothing about real inputs")
 
     step("cleanup")
-    cleaned = Pipeline([build_pass(name) for name in options.cleanup]).run(original, calibration=fit, input_shapes=shapes)
+    checks = VerifyOptions(enabled=options.verify)
+    cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=checks).run(original, calibration=fit, input_shapes=shapes)
     base_macs = max(cleaned.report.after.macs, 1)
     original_stats = cleaned.report.before
     finish = [dict(spec) for spec in options.finish]
@@ -135,7 +139,7 @@ def search(
     def finished(float_model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
         if not finish:
             return float_model, []
-        run = Pipeline([build_pass(spec) for spec in finish]).run(float_model, calibration=fit, input_shapes=shapes)
+        run = Pipeline([build_pass(spec) for spec in finish], verify=checks).run(float_model, calibration=fit, input_shapes=shapes)
         return run.model, list(run.report.passes)
 
     points: list[SearchPoint] = []
@@ -199,7 +203,7 @@ def search(
         for level in levels:
             if level >= accepted_level:  # an earlier step overshot past this level
                 continue
-            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs)
+            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs, options.verify)
             if outcome is None:  # too small a step for the channel granularity: try the next level
                 stalled = True
                 continue
@@ -221,7 +225,7 @@ def search(
             mid = (accepted_level + lo) / 2
             if accepted_level - mid < MIN_PROGRESS:
                 break
-            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs)
+            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs, options.verify)
             if outcome is None:
                 break
             pruned, achieved, record = outcome
@@ -253,7 +257,7 @@ def search(
     }
     report = RunReport(
         input=str(model) if isinstance(model, str) else type(model).__name__, output=None,
-        before=original_stats, after=stats, passes=tuple(records), fidelity=point.fidelity, verified=True,
+        before=original_stats, after=stats, passes=tuple(records), fidelity=point.fidelity, verified=options.verify,
         notes=tuple(notes), search=search_details,
     )
     return SearchResult(final, report, tuple(points), chosen, point.accepted, target_met)
@@ -271,11 +275,11 @@ def _choose(points: Sequence[SearchPoint], reached: Callable[[SearchPoint], bool
 
 
 def _prune_step(model: ir.Model, current: float, level: float, prune: Mapping[str, Any], fit: Calibration,
-                shapes: Mapping[str, Sequence[int]], base_macs: int) -> tuple[ir.Model, float, PassRecord] | None:
+                shapes: Mapping[str, Sequence[int]], base_macs: int, verify: bool = True) -> tuple[ir.Model, float, PassRecord] | None:
     """Prune `model` (at `current` of the base MACs) towards `level`; None if it barely moves."""
     spec = {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels",
             "target_macs": min(1.0, level / current)}
-    run = Pipeline([build_pass(spec)], verify=VerifyOptions(samples=2)).run(model, calibration=fit, input_shapes=shapes)
+    run = Pipeline([build_pass(spec)], verify=VerifyOptions(enabled=verify, samples=2)).run(model, calibration=fit, input_shapes=shapes)
     achieved = run.report.after.macs / base_macs
     if current - achieved < MIN_PROGRESS:
         return None

@@ -90,3 +90,26 @@ def two_inputs(shape: Sequence[int] = (1, 4)) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def cancelling_gemm_bn(*, features: int = 16, channels: int = 8, offset: float = 1e5, gamma: float = 1e-6,
+                       seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """Gemm -> BatchNormalization whose outputs are ~1e-6: a Gemm bias of `offset` cancelled by a BN
+    mean of about the same size. Any exact rewrite rounds differently here by ~1e-3 of the output."""
+    rng = np.random.default_rng(seed)
+    mean = np.full(channels, offset, np.float32) + rng.standard_normal(channels).astype(np.float32)
+    inits = [
+        _init("w", rng.standard_normal((features, channels)).astype(np.float32)),
+        _init("b", np.full(channels, offset, np.float32)),
+        _init("gamma", np.full(channels, gamma, np.float32)),
+        _init("beta", np.zeros(channels, np.float32)),
+        _init("mean", mean),
+        _init("var", np.ones(channels, np.float32)),
+    ]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc"),
+             helper.make_node("BatchNormalization", ["g", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    graph = helper.make_graph(
+        nodes, "cancelling", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -120,7 +120,7 @@ class FoldBatchNorm(Pass):
                     continue
                 reason = _fold(model, producer, node, *affine)
                 if reason is None:
-                    changes.append(f"{node.name or node.op_type}: {node.op_type} folded into {producer.name}")
+                    changes.append(f"{node.name or node.op_type}: {node.op_type} folded into {producer.name or producer.outputs[0].name}")
                     progress = True
                 elif node.op_type == "BatchNormalization":
                     skipped.append(f"{node.name}: {reason}")

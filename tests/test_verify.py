@@ -1,0 +1,70 @@
+"""Exactness checks judged against the input model's own float noise, and --no-verify meaning it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxcompress import verify
+from onnxcompress.errors import VerificationError
+from onnxcompress.optimize import OptimizeOptions, optimize
+from onnxcompress.passes import FoldBatchNorm
+from onnxcompress.pipeline import Pass, PassContext, Pipeline
+from tests.graphs import cancelling_gemm_bn, conv_bn_relu_gemm
+
+
+@dataclass
+class _NudgeWeight(Pass):
+    """Test pass claiming exactness while scaling one weight by `factor`."""
+
+    name: ClassVar[str] = "test-nudge"
+    weight: str = "w"
+    factor: float = 1.001
+
+    def run(self, model: ir.Model, ctx: PassContext):
+        value = model.graph.initializers[self.weight]
+        value.const_value = ir.tensor(value.const_value.numpy() * np.float32(self.factor), name=self.weight)
+        return self.result(model, changes=[f"{self.weight} scaled by {self.factor}"])
+
+
+def test_fold_on_outputs_near_1e_6_is_exact_within_the_models_float_noise(monkeypatch):
+    result = Pipeline([FoldBatchNorm()]).run(cancelling_gemm_bn())
+    fidelity = result.report.fidelity
+    assert "BatchNormalization" not in [n.op_type for n in result.model.graph]
+    assert fidelity.max_rel_error > 1e-4  # beyond rtol: only the noise floor makes this exact
+    monkeypatch.setattr(verify, "NOISE_FACTOR", 0.0)
+    with pytest.raises(VerificationError, match="pass 'fold-batchnorm': outputs changed beyond tolerance"):
+        Pipeline([FoldBatchNorm()]).run(cancelling_gemm_bn())
+
+
+def test_the_noise_floor_still_catches_real_changes():
+    # the cancelling model's float32 outputs are only good to ~1% (its noise floor): a 50% change
+    with pytest.raises(VerificationError, match="pass 'test-nudge'"):
+        Pipeline([_NudgeWeight(factor=1.5)]).run(cancelling_gemm_bn())
+    # an ordinary model's floor is far below rtol: 0.1% on one weight is caught
+    with pytest.raises(VerificationError, match="pass 'test-nudge'"):
+        Pipeline([_NudgeWeight(weight="fc_w", factor=1.001)]).run(conv_bn_relu_gemm())
+
+
+def test_float_noise_is_small_against_the_outputs_and_zero_free():
+    model = ir.serde.deserialize_model(conv_bn_relu_gemm())
+    feeds = verify.random_feeds(model, {"x": (1, 3, 8, 8)}, count=2)
+    reference = verify.outputs(model, feeds, "test")
+    noise = verify.float_noise(model, feeds, reference, "test")
+    scale = max(float(np.abs(s[0]).max()) for s in reference)
+    assert len(noise) == 1 and 0.0 < noise[0] < 1e-5 * scale
+
+
+def test_no_verify_skips_the_per_pass_checks_in_the_search_too(monkeypatch):
+    monkeypatch.setattr(verify, "NOISE_FACTOR", 0.0)  # fold-batchnorm now fails its exactness check
+    rng = np.random.default_rng(1)
+    calibration = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
+    with pytest.raises(VerificationError, match="fold-batchnorm"):
+        optimize(cancelling_gemm_bn(), calibration=calibration, options=OptimizeOptions(bench_runs=0))
+    result = optimize(cancelling_gemm_bn(), calibration=calibration, options=OptimizeOptions(bench_runs=0, verify=False))
+    assert result.mode == "search" and not result.report.verified
+    assert "BatchNormalization" not in [n.op_type for n in result.model.graph]
