@@ -354,6 +354,7 @@ def benchmark(
     requested = session_providers(options.provider)
     threads = options.threads or physical_cores()
     labelled = _labelled(models)
+    _check_any_runnable(labelled)
     tracker = _Tracker(progress, len(options.batch_sizes) * len(labelled) * options.runs)
     rows: list[BenchRow] = []
     notes: list[str] = [SPINNING_NOTE]
@@ -371,6 +372,16 @@ def benchmark(
         rows=tuple(rows),
         notes=tuple(notes),
     )
+
+
+def _check_any_runnable(labelled: Sequence[tuple[str, ir.Model]]) -> None:
+    """Fail before timing when no model can run at all (custom ops); one that cannot gets its rows
+    marked unsupported while the others are timed."""
+    from .preflight import check_runnable, unsupported_nodes
+
+    if all(unsupported_nodes(model) for _, model in labelled):
+        label, model = labelled[0]
+        check_runnable(model, f"'{label}'")
 
 
 def _labelled(models: Sequence[Any]) -> list[tuple[str, ir.Model]]:
@@ -1007,16 +1018,13 @@ def render(report: BenchReport, layers: int = 15) -> list[Table]:
 
 @contextlib.contextmanager
 def progress_bar(console: Console | None = None) -> Iterator[ProgressCallback]:
-    """A rich progress bar over the timed runs; yields the callback to pass to `benchmark`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Progress over the timed runs (see progress.py); yields the callback to pass to `benchmark`."""
+    from .progress import progress
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("timing", total=None)
+    with progress("timing", console) as reporter:
 
         def update(event: BenchProgress) -> None:
-            description = f"{event.model} @ batch {event.batch}"
-            bar.update(task, completed=event.done, total=event.total, description=description)
+            reporter.update(f"{event.model} @ batch {event.batch}", completed=event.done, total=event.total)
 
         yield update
 

@@ -89,6 +89,9 @@ class Calibration:
             if value.name not in arrays:
                 raise CalibrationError(f"{source}: no data for model input '{value.name}' (found: {', '.join(arrays)})")
             checked[value.name] = _fit_to_input(value, np.asarray(arrays[value.name]), source)
+        if not any(np.any(a) for a in checked.values()):
+            raise CalibrationError(f"{source}: every calibration value is zero; ranges, channel importance and fidelity "
+                                   "measured on it mean nothing: give real input samples")
         return cls(checked, source)
 
     @classmethod
@@ -180,18 +183,46 @@ def _fit_to_input(value: ir.Value, array: np.ndarray, source: str) -> np.ndarray
     dtype = input_dtype(value)
     if value.shape is not None:
         dims = list(value.shape.dims)
+        expected = _expected_shape(dims)
         if array.ndim != len(dims):
-            raise CalibrationError(
-                f"{source}: input '{value.name}' needs rank {len(dims)} (samples on axis 0), got shape {array.shape}"
-            )
+            raise CalibrationError(f"{source}: input '{value.name}' needs rank {len(dims)} (samples on axis 0): "
+                                   f"expected {expected}, given {array.shape}")
         for i, (want, got) in enumerate(zip(dims[1:], array.shape[1:]), start=1):
             if isinstance(want, int) and want != got:
-                raise CalibrationError(f"{source}: input '{value.name}' dim {i} must be {want}, got shape {array.shape}")
+                raise CalibrationError(f"{source}: input '{value.name}' dim {i} must be {want}: expected {expected}, "
+                                       f"given {array.shape}{_layout_hint(dims, array.shape)}")
     if not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise CalibrationError(f"{source}: input '{value.name}' needs {dtype}, got {array.dtype}")
     if len(array) == 0:
         raise CalibrationError(f"{source}: input '{value.name}' has no samples")
+    _check_finite(value.name, array, source)
     return np.ascontiguousarray(array.astype(dtype, copy=False))
+
+
+def _expected_shape(dims: Sequence) -> str:
+    """'(N, 3, 224, 224)': samples first, '?' for the dims the model leaves open."""
+    return "(" + ", ".join("N" if i == 0 else str(d) if isinstance(d, int) else "?" for i, d in enumerate(dims)) + ")"
+
+
+def _layout_hint(dims: Sequence, shape: tuple[int, ...]) -> str:
+    """A hint when channels-last data is given for a channels-first input (NHWC for NCHW)."""
+    if len(dims) >= 3 and isinstance(dims[1], int) and shape[-1] == dims[1] and shape[1] != dims[1]:
+        order = (0, len(shape) - 1, *range(1, len(shape) - 1))
+        return f"; channels-last data for a channels-first input? transpose it with .transpose{order}"
+    return ""
+
+
+def _check_finite(name: str, array: np.ndarray, source: str) -> None:
+    """NaN or infinite samples would make every range, importance and fidelity number NaN."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    if np.isfinite(np.sum(array, dtype=np.complex128 if np.iscomplexobj(array) else np.float64)):
+        return  # the float64 sum of finite values cannot overflow (unless they are float64 near its limit)
+    bad = ~np.isfinite(array.reshape(len(array), -1))
+    if bad.any():
+        first = int(np.argmax(bad.any(axis=1)))
+        raise CalibrationError(f"{source}: input '{name}' has {int(bad.sum())} NaN or infinite values "
+                               f"(first in sample {first}); calibration data must be finite")
 
 
 __all__ = ["Calibration", "CalibrationError", "InputShapeError"]

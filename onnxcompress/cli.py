@@ -1,7 +1,8 @@
-"""Command line: `onnxcompress analyze | bench | optimize | demo | recipes`.
+"""Command line: `onnxcompress analyze | bench | optimize | demo | pack | unpack | recipes`.
 
-Every user-facing problem is one line on stderr and a non-zero exit code (see errors.py); JSON goes
-to stdout alone when `--json` is given, so pipelines can parse it.
+Results (tables, summaries, or JSON alone with `--json`) go to stdout; progress and every
+user-facing problem go to stderr, a problem as one line with an exit code from errors.EXIT_CODES.
+Output paths are checked before any work starts, so a bad one writes nothing.
 """
 
 from __future__ import annotations
@@ -16,23 +17,46 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import OnnxCompressError
+from .errors import ExitCode, OnnxCompressError, exit_codes_help
+from .paths import check_outputs
+
+
+def _plain_flags(params: list) -> list:
+    """Flags take no value, so their help shows no type (typer's vendored click shows '<bool>')."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="onnxcompress",
+    cls=_Group,
     help="Compress ONNX models (pruning, factorization, int8) and measure them on ONNX Runtime.",
+    epilog=exit_codes_help(),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)  # progress and tables; stdout stays clean for --json
-out = Console()
+console = Console(stderr=True)  # progress and problems
+out = Console()  # results: tables, summaries, JSON
 
 InputShapes = Annotated[
     Optional[list[str]],
-    typer.Option("--input-shape", "-s", help="Fix a dynamic input: NAME=1x3x224x224 (repeatable)."),
+    typer.Option("--input-shape", "-s", metavar="NAME=DxDx..", help="Fix a dynamic input: NAME=1x3x224x224 (repeatable)."),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file (never modified).")]
 
 
 def _version(value: bool) -> None:
@@ -48,9 +72,9 @@ def _main(
     """Compress ONNX models and measure them on ONNX Runtime."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def analyze(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file.")],
     input_shape: InputShapes = None,
     top: Annotated[int, typer.Option(help="How many layers to list by MACs.")] = 10,
     fold: Annotated[bool, typer.Option(help="Fold constant subgraphs first (weights stored as nodes count as weights).")] = True,
@@ -60,11 +84,13 @@ def analyze(
     """Ops, parameters, MACs/FLOPs, sizes, inputs/outputs and the heaviest layers of a model."""
     from .analysis.cost import analyze_cost
     from .model import load, parse_input_shapes, resolve_input_shapes
+    from .preflight import check_shapes
     from .render import analysis_dict, render_analysis
 
     shapes = parse_input_shapes(input_shape)
     m = load(model)
     resolved = resolve_input_shapes(m, shapes)
+    check_shapes(m, resolved, shapes, memory=False)  # analysis allocates nothing: any size may be asked about
     if fold:
         from .passes.cleanup import FoldConstants
         from .pipeline import PassContext
@@ -80,12 +106,12 @@ def analyze(
     if json_out:
         out.print_json(json.dumps(data))
     else:
-        render_analysis(console, str(model), data)
+        render_analysis(out, str(model), data)
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="ONNX models; the first is the baseline for ratios.")],
+    models: Annotated[list[Path], typer.Argument(metavar="MODELS", help="ONNX models; the first is the baseline for ratios.")],
     ep: Annotated[str, typer.Option("--ep", help="Execution provider: cpu, cuda or tensorrt.")] = "cpu",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma separated, e.g. 1,16.")] = "1",
     runs: Annotated[int, typer.Option(help="Timed runs per model and batch (at least 20).")] = 50,
@@ -98,14 +124,20 @@ def bench(
 ) -> None:
     """Latency on ONNX Runtime, models interleaved; theoretical (MAC) vs measured speedup."""
     from .bench import BenchOptions, benchmark, progress_bar, render
+    from .errors import UnsupportedModelError
     from .model import parse_input_shapes
 
+    check_outputs({"--plot": plot}, inputs=models)
+    _check_plotting(plot)
     options = BenchOptions(
         provider=ep, batch_sizes=_parse_batches(batch), runs=runs, warmup=warmup, threads=threads,
         input_shapes=parse_input_shapes(input_shape), profile=profile,
     )
     with progress_bar(console) as progress:
         report = benchmark([str(m) for m in models], options, progress=progress)
+    if not any(row.supported for row in report.rows):  # a model that cannot run blocks only its own rows
+        row = report.rows[0]
+        raise UnsupportedModelError(f"nothing could be timed: {row.model}: {row.reason}")
     if plot:
         from .plots import plot_speedups
 
@@ -114,14 +146,14 @@ def bench(
         out.print_json(report.to_json())
     else:
         for table in render(report):
-            console.print(table)
+            out.print(table)
         if plot:
-            console.print(f"plot written to {escape(str(plot))}")
+            out.print(f"plot written to {escape(str(plot))}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=exit_codes_help())
 def optimize(
-    model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
+    model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model (.onnx, or .occ for a packed download).")],
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy, .npz named by input, or a folder of images): enables the tolerance search and static int8.")] = None,
     calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps like 'raw,mean=0.5,std=0.5,layout=nhwc,channels=bgr'.")] = None,
@@ -156,18 +188,16 @@ def optimize(
 
     With --calib and no recipe: prune as far as the tolerance allows (default: cosine drop <= 0.002
     on held-out calibration samples), then int8 for the target. Without --calib: exact
-    cleanup, plus dynamic int8 for MatMul-heavy models. Exit codes: 0 done and within tolerance,
-    4 written but outside the tolerance, 5 within tolerance but short of --target-macs/--target-speedup,
-    2 bad input, 3 a pass failed verification."""
+    cleanup, plus dynamic int8 for MatMul-heavy models."""
     from .calibration import Calibration
-    from .errors import ModelLoadError
     from .model import load, parse_input_shapes, save
     from .optimize import OptimizeOptions
     from .optimize import optimize as run_optimize
+    from .progress import progress
     from .render import render_run
 
-    if output.resolve() == model.resolve():
-        raise ModelLoadError(f"{output}: output would overwrite the input model; choose another path")
+    check_outputs({"--output": output, "--report": report, "--plot": plot}, inputs=[model, *([calib] if calib else [])])
+    _check_plotting(plot)
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
         target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
@@ -179,8 +209,6 @@ def optimize(
         raise OnnxCompressError(f"--bench-runs must be 0 (skip) or at least 20, got {bench_runs}")
     if calib_samples is not None and calib is None:
         raise OnnxCompressError("--calib-samples counts --calib samples: give --calib DATA")
-    if plot and not (plot.parent if str(plot.parent) else Path(".")).is_dir():
-        raise OnnxCompressError(f"{plot.parent}: plot folder does not exist")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
     calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes,
@@ -188,12 +216,9 @@ def optimize(
     if calib_preprocess is not None and calib is None:
         raise OnnxCompressError("--calib-preprocess describes --calib images: give --calib FOLDER")
 
-
-    def work(progress):
-        return run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
-                            on_step=lambda name: progress(name))
-
-    result = _with_progress("optimizing", work)
+    with progress("optimizing", console) as reporter:
+        result = run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
+                              on_step=reporter.step)
     if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
         from .pack import pack_model
 
@@ -201,8 +226,9 @@ def optimize(
     else:
         save(result.model, output)
     run_report = result.report.with_files(model, output)
-    code = 4 if result.meets_tolerance is False else 5 if result.meets_target is False else 0
-    data = {**run_report.to_dict(), "mode": result.mode, "exit_code": code}
+    code = (ExitCode.OUTSIDE_TOLERANCE if result.meets_tolerance is False
+            else ExitCode.TARGET_NOT_REACHED if result.meets_target is False else ExitCode.OK)
+    data = {**run_report.to_dict(), "mode": result.mode, "exit_code": int(code)}
     if report:
         _write_text_atomic(report, json.dumps(data, indent=2, allow_nan=True))
     if plot:
@@ -215,15 +241,15 @@ def optimize(
     if json_out:
         out.print_json(json.dumps(data, allow_nan=True))
     else:
-        render_run(console, run_report)
+        render_run(out, run_report)
         if plot:
-            console.print(f"plot written to {escape(str(plot))}")
-        if code == 4:
-            console.print(f"[red]outside the tolerance[/red] ({escape(run_report.tolerance['description'])}): "
-                          "the model was written but does not meet it", highlight=False)
-        elif code == 5:
-            console.print("[yellow]the target was not reached within the tolerance[/yellow]: the model written "
-                          "is the most compressed one that meets it", highlight=False)
+            out.print(f"plot written to {escape(str(plot))}")
+        if code == ExitCode.OUTSIDE_TOLERANCE:
+            out.print(f"[red]outside the tolerance[/red] ({escape(run_report.tolerance['description'])}): "
+                      "the model was written but does not meet it", highlight=False)
+        elif code == ExitCode.TARGET_NOT_REACHED:
+            out.print("[yellow]the target was not reached within the tolerance[/yellow]: the model written "
+                      "is the most compressed one that meets it", highlight=False)
     if code:
         raise typer.Exit(code)
 
@@ -283,7 +309,7 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factor
     return specs
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the compressed model.")] = Path("onnxcompress-demo"),
     recipe: Annotated[str, typer.Option(help="Recipe to run (see `onnxcompress recipes`).")] = "demo",
@@ -291,23 +317,26 @@ def demo(
     json_out: JsonFlag = False,
 ) -> None:
     """Compress the bundled digits CNN and show accuracy, MACs, size and latency before and after."""
-    from .bench import progress_bar
     from .demo import run_demo
+    from .paths import check_output_folder
+    from .progress import progress
     from .render import render_demo
 
+    check_output_folder("--output-dir", output_dir, create=True)
     console.print("compressing the bundled CNN (trained on scikit-learn's digits) ...")
-    with progress_bar(console) as progress:
-        result = run_demo(output_dir, recipe=recipe, runs=runs,
-                          on_pass=lambda name: console.print(f"  running {name}"), progress=progress)
+    with progress("demo", console) as reporter:
+        result = run_demo(output_dir, recipe=recipe, runs=runs, on_pass=lambda name: reporter.step(f"running {name}"),
+                          progress=lambda e: reporter.update(f"timing {e.model} @ batch {e.batch}",
+                                                             completed=e.done, total=e.total))
     if json_out:
         out.print_json(json.dumps(result.to_dict()))
     else:
-        render_demo(console, result)
+        render_demo(out, result)
 
 
-@app.command()
+@app.command(cls=_Command)
 def pack(
-    model: Annotated[Path, typer.Argument(help="ONNX model file (never modified).")],
+    model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the .occ file.")],
     bits: Annotated[Optional[int], typer.Option(help="Lossy: share 2**BITS values per weight tensor (k-means), e.g. 5.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Lossy: zero this fraction of each tensor's smallest weights first.")] = None,
@@ -323,6 +352,7 @@ def pack(
     from .model import load, parse_input_shapes
     from .pack import pack_model, summary_lines
 
+    check_outputs({"--output": output}, inputs=[model, *([calib] if calib else [])])
     shapes = parse_input_shapes(input_shape)
     calibration = (Calibration.from_path(load(model), calib, preprocessing=calib_preprocess, input_shapes=shapes)
                    if calib else None)
@@ -333,18 +363,19 @@ def pack(
         out.print_json(json.dumps(stats.to_dict(), allow_nan=True))
     else:
         for line in summary_lines(stats):
-            console.print(escape(line), highlight=False, soft_wrap=True)
+            out.print(escape(line), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def unpack(
-    packed: Annotated[Path, typer.Argument(help=".occ file written by `onnxcompress pack`.")],
+    packed: Annotated[Path, typer.Argument(metavar="PACKED", help=".occ file written by `onnxcompress pack`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")],
     json_out: JsonFlag = False,
 ) -> None:
     """Unpack an .occ file to an ONNX model (every checksum verified)."""
     from .pack import fidelity_text, read_index, unpack_file
 
+    check_outputs({"--output": output}, inputs=[packed])
     unpack_file(packed, output)
     index = read_index(packed)
     info = {"output": str(output), "bytes": output.stat().st_size, "mode": index["mode"],
@@ -352,15 +383,15 @@ def unpack(
     if json_out:
         out.print_json(json.dumps(info, allow_nan=True))
     else:
-        console.print(escape(f"wrote {output} ({info['bytes']:,} bytes, {index['mode']} .occ)"), highlight=False,
-                      soft_wrap=True)
+        out.print(escape(f"wrote {output} ({info['bytes']:,} bytes, {index['mode']} .occ)"), highlight=False,
+                  soft_wrap=True)
         fidelity = (index.get("lossy") or {}).get("fidelity")
         if fidelity:
-            console.print(escape(f"packed with weight sharing; fidelity measured when packed: {fidelity_text(fidelity)}"),
-                          highlight=False, soft_wrap=True)
+            out.print(escape(f"packed with weight sharing; fidelity measured when packed: {fidelity_text(fidelity)}"),
+                      highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def recipes() -> None:
     """List the built-in recipes."""
     from .pipeline import RECIPES_DIR, load_recipe, recipe_names
@@ -368,7 +399,15 @@ def recipes() -> None:
     for name in recipe_names():
         spec = load_recipe(RECIPES_DIR / f"{name}.yaml")
         steps = " -> ".join(p["type"] if isinstance(p, dict) else str(p) for p in spec["passes"])
-        console.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
+        out.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
+
+
+def _check_plotting(plot: Path | None) -> None:
+    """A plot asked for needs matplotlib: say so before the work, not after it."""
+    if plot:
+        from .plots import check_available
+
+        check_available()
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
@@ -381,25 +420,6 @@ def _parse_batches(text: str) -> tuple[int, ...]:
     if not sizes or any(s <= 0 for s in sizes):
         raise OnnxCompressError(f"bad --batch '{text}': expected positive integers separated by commas, e.g. 1,16")
     return sizes
-
-
-def _with_progress(label: str, work, steps: int | None = None):
-    """Run `work(progress)` under a rich progress bar; `progress(description)` advances it one step."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task(label, total=steps)
-
-        def progress(description: str | None = None, total: int | None = None) -> None:
-            if total is not None:
-                bar.update(task, total=total)
-                return
-            bar.update(task, advance=1, description=f"{label}: {description}" if description else label)
-
-        return work(progress)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -427,6 +447,10 @@ _USAGE_ERRORS = _usage_errors()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line on stderr and an exit code."""
+    return int(_run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # Without standalone mode the parser returns typer.Exit's code instead of raising it.
         code = app(args=argv, standalone_mode=False)
@@ -437,12 +461,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
-        return 130
+        return ExitCode.INTERRUPTED
+    except MemoryError:  # the machine's limit, not a bug: smaller shapes or fewer samples fit
+        console.print("[red]error:[/red] out of memory: try smaller --input-shape dimensions or fewer calibration "
+                      "samples (--calib-samples)", highlight=False, soft_wrap=True)
+        return ExitCode.BAD_INPUT
     except _USAGE_ERRORS as exc:  # unknown option, bad value: the parser's one-line message
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         if message.strip():  # the help screen for a bare `onnxcompress` comes with an empty message
             console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-        return getattr(exc, "exit_code", 2)
+        return getattr(exc, "exit_code", ExitCode.BAD_INPUT)
     except Exception as exc:  # anything unexpected: still one line, the traceback only on request
         import os
 
@@ -451,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         console.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} "
                       "(please report it; set ONNXCOMPRESS_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
-        return 1
-    return code if isinstance(code, int) else 0
+        return ExitCode.INTERNAL_ERROR
+    return code if isinstance(code, int) else ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -275,9 +275,17 @@ def resolve_input_shapes(
             elif i == 0 and default_batch is not None:
                 dims_out.append(default_batch)
             else:
-                shown = "x".join(str(x) if isinstance(x, int) else (str(x) or "?") for x in model_dims)
+                shown = "x".join(_dim_text(x) for x in model_dims)
                 raise InputShapeError(
                     f"input '{value.name}' has dynamic shape [{shown}]; pass --input-shape {value.name}=DxDx..."
                 )
         resolved[value.name] = tuple(dims_out)
     return resolved
+
+
+def _dim_text(dim) -> str:
+    """A dim for messages: its size, its symbol, or '?' for an unnamed dynamic dim (not 'None')."""
+    if isinstance(dim, int):
+        return str(dim)
+    symbol = getattr(dim, "value", dim)
+    return str(symbol) if symbol else "?"

@@ -59,6 +59,9 @@ class OptimizeOptions:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise OnnxCompressError(f"unknown target '{self.target}' (choose: {', '.join(TARGETS)})")
+        from .search import check_targets
+
+        check_targets(self.target_macs, self.target_speedup)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def optimize(
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(source, calibration)
     shapes = resolve_input_shapes(source, {**(calibration.sample_shapes(source) if calibration else {}), **(input_shapes or {})})
+    _preflight(source, shapes, input_shapes, calibration, options)
     # A recipe or a fixed pruning ratio is run as written; so are explicit pass flags unless a
     # tolerance or a target asks for the search.
     asked = options.tolerance is not None or options.target_macs is not None or options.target_speedup is not None
@@ -115,6 +119,16 @@ def optimize(
         bench = _latency(source, result.model, shapes, options)
         report = dataclasses.replace(report, bench=bench, notes=(*report.notes, *_slower_note(bench, [p.name for p in report.passes if p.modified])))
     return OptimizeResult(result.model, report, mode)
+
+
+def _preflight(source: ir.Model, shapes, given, calibration, options: OptimizeOptions) -> None:
+    """Input problems found before any pass runs: a model ORT cannot run (where something needs to
+    run it), inputs too small or too large for it."""
+    from .preflight import check_runnable, check_shapes
+
+    if options.verify or options.bench_runs or calibration is not None or options.tolerance is not None:
+        check_runnable(source)
+    check_shapes(source, shapes, given, calibration=calibration)
 
 
 #: Measured speedups below this call the result slower than its input (medians of interleaved
@@ -254,13 +268,13 @@ def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | 
     if tolerance.metric != "auto":
         return tolerance
     from .calibration import batch_size_for
-    from .verify import outputs, random_feeds
+    from .verify import random_feeds, reference_outputs
 
     if calibration is not None:
-        feeds = [next(iter(calibration.batches(batch_size_for(model, 1))))]
+        feeds, source = [next(iter(calibration.batches(batch_size_for(model, 1))))], calibration.source
     else:
-        feeds = random_feeds(model, shapes)
-    return tolerance.resolved(outputs(model, feeds, "input model"))
+        feeds, source = random_feeds(model, shapes), "random"
+    return tolerance.resolved(reference_outputs(model, feeds, source))
 
 
 def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions) -> dict[str, Any]:

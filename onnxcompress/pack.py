@@ -479,13 +479,20 @@ def _write_container(path: Path, index: Mapping[str, Any], sections: Sequence[_S
     return path.stat().st_size
 
 
+def size_change(before: int, after: int) -> str:
+    """'2.50x smaller' or '1.18x larger': a ratio below 1 reads as the wrong claim."""
+    if after <= before:
+        return f"{before / max(after, 1):.2f}x smaller"
+    return f"{after / max(before, 1):.2f}x larger"
+
+
 def summary_lines(stats: PackStats) -> list[str]:
     """Human-readable lines: sizes and ratios, what was used, and fidelity for lossy packing."""
     lines = [(f"wrote {stats.path}: {stats.packed_bytes:,} bytes ({stats.mode}), "
-              f"{stats.ratio:.2f}x smaller than the ONNX model ({stats.onnx_bytes:,} bytes)")]
+              f"{size_change(stats.onnx_bytes, stats.packed_bytes)} than the ONNX model ({stats.onnx_bytes:,} bytes)")]
     if stats.gzip_bytes:
         lines.append(f"gzip -9 of the ONNX model: {stats.gzip_bytes:,} bytes ({stats.onnx_bytes / stats.gzip_bytes:.2f}x); "
-                     f".occ is {stats.gzip_bytes / stats.packed_bytes:.2f}x smaller than that")
+                     f".occ is {size_change(stats.gzip_bytes, stats.packed_bytes)} than that")
     encodings = ", ".join(f"{n} {e}" for e, n in sorted(stats.encodings.items())) or "none"
     codecs = ", ".join(f"{n} {c}" for c, n in sorted(stats.codecs.items()))
     lines.append(f"{stats.sections} sections (tensor encodings: {encodings}; codecs: {codecs}) in {stats.seconds:.1f} s")

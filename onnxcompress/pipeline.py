@@ -23,7 +23,7 @@ from .calibration import Calibration, batch_size_for
 from .errors import RecipeError
 from .model import ModelLike, load, resolve_input_shapes
 from .report import Fidelity, ModelStats, PassRecord, RunReport
-from .verify import VerifyOptions, float_noise, outputs, random_feeds, verify_model
+from .verify import VerifyOptions, float_noise, random_feeds, reference_outputs, verify_model
 
 A = TypeVar("A")
 Analysis = Callable[[ir.Model, "PassContext"], Any]
@@ -138,7 +138,7 @@ class Pipeline:
         before = ctx.get(cost_analysis).stats
 
         feeds, feed_source = self._verification_feeds(original, ctx)
-        reference = outputs(original, feeds, "input model") if self.verify.enabled else []
+        reference = reference_outputs(original, feeds, feed_source) if self.verify.enabled else []
         noise = (float_noise(original, feeds, reference, "input model")
                  if self.verify.enabled and any(p.exact for p in self.passes) else None)
 

@@ -135,6 +135,11 @@ def plot_reductions(report: RunReport, path: str | os.PathLike) -> Path:
     return _save(figure, path)
 
 
+def check_available() -> None:
+    """Fail now, not after a long run, when a plot is asked for and matplotlib is missing."""
+    _matplotlib()
+
+
 def _matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -35,7 +35,7 @@ def analysis_dict(model: ir.Model, cost, shapes: Mapping[str, tuple[int, ...]], 
 def _dims(value: ir.Value) -> list[int | str] | None:
     if value.shape is None:
         return None
-    return [d if isinstance(d, int) else (str(d) if d is not None and str(d) else "?") for d in value.shape.dims]
+    return [d if isinstance(d, int) else (str(getattr(d, "value", d) or "") or "?") for d in value.shape.dims]
 
 
 def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> None:

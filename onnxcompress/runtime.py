@@ -40,8 +40,10 @@ def provider_chain(provider: str) -> list[str]:
 
 def session_options(
     *, threads: int | None = None, spinning: bool = True, optimize: bool = True, profile_prefix: str | None = None,
-    log_level: int = 3,
+    log_level: int = 4,
 ) -> ort.SessionOptions:
+    # Fatal only by default: failures come back as exceptions that the caller reports in one line;
+    # ORT's own error log would print a second, raw copy on stderr.
     opts = ort.SessionOptions()
     opts.log_severity_level = log_level
     if threads:

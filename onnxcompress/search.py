@@ -17,6 +17,7 @@ failing that is dropped, so the exact cleaned model is the floor.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
 from .report import Fidelity, ModelStats, PassRecord, RunReport
 from .tolerance import Tolerance
-from .verify import VerifyOptions, compare, outputs
+from .verify import VerifyOptions, compare, outputs, reference_outputs
 
 #: Fractions of the cleaned model's MACs the pruning steps aim to keep, in order.
 DEFAULT_LEVELS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -90,12 +91,17 @@ class SearchOptions:
     verify: bool = True
 
     def __post_init__(self) -> None:
-        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
-            raise OnnxCompressError(f"target MACs must be a fraction in (0, 1], got {self.target_macs}")
-        if self.target_speedup is not None and not self.target_speedup > 0:
-            raise OnnxCompressError(f"target speedup must be > 0, got {self.target_speedup}")
+        check_targets(self.target_macs, self.target_speedup)
         if not 0.0 < self.holdout < 1.0:
             raise OnnxCompressError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+
+
+def check_targets(target_macs: float | None, target_speedup: float | None) -> None:
+    """The targets are meaningful: a MAC fraction in (0, 1], a finite speedup > 0."""
+    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+        raise OnnxCompressError(f"target MACs must be a fraction in (0, 1], got {target_macs}")
+    if target_speedup is not None and not 0 < target_speedup < math.inf:
+        raise OnnxCompressError(f"target speedup must be a finite number > 0, got {target_speedup}")
 
 
 def search(
@@ -139,7 +145,8 @@ def search(
     def finished(float_model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
         if not finish:
             return float_model, []
-        run = Pipeline([build_pass(spec) for spec in finish], verify=checks).run(float_model, calibration=fit, input_shapes=shapes)
+        run = Pipeline([build_pass(spec) for spec in finish], verify=checks).run(
+            float_model, calibration=fit, input_shapes=shapes, on_pass=lambda name: step(f"{name} on the candidate"))
         return run.model, list(run.report.passes)
 
     points: list[SearchPoint] = []
@@ -159,7 +166,7 @@ def search(
             point = dataclasses.replace(point, speedup=_speedup(original, final, shapes, options.bench_runs))
         points.append(point)
         models.append((final, records, stats))
-        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'}")
+        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} (metric value {value:.4g})")
         if on_point:  # e.g. a benchmark scoring every candidate on labelled data
             on_point(point, final)
         return point
@@ -203,6 +210,7 @@ def search(
         for level in levels:
             if level >= accepted_level:  # an earlier step overshot past this level
                 continue
+            step(f"pruning to {level:.3f} of the MACs")
             outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs, options.verify)
             if outcome is None:  # too small a step for the channel granularity: try the next level
                 stalled = True
@@ -225,6 +233,7 @@ def search(
             mid = (accepted_level + lo) / 2
             if accepted_level - mid < MIN_PROGRESS:
                 break
+            step(f"pruning to {mid:.3f} of the MACs")
             outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs, options.verify)
             if outcome is None:
                 break
@@ -308,7 +317,7 @@ class _Judge:
         if not self.feeds:
             raise OnnxCompressError(f"the model's fixed batch needs more held-out calibration samples than {held.num_samples}")
         self.source = f"{held.source}, {held.num_samples} samples"
-        self.reference = outputs(original, self.feeds, "input model")
+        self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate
         self.baseline = float(evaluate(load(original))) if evaluate else None
 

@@ -35,10 +35,15 @@ class Tolerance:
     def __post_init__(self) -> None:
         if self.metric not in (*METRICS, "auto"):
             raise OnnxCompressError(f"unknown metric '{self.metric}' (choose: {', '.join(METRICS)})")
-        if not math.isfinite(self.bound) or (self.metric != "sqnr" and self.bound < 0):
-            raise OnnxCompressError(f"tolerance bound for {self.metric} must be a finite number >= 0, got {self.bound}")
-        if self.metric in ("top1", "cosine") and self.bound > 1:
-            raise OnnxCompressError(f"tolerance bound for {self.metric} is a fraction in [0, 1], got {self.bound}")
+        if self.metric == "sqnr":
+            # At 0 dB the output error is as large as the output: no bound at or below it means anything.
+            if not (math.isfinite(self.bound) and self.bound > 0):
+                raise OnnxCompressError(f"the minimum SQNR must be a number of dB above 0, got {self.bound:g}")
+            return
+        # top1 and cosine drops are fractions; a relative MSE above 1 is more noise than signal.
+        what = "the allowed drop" if self.metric == "auto" else f"the allowed {self.metric} drop"
+        if not (math.isfinite(self.bound) and 0 <= self.bound <= 1):
+            raise OnnxCompressError(f"{what} is a fraction in [0, 1], got {self.bound:g}")
 
     def resolved(self, reference_outputs) -> Tolerance:
         """This tolerance with metric "auto" replaced by the one that suits the model's outputs."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from . import runtime
-from .errors import VerificationError
+from .errors import ProviderUnavailableError, UnsupportedModelError, VerificationError
 from .model import graph_inputs, input_dtype, load, temporary_path
 from .report import Fidelity
 
@@ -175,6 +176,30 @@ def exactness_error(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Seq
             return (f"outputs changed beyond tolerance (output {k}: max relative error {rel:.3g} > {rtol:g}, "
                     f"max abs error {err:.3g} > {NOISE_FACTOR:g}x the input model's float noise {noise[k] if noise else 0.0:.3g})")
     return None
+
+
+def reference_outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], source: str) -> list[list[np.ndarray]]:
+    """ORT outputs of the input model, the reference every pass is compared with. When it fails, the
+    input is the problem, not a pass: UnsupportedModelError (exit 2) with ORT's reason and the
+    shapes fed, e.g. calibration data in NHWC layout for an NCHW model."""
+    try:
+        sess = runtime.session(model)
+    except ProviderUnavailableError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModelError(f"ONNX Runtime cannot load the input model ({_first_line(exc)})") from None
+    try:
+        return runtime.run_batches(sess, feeds)
+    except Exception as exc:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in (feeds[0] if feeds else {}).items())
+        raise UnsupportedModelError(f"ONNX Runtime cannot run the input model on {source} inputs ({shapes}): "
+                                    f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """ORT's message without its status-code prefix ('[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ')."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)[:300]
 
 
 def verify_model(

@@ -45,14 +45,14 @@ def test_analyze_json_has_stats_layers_and_io(capsys, model_path):
 
 
 def test_analyze_table(capsys, model_path):
-    code, _, err = run_cli(capsys, "analyze", model_path)
-    assert code == 0 and "MACs" in err and "conv2" in err
+    code, out, err = run_cli(capsys, "analyze", model_path)
+    assert code == 0 and "MACs" in out and "conv2" in out and not err  # results on stdout
 
 
 def test_optimize_writes_model_report_and_table(capsys, model_path, tmp_path):
     out_path, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     digest = _digest(model_path)
-    code, _, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--report", report_path)
+    code, out, err = run_cli(capsys, "optimize", model_path, "-o", out_path, "--report", report_path)
     assert code == 0, err
     assert _digest(model_path) == digest
     onnx.checker.check_model(str(out_path), full_check=True)
@@ -60,7 +60,7 @@ def test_optimize_writes_model_report_and_table(capsys, model_path, tmp_path):
     assert report["output"] == str(out_path) and report["verified"] is True
     assert report["after"]["file_bytes"] == out_path.stat().st_size
     assert [p["name"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "eliminate-noops"]
-    assert "fold-batchnorm" in err
+    assert "fold-batchnorm" in out
 
 
 def test_optimize_json_on_stdout_only(capsys, model_path, tmp_path):
@@ -69,8 +69,8 @@ def test_optimize_json_on_stdout_only(capsys, model_path, tmp_path):
 
 
 def test_recipes_lists_builtins(capsys):
-    code, _, err = run_cli(capsys, "recipes")
-    assert code == 0 and "cleanup" in err and "fold-batchnorm" in err
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0 and "cleanup" in out and "fold-batchnorm" in out
 
 
 def test_python_dash_m_and_version():

@@ -472,8 +472,8 @@ def test_cli_pack_and_unpack_lossless(capsys, tmp_path):
     data = json.loads(out)
     assert data["mode"] == "lossless" and data["packed_bytes"] == (tmp_path / "m.occ").stat().st_size
     assert data["onnx_bytes"] == source.stat().st_size and data["gzip_bytes"] > 0 and data["fidelity"] is None
-    code, _, err = _cli(capsys, "unpack", tmp_path / "m.occ", "-o", tmp_path / "back.onnx")
-    assert code == 0 and "lossless" in err
+    code, out, err = _cli(capsys, "unpack", tmp_path / "m.occ", "-o", tmp_path / "back.onnx")
+    assert code == 0 and "lossless" in out, err
     assert (tmp_path / "back.onnx").read_bytes() == source.read_bytes()
 
 
@@ -481,15 +481,15 @@ def test_cli_pack_lossy_reports_fidelity_on_given_or_random_inputs(capsys, tmp_p
     source = demo_data.demo_model_path()
     calib = tmp_path / "calib.npz"
     np.savez(calib, image=demo_data.load_calibration()[:16])
-    code, _, err = _cli(capsys, "pack", source, "-o", tmp_path / "l.occ", "--bits", "4", "--calib", calib,
-                        "--level", "fast")
+    code, out, err = _cli(capsys, "pack", source, "-o", tmp_path / "l.occ", "--bits", "4", "--calib", calib,
+                          "--level", "fast")
     assert code == 0, err
-    assert "gzip -9" in err and "calib.npz" in err and "top-1 agreement" in err
+    assert "gzip -9" in out and "calib.npz" in out and "top-1 agreement" in out
     code, out, _ = _cli(capsys, "pack", source, "-o", tmp_path / "r.occ", "--bits", "6", "--sparsity", "0.2",
                         "--json", "--level", "fast")
     assert code == 0 and json.loads(out)["fidelity"]["inputs"].startswith("random")
-    code, _, err = _cli(capsys, "unpack", tmp_path / "r.occ", "-o", tmp_path / "r.onnx")
-    assert code == 0 and "fidelity measured when packed" in err and "random" in err
+    code, out, err = _cli(capsys, "unpack", tmp_path / "r.occ", "-o", tmp_path / "r.onnx")
+    assert code == 0 and "fidelity measured when packed" in out and "random" in out, err
     onnx.checker.check_model(str(tmp_path / "r.onnx"), full_check=True)
 
 

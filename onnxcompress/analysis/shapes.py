@@ -286,7 +286,7 @@ def _runtime_shapes(
         return {}
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed run only leaves values unknown: no error log on stderr
     try:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
@@ -368,3 +368,34 @@ def _output_info(name: str, info: ShapeInfo | None) -> onnx.ValueInfoProto:
     if info is not None and info.dtype is not None:
         output.type.tensor_type.elem_type = ir.DataType.from_numpy(info.dtype).value
     return output
+
+
+# ---------------------------------------------------------------- a quick look before running
+
+
+@dataclass(frozen=True)
+class NodeOutput:
+    """A node output as plain onnx shape inference sees it: dims may be negative (a kernel window
+    larger than its input), which `infer_shapes` would report as unknown."""
+
+    node: str
+    op_type: str
+    dims: tuple[int, ...]
+    dtype: np.dtype | None
+
+
+def node_output_dims(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[NodeOutput]:
+    """Every node output whose dims onnx shape inference (tier 1 only, no run) fixes at these input
+    shapes, in graph order; empty when inference fails. For checks before any work starts."""
+    light = _light_proto(model, resolve_input_shapes(model, input_shapes))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # a malformed graph: ORT's own error will say more when the model is run
+        return []
+    infos = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = info.type.tensor_type if info.type.HasField("tensor_type") else None
+        if tensor is not None and tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            infos[info.name] = (tuple(int(d.dim_value) for d in tensor.shape.dim), _numpy_dtype(tensor.elem_type))
+    return [NodeOutput(node.name or name, node.op_type, *infos[name])
+            for node in inferred.graph.node for name in node.output if name in infos]

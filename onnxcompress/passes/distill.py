@@ -497,32 +497,32 @@ def _changed_features(student: ir.Model, teacher: ir.Model) -> list[str]:
 
 
 class _Progress:
-    """A rich progress bar with the loss and held-out agreement, only on an interactive stderr."""
+    """Training steps, loss and held-out agreement: into the command's progress reporter when one is
+    open (see progress.py), else a display of its own on an interactive stderr only (API use stays quiet)."""
 
     def __init__(self, enabled: bool, steps: int | None, minutes: float | None) -> None:
-        self.bar = None
-        if not enabled or not sys.stderr.isatty():
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from .. import progress
 
-        self.bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed} steps"),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=True)
-        self.task = self.bar.add_task("distill", total=steps, status="")
-        self.held = ""
-        self.bar.start()
+        self.reporter, self.own, self.steps, self.held = None, None, steps, ""
+        if not enabled:
+            return
+        self.reporter = progress.current()
+        self.prefix = "distill " if self.reporter is not None else ""
+        if self.reporter is None and sys.stderr.isatty():
+            self.own = progress.progress("distill")
+            self.reporter = self.own.__enter__()
 
     def update(self, step: int, loss: float, held_loss: float | None, agreement: float | None) -> None:
-        if self.bar is None:
+        if self.reporter is None:
             return
         if held_loss is not None:
-            self.held = f"held-out loss {held_loss:.4g}" + (f", top-1 {100 * agreement:.1f}%" if agreement is not None else "")
-        self.bar.update(self.task, completed=step, status=f"loss {loss:.4g}  {self.held}")
+            self.held = f", held-out loss {held_loss:.4g}" + (f", top-1 {100 * agreement:.1f}%" if agreement is not None else "")
+        count = f"{step}/{self.steps}" if self.steps else str(step)
+        self.reporter.update(f"{self.prefix}step {count}, loss {loss:.4g}{self.held}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.own is not None:
+            self.own.__exit__(None, None, None)
 
 
 __all__ = ["Distill", "distill", "parse_budget"]
