@@ -36,16 +36,15 @@ import onnx_ir as ir
 
 from .errors import OnnxCompressError
 from .model import (
-    EXTERNAL_DATA_THRESHOLD,
     SOURCE_KEY,
     ModelLike,
     graph_inputs,
     input_dtype,
     load,
+    needs_file,
     resolve_input_shapes,
     temporary_path,
     to_proto,
-    weight_bytes,
 )
 from .report import human, to_jsonable
 from .runtime import PROVIDERS
@@ -572,10 +571,9 @@ def _random_feeds(
 
 def _ort_source(model: ir.Model, stack: contextlib.ExitStack) -> bytes | str:
     """Serialized bytes, or a temporary file when the model has external or over-2-GiB weights."""
-    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     try:
-        if external or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            return str(stack.enter_context(temporary_path(model)))
+        if needs_file(model):
+            return str(stack.enter_context(temporary_path(model, external_data=True)))
         return to_proto(model).SerializeToString()
     except Exception as exc:  # serialization of a malformed graph
         raise _Unsupported(f"cannot serialize for ORT: {_one_line(exc)}") from None

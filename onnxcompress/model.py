@@ -7,6 +7,7 @@ from an in-memory model copies it, so passes never modify the user's object or f
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -22,6 +23,8 @@ from .errors import InputShapeError, ModelLoadError, OnnxCompressError
 
 #: Above this many bytes of initializers a model is saved with external data (protobuf's 2 GiB limit).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+#: Initializers of at most this many bytes stay in the model file when it is saved with external data.
+INLINE_BYTES = 256
 SOURCE_KEY = "onnxcompress.source"  # ir.Model.meta key: the resolved path a model was loaded from
 
 ModelLike = Any  # str | os.PathLike | onnx.ModelProto | ir.Model | onnx_graphsurgeon.Graph
@@ -38,12 +41,20 @@ def load(source: ModelLike) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return ir.serde.deserialize_model(_copy_proto(source))
     if isinstance(source, ir.Model):
-        return ir.serde.deserialize_model(ir.serde.serialize_model(source))
+        return _copy(source)
     if type(source).__name__ == "Graph" and type(source).__module__.startswith("onnx_graphsurgeon"):
         import onnx_graphsurgeon as gs
 
         return ir.serde.deserialize_model(gs.export_onnx(source))
     raise ModelLoadError(f"cannot load a model from a {type(source).__name__}")
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    # A serialized tensor keeps its external file's location but not the folder it is relative to.
+    for source, copied in zip(external_tensors(model), external_tensors(copy), strict=True):
+        copied.base_dir = source.base_dir
+    return copy
 
 
 def _copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -68,7 +79,9 @@ def _load_path(path: Path) -> ir.Model:
     _check_structure(proto, path)
     _check_external_data(proto, path.parent, path)
     try:
-        model = ir.load(str(path))  # memory-maps external data instead of reading it all
+        # Memory-maps external data instead of reading it all; an absolute path makes its folder
+        # (each external tensor's base_dir) independent of the working directory.
+        model = ir.load(str(path.absolute()))
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read model ({_first_line(exc)})") from None
     model.meta[SOURCE_KEY] = str(path.resolve())
@@ -87,11 +100,15 @@ def _check_structure(proto: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(f"{path}: invalid ONNX model ({msg})") from None
 
 
-def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
+def _external_infos(proto: onnx.ModelProto) -> Iterable[tuple[onnx.TensorProto, dict[str, str]]]:
+    """Each tensor stored in an external file, with its external_data entries (location, offset, length)."""
     for tensor in _all_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor, {e.key: e.value for e in tensor.external_data}
+
+
+def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
+    for tensor, info in _external_infos(proto):
         location = base / info.get("location", "")
         if not location.is_file():
             raise ModelLoadError(
@@ -123,16 +140,71 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as an `onnx.ModelProto` (external tensors stay references until saved)."""
+def to_proto(model: ir.Model, *, with_data: bool = False) -> onnx.ModelProto:
+    """The model as an `onnx.ModelProto`. External tensors stay references to their files unless
+    `with_data`: then their data is read in, for code that reads weights from the proto alone
+    (numpy_helper, ORT from bytes), which cannot know the folder a location is relative to."""
+    if with_data and external_tensors(model):
+        model = _in_memory(model)
     return ir.serde.serialize_model(model)
+
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    """The tensors whose data lives in files, in a fixed order (initializers of every graph, then
+    tensor attributes), so that two copies of one model list theirs alike."""
+    tensors = [v.const_value for graph in model.graphs() for v in graph.initializers.values()]
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensors.append(attr.value)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    tensors.extend(attr.value)
+    return [t for t in tensors if isinstance(t, ir.ExternalTensor)]
+
+
+def needs_file(model: ir.Model) -> bool:
+    """Whether ONNX Runtime must read `model` from a file: serialized bytes can carry neither
+    external data (its locations are relative to a folder) nor more than 2 GiB."""
+    return weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(external_tensors(model))
+
+
+def tensor_in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """`tensor` with its data in memory (an external tensor's mapped file contents), for serializing."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(tensor.numpy(), name=tensor.name, dtype=tensor.dtype)
+
+
+def _in_memory(model: ir.Model, *, limit: float = math.inf) -> ir.Model:
+    """A clone whose external tensor attributes, and external initializers of at most `limit`
+    bytes, are in memory.
+
+    The clone has its own values and nodes but shares tensors and attributes with `model`:
+    replacing a const_value or an attribute leaves `model` as it is.
+    """
+    clone = model.clone()
+    for graph in clone.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= limit:
+                value.const_value = tensor_in_memory(tensor)
+    for graph in (clone.graph, *clone.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for key, attr in list(node.attributes.items()):
+                if not attr.is_ref() and isinstance(attr.value, ir.ExternalTensor):
+                    loaded = tensor_in_memory(attr.value)
+                    node.attributes[key] = ir.Attr(key, attr.type, loaded, doc_string=attr.doc_string)
+    return clone
 
 
 def to_graphsurgeon(model: ir.Model):
     """The model as an onnx-graphsurgeon `Graph` (for users whose tooling is built on it)."""
     import onnx_graphsurgeon as gs
 
-    return gs.import_onnx(to_proto(model))
+    return gs.import_onnx(to_proto(model, with_data=True))
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -143,7 +215,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     """Write `model` to `path` atomically (temp file in the same folder, then rename).
 
     External data (`<name>.data` beside the model) is used when asked, or automatically above
-    protobuf's 2 GiB limit. Refuses to overwrite the file the model was loaded from.
+    protobuf's 2 GiB limit; otherwise external tensors are written into the file. Refuses to
+    overwrite the file the model was loaded from, and never replaces a data file the model reads
+    or one that is not the old output's own (then the data goes to `<name>.<n>.data`).
     """
     path = Path(path)
     source = model.meta.get(SOURCE_KEY)
@@ -156,20 +230,74 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         raise ModelLoadError(f"{folder}: output folder does not exist")
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
+    reading = {os.path.realpath(t.path) for t in external_tensors(model)}
+    if os.path.realpath(path) in reading:
+        raise ModelLoadError(f"{path}: refusing to overwrite a data file the model reads; choose another output path")
+    if reading:
+        # Locations in the new file are relative to its own folder: write the data, do not refer to it.
+        # ir.save would read small external tensors in itself, releasing their maps under any
+        # array still in use (BufferError); copies in a clone leave the model's tensors alone.
+        model = _in_memory(model, limit=INLINE_BYTES if external_data else math.inf)
+    data_name = _data_name(path, reading) if external_data else None
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.tmp-") as tmp:
         tmp_model = Path(tmp) / path.name
         try:
-            if external_data:
-                ir.save(model, tmp_model, external_data=data_name)
-            else:
-                ir.save(model, tmp_model)
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=INLINE_BYTES)
         except Exception as exc:
             raise ModelLoadError(f"{path}: cannot write model ({_first_line(exc)})") from None
-        if external_data:
-            os.replace(Path(tmp) / data_name, folder / data_name)
-        os.replace(tmp_model, path)
+        if data_name is None:
+            os.replace(tmp_model, path)
+        else:
+            _replace_pair(Path(tmp) / data_name, folder / data_name, tmp_model, path)
     return path
+
+
+def _data_name(path: Path, reading: set[str]) -> str:
+    """The name of the external data file for the model saved at `path`: `<name>.data` unless that
+    is a file the model reads (`reading`, real paths) or another model's (it exists and the old
+    file at `path` does not refer to it), as when the output goes next to an external-data input."""
+    owned: set[str] | None = None
+    name, n = f"{path.name}.data", 0
+    while True:
+        target = os.path.realpath(path.parent / name)
+        if target not in reading:
+            if not os.path.lexists(target):
+                return name
+            owned = _data_files(path) if owned is None else owned
+            if target in owned:
+                return name
+        n += 1
+        name = f"{path.name}.{n}.data"
+
+
+def _data_files(path: Path) -> set[str]:
+    """Real paths of the external data files the model file at `path` refers to (none if no model there)."""
+    if not path.is_file():
+        return set()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: it owns no data file
+        return set()
+    return {os.path.realpath(path.parent / info.get("location", "")) for _, info in _external_infos(proto)}
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the model at `path`: its file and the external data files it refers to."""
+    path = Path(path)
+    return path.stat().st_size + sum(os.path.getsize(f) for f in _data_files(path) if os.path.isfile(f))
+
+
+def _replace_pair(tmp_data: Path, data: Path, tmp_model: Path, model: Path) -> None:
+    """Move the data file in first, so the model never names data that is not there yet; a data
+    file that was new goes again if the model cannot be moved in."""
+    new = not os.path.lexists(data)
+    os.replace(tmp_data, data)
+    try:
+        os.replace(tmp_model, model)
+    except BaseException:
+        if new:
+            data.unlink(missing_ok=True)
+        raise
 
 
 def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes], *, what: str = "output") -> Path:

@@ -76,14 +76,17 @@ class RunReport:
         return to_jsonable(self)
 
     def with_files(self, input_path, output_path) -> RunReport:
-        """The report naming the files it was run on, with their sizes in the before/after stats."""
+        """The report naming the files it was run on, with their sizes (external data included) in
+        the before/after stats."""
         from pathlib import Path
+
+        from .model import file_bytes
 
         source, target = Path(input_path), Path(output_path)
         return dataclasses.replace(
             self, input=str(source), output=str(target),
-            before=dataclasses.replace(self.before, file_bytes=source.stat().st_size),
-            after=dataclasses.replace(self.after, file_bytes=target.stat().st_size),
+            before=dataclasses.replace(self.before, file_bytes=file_bytes(source)),
+            after=dataclasses.replace(self.after, file_bytes=file_bytes(target)),
         )
 
     def to_json(self) -> str:

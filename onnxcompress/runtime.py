@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from .errors import ProviderUnavailableError, VerificationError
-from .model import EXTERNAL_DATA_THRESHOLD, temporary_path, to_proto, weight_bytes
+from .model import needs_file, temporary_path, to_proto
 
 #: Short provider names -> ORT providers in order of preference; CPU is always the last fallback.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -69,14 +69,15 @@ def session(
     provider: str = "cpu",
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession for an in-memory model (serialized, or via a temp file above 2 GiB) or a path."""
+    """An InferenceSession for a path or an in-memory model: serialized, or through a temporary file
+    with external data when it has external tensors or more than 2 GiB of weights."""
     providers = provider_chain(provider)
     # Spinning intra-op threads keep cores busy between runs and slow the numpy work done in between.
     options = options or session_options(spinning=False)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(Path(model)), options, providers=providers)
-    if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        with temporary_path(model) as path:
+    if needs_file(model):
+        with temporary_path(model, external_data=True) as path:
             return ort.InferenceSession(str(path), options, providers=providers)
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=providers)
 

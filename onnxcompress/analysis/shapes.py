@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..model import graph_inputs, input_dtype, resolve_input_shapes
+from ..model import graph_inputs, input_dtype, resolve_input_shapes, tensor_in_memory
 
 #: Initializers up to this many elements keep their data in the inference copy (Resize scales,
 #: Pad values, ...); larger floating-point ones are declared as inputs instead.
@@ -139,7 +139,8 @@ def _light_proto(model: ir.Model, static_inputs: Mapping[str, tuple[int, ...]]) 
     for value in model.graph.initializers.values():
         tensor = value.const_value
         if tensor is not None and _keep_data(tensor.dtype, tensor.size):
-            graph.initializer.append(ir.serde.serialize_tensor(tensor))
+            # With its data: inference and ORT read a proto without knowing the model's folder.
+            graph.initializer.append(ir.serde.serialize_tensor(tensor_in_memory(tensor)))
             graph.initializer[-1].name = value.name
         elif value.dtype is not None and value.shape is not None:
             graph.input.append(_declaration(value.name, value.dtype, value.shape))

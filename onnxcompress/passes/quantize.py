@@ -374,7 +374,7 @@ class _Quantizer:
     def __init__(self, options: QuantizeQDQ, model: ir.Model, calibration: Calibration) -> None:
         self.options, self.model, self.calibration = options, model, calibration
         self.kernels = options.kernels
-        self.proto = to_proto(model)
+        self.proto = to_proto(model, with_data=True)  # weights are read from the proto (numpy_helper)
         self.hists: dict[str, TensorHistogram] = {}
         self.means: dict[str, np.ndarray] = {}
         self.asked: set[str] = set()
@@ -982,7 +982,8 @@ def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
     from onnx import version_converter
 
     try:
-        proto = version_converter.convert_version(to_proto(model), QDQ_MIN_OPSET)
+        # With its data: the converted proto is loaded without the folder its locations are relative to.
+        proto = version_converter.convert_version(to_proto(model, with_data=True), QDQ_MIN_OPSET)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OnnxCompressError(

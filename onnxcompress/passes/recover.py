@@ -38,7 +38,7 @@ from .. import runtime
 from ..analysis.activations import collect
 from ..analysis.channels import Sink
 from ..calibration import Calibration, batch_size_for
-from ..model import EXTERNAL_DATA_THRESHOLD
+from ..model import EXTERNAL_DATA_THRESHOLD, tensor_in_memory
 from ..report import to_jsonable
 from ..verify import compare, outputs
 from .linear import matmul_bias_add
@@ -574,8 +574,9 @@ def _segment_session(model: ir.Model, nodes: list[ir.Node], outputs_: list[str],
     for name in sorted(set(given) & read):
         graph_inputs.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(given[name]), None))
-    initializers = [ir.serde.serialize_tensor(v.const_value) for name, v in model.graph.initializers.items()
-                    if name in read and v.const_value is not None]
+    # External tensors with their data: the segment is run from bytes, which cannot resolve a location.
+    initializers = [ir.serde.serialize_tensor(tensor_in_memory(v.const_value))
+                    for name, v in model.graph.initializers.items() if name in read and v.const_value is not None]
     graph = onnx.helper.make_graph([ir.serde.serialize_node(n) for n in nodes], "segment", graph_inputs,
                                    [onnx.ValueInfoProto(name=name) for name in outputs_], initializers)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v)
