@@ -32,6 +32,10 @@ InputShapes = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", "-s", help="Fix a dynamic input: NAME=1x3x224x224 (repeatable)."),
 ]
+InputValues = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", help="Fix an input's synthetic value: NAME=VALUE, broadcast to its shape, e.g. sr=16000 (repeatable)."),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
 
@@ -55,22 +59,25 @@ def analyze(
     top: Annotated[int, typer.Option(help="How many layers to list by MACs.")] = 10,
     fold: Annotated[bool, typer.Option(help="Fold constant subgraphs first (weights stored as nodes count as weights).")] = True,
     channels: Annotated[bool, typer.Option(help="Show the coupled channel groups and what blocks pruning.")] = False,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Ops, parameters, MACs/FLOPs, sizes, inputs/outputs and the heaviest layers of a model."""
     from .analysis.cost import analyze_cost
+    from .feeds import check_input_values, parse_input_values
     from .model import load, parse_input_shapes, resolve_input_shapes
     from .render import analysis_dict, render_analysis
 
     shapes = parse_input_shapes(input_shape)
     m = load(model)
     resolved = resolve_input_shapes(m, shapes)
+    values = check_input_values(m, parse_input_values(input_value))
     if fold:
         from .passes.cleanup import FoldConstants
         from .pipeline import PassContext
 
         FoldConstants().run(m, PassContext(model=m))
-    cost = analyze_cost(m, resolved)
+    cost = analyze_cost(m, resolved, input_values=values)
     data = analysis_dict(m, cost, resolved, file_bytes=model.stat().st_size, top=top)
     if channels:
         from .analysis.channels import ChannelGraph, prepare
@@ -94,15 +101,17 @@ def bench(
     profile: Annotated[bool, typer.Option(help="Per-layer times from ORT profiling.")] = False,
     input_shape: InputShapes = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of theoretical vs measured speedup.")] = None,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency on ONNX Runtime, models interleaved; theoretical (MAC) vs measured speedup."""
     from .bench import BenchOptions, benchmark, progress_bar, render
+    from .feeds import parse_input_values
     from .model import parse_input_shapes
 
     options = BenchOptions(
         provider=ep, batch_sizes=_parse_batches(batch), runs=runs, warmup=warmup, threads=threads,
-        input_shapes=parse_input_shapes(input_shape), profile=profile,
+        input_shapes=parse_input_shapes(input_shape), profile=profile, input_values=parse_input_values(input_value),
     )
     with progress_bar(console) as progress:
         report = benchmark([str(m) for m in models], options, progress=progress)
@@ -150,6 +159,7 @@ def optimize(
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
     distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
@@ -161,6 +171,7 @@ def optimize(
     2 bad input, 3 a pass failed verification."""
     from .calibration import Calibration
     from .errors import ModelLoadError
+    from .feeds import check_input_values, parse_input_values
     from .model import load, parse_input_shapes, save
     from .optimize import OptimizeOptions
     from .optimize import optimize as run_optimize
@@ -183,6 +194,7 @@ def optimize(
         raise OnnxCompressError(f"{plot.parent}: plot folder does not exist")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
+    values = check_input_values(source, parse_input_values(input_value))  # a bad NAME or VALUE fails before any work
     calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes,
                                          limit=calib_samples) if calib else None)
     if calib_preprocess is not None and calib is None:
@@ -191,7 +203,7 @@ def optimize(
 
     def work(progress):
         return run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
-                            on_step=lambda name: progress(name))
+                            on_step=lambda name: progress(name), input_values=values)
 
     result = _with_progress("optimizing", work)
     if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
