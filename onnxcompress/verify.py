@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from . import runtime
 from .errors import VerificationError
-from .model import temporary_path
+from .model import graph_inputs, input_dtype, temporary_path
 from .report import Fidelity
 
 Feeds = Mapping[str, np.ndarray]
