@@ -39,7 +39,6 @@ from .model import (
     SOURCE_KEY,
     ModelLike,
     graph_inputs,
-    input_dtype,
     load,
     needs_file,
     resolve_input_shapes,
@@ -57,7 +56,8 @@ if TYPE_CHECKING:
 MIN_RUNS = 20
 #: CPU features that decide which int8/fp32 kernels ORT can use.
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
-#: Integer inputs are drawn from {0, 1}: valid token ids, masks and indices for any table size.
+#: Integer inputs the graph says nothing about are drawn from {0, 1}: valid indices and flags for any
+#: table size (feeds.py reads ids, masks and compared values from the graph first).
 INT_INPUT_HIGH = 2
 #: Name given to a static batch dimension rewritten as symbolic.
 BATCH_DIM = "batch"
@@ -90,6 +90,7 @@ class BenchOptions:
     profile: bool = False  # per-layer times from ORT's profiler
     profile_runs: int = 10  # profiled runs per model and batch (after `warmup`), when profiling
     seed: int = 0  # random inputs
+    input_values: Mapping[str, Any] | None = None  # input name -> a fixed value for it (`--input sr=16000`)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -483,7 +484,7 @@ def _prepare(label: str, model: ir.Model, batch: int, options: BenchOptions, sta
     try:
         if to_rewrite:
             cand.model, cand.batched_outputs = _with_symbolic_batch(model, to_rewrite)
-        cand.feeds = _random_feeds(cand.model, shapes, options.seed, batch)
+        cand.feeds = _random_feeds(cand.model, shapes, options.seed, batch, options.input_values)
         cand.source = _ort_source(cand.model, stack)
     except _Unsupported as exc:
         cand.failure = str(exc)
@@ -550,23 +551,17 @@ def _with_symbolic_batch(model: ir.Model, names: Sequence[str]) -> tuple[ir.Mode
 
 
 def _random_feeds(
-    model: ir.Model, shapes: Mapping[str, tuple[int, ...]], seed: int, batch: int
+    model: ir.Model, shapes: Mapping[str, tuple[int, ...]], seed: int, batch: int,
+    values: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded random inputs: the same for every model with the same inputs at the same batch."""
-    rng = np.random.default_rng([seed, batch])
-    feeds = {}
-    for value in graph_inputs(model):
-        dtype = input_dtype(value)
-        shape = shapes[value.name]
-        if dtype == np.bool_:
-            feeds[value.name] = rng.random(shape) < 0.5
-        elif dtype.kind in "iu":
-            feeds[value.name] = rng.integers(0, INT_INPUT_HIGH, size=shape).astype(dtype)
-        elif dtype.kind == "f" or dtype.name.startswith(("float", "bfloat")):  # incl. ml_dtypes' bfloat16/float8
-            feeds[value.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
-        else:
-            raise _Unsupported(f"input '{value.name}' has element type {dtype.name}: random inputs must be numeric")
-    return feeds
+    """Seeded synthetic inputs (feeds.py): the same for every model with the same inputs at the same batch."""
+    from .feeds import NonNumericInputError, check_input_values, synthetic_feeds
+
+    fixed = check_input_values(model, values)  # InputValueError: the user's to fix, not a row's failure
+    try:
+        return synthetic_feeds(model, shapes, np.random.default_rng([seed, batch]), fixed)
+    except NonNumericInputError as exc:
+        raise _Unsupported(str(exc)) from None
 
 
 def _ort_source(model: ir.Model, stack: contextlib.ExitStack) -> bytes | str:

@@ -26,6 +26,8 @@ class Calibration:
     arrays: Mapping[str, np.ndarray]  # input name -> samples stacked on axis 0
     source: str  # "digits_calib.npz", "random (seed 0)", ...
     is_random: bool = False
+    # Rank-0 model inputs (a sample rate): one value for every sample, fed as a scalar, never split.
+    scalars: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         counts = {len(a) for a in self.arrays.values()}
@@ -40,14 +42,18 @@ class Calibration:
         """Feed dicts of up to `batch_size` samples, over samples `start` .. `limit` (all by default)."""
         n = self.num_samples if limit is None else min(limit, self.num_samples)
         for start in range(start, n, batch_size):
-            yield {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items()}
+            feeds = {k: v[start : min(start + batch_size, n)] for k, v in self.arrays.items() if k not in self.scalars}
+            # scalars last: callers count a batch's samples by its first array
+            yield {**feeds, **{k: self.arrays[k][start, ...] for k in self.arrays if k in self.scalars}}
 
     def sample_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
         """The shape of one sample per model input it feeds (the model's own batch where fixed, else 1):
         the shapes to analyse and time at when the user gave none, so dynamic dims need no --input-shape."""
         shapes = {}
         for value in graph_inputs(model):
-            if value.name in self.arrays:
+            if value.name in self.scalars:
+                shapes[value.name] = ()
+            elif value.name in self.arrays:
                 dims = list(value.shape.dims) if value.shape is not None else []
                 batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
                 shapes[value.name] = (batch, *self.arrays[value.name].shape[1:])
@@ -59,7 +65,12 @@ class Calibration:
             raise CalibrationError(f"calibration sample count must be at least 1, got {n}")
         if n >= self.num_samples:
             return self
-        return Calibration({k: v[:n] for k, v in self.arrays.items()}, f"{self.source} (first {n})", self.is_random)
+        return self.samples(0, n, f"{self.source} (first {n})")
+
+    def samples(self, start: int, stop: int | None = None, source: str | None = None) -> Calibration:
+        """Samples `start` .. `stop` as a Calibration of their own (same source unless given)."""
+        arrays = {k: v[start:stop] for k, v in self.arrays.items()}
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars)
 
     def split(self, holdout: float) -> tuple[Calibration, Calibration]:
         """(fit, held-out) parts, the held-out part taken from the end so results stay reproducible."""
@@ -67,9 +78,7 @@ class Calibration:
         if n_hold >= self.num_samples:
             raise CalibrationError(f"cannot hold out {n_hold} of {self.num_samples} calibration samples")
         cut = self.num_samples - n_hold
-        fit = Calibration({k: v[:cut] for k, v in self.arrays.items()}, self.source, self.is_random)
-        held = Calibration({k: v[cut:] for k, v in self.arrays.items()}, f"{self.source} (held out)", self.is_random)
-        return fit, held
+        return self.samples(0, cut), self.samples(cut, None, f"{self.source} (held out)")
 
     # ------------------------------------------------------------------ constructors
 
@@ -92,7 +101,8 @@ class Calibration:
         if not any(np.any(a) for a in checked.values()):
             raise CalibrationError(f"{source}: every calibration value is zero; ranges, channel importance and fidelity "
                                    "measured on it mean nothing: give real input samples")
-        return cls(checked, source)
+        scalars = frozenset(v.name for v in inputs if _is_scalar(v))
+        return cls(_broadcast_scalars(checked, scalars, source), source, scalars=scalars)
 
     @classmethod
     def from_path(
@@ -166,8 +176,9 @@ class Calibration:
         """Random data, explicitly asked for: fine for exactness checks, meaningless for fidelity."""
         from .verify import random_feeds
 
-        feeds = random_feeds(model, {k: (count, *tuple(s)[1:]) for k, s in shapes.items()}, seed=seed)[0]
-        return cls(feeds, f"random (seed {seed})", is_random=True)
+        feeds = random_feeds(model, {k: (count, *tuple(s)[1:]) if len(s) else () for k, s in shapes.items()}, seed=seed)[0]
+        scalars = frozenset(k for k, v in feeds.items() if np.ndim(v) == 0)
+        return cls(_broadcast_scalars(feeds, scalars, "random"), f"random (seed {seed})", is_random=True, scalars=scalars)
 
 
 def batch_size_for(model: ir.Model, requested: int) -> int:
@@ -179,9 +190,31 @@ def batch_size_for(model: ir.Model, requested: int) -> int:
     return requested
 
 
+def _is_scalar(value: ir.Value) -> bool:
+    return value.shape is not None and len(value.shape) == 0
+
+
+def _broadcast_scalars(arrays: Mapping[str, np.ndarray], scalars: frozenset[str], source: str) -> dict[str, np.ndarray]:
+    """Scalar inputs repeated once per sample (given as one value, or one equal value per sample)."""
+    counts = {len(v) for k, v in arrays.items() if k not in scalars}
+    count = counts.pop() if len(counts) == 1 else 1
+    out = dict(arrays)
+    for name in scalars:
+        values = np.unique(arrays[name])
+        if len(values) != 1:
+            raise CalibrationError(f"{source}: input '{name}' is a scalar (one value for the whole model run) but "
+                                   f"the samples hold {len(values)} different values; give one value")
+        out[name] = np.full(count, values[0], arrays[name].dtype)
+    return out
+
+
 def _fit_to_input(value: ir.Value, array: np.ndarray, source: str) -> np.ndarray:
     dtype = input_dtype(value)
-    if value.shape is not None:
+    if _is_scalar(value):  # one value, or one per sample: _broadcast_scalars makes it one per sample
+        if array.ndim > 1 or array.size == 0:
+            raise CalibrationError(f"{source}: input '{value.name}' is a scalar; give one value or one per sample, "
+                                   f"got shape {array.shape}")
+    elif value.shape is not None:
         dims = list(value.shape.dims)
         expected = _expected_shape(dims)
         if array.ndim != len(dims):
@@ -193,7 +226,7 @@ def _fit_to_input(value: ir.Value, array: np.ndarray, source: str) -> np.ndarray
                                        f"given {array.shape}{_layout_hint(dims, array.shape)}")
     if not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise CalibrationError(f"{source}: input '{value.name}' needs {dtype}, got {array.dtype}")
-    if len(array) == 0:
+    if array.ndim and len(array) == 0:
         raise CalibrationError(f"{source}: input '{value.name}' has no samples")
     _check_finite(value.name, array, source)
     return np.ascontiguousarray(array.astype(dtype, copy=False))

@@ -55,6 +55,10 @@ InputShapes = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", "-s", metavar="NAME=DxDx..", help="Fix a dynamic input: NAME=1x3x224x224 (repeatable)."),
 ]
+InputValues = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", help="Fix an input's synthetic value: NAME=VALUE, broadcast to its shape, e.g. sr=16000 (repeatable)."),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file (never modified).")]
 
@@ -79,10 +83,12 @@ def analyze(
     top: Annotated[int, typer.Option(help="How many layers to list by MACs.")] = 10,
     fold: Annotated[bool, typer.Option(help="Fold constant subgraphs first (weights stored as nodes count as weights).")] = True,
     channels: Annotated[bool, typer.Option(help="Show the coupled channel groups and what blocks pruning.")] = False,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Ops, parameters, MACs/FLOPs, sizes, inputs/outputs and the heaviest layers of a model."""
     from .analysis.cost import analyze_cost
+    from .feeds import check_input_values, parse_input_values
     from .model import load, parse_input_shapes, resolve_input_shapes
     from .preflight import check_shapes
     from .render import analysis_dict, render_analysis
@@ -91,12 +97,13 @@ def analyze(
     m = load(model)
     resolved = resolve_input_shapes(m, shapes)
     check_shapes(m, resolved, shapes, memory=False)  # analysis allocates nothing: any size may be asked about
+    values = check_input_values(m, parse_input_values(input_value))
     if fold:
         from .passes.cleanup import FoldConstants
         from .pipeline import PassContext
 
         FoldConstants().run(m, PassContext(model=m))
-    cost = analyze_cost(m, resolved)
+    cost = analyze_cost(m, resolved, input_values=values)
     data = analysis_dict(m, cost, resolved, file_bytes=model.stat().st_size, top=top)
     if channels:
         from .analysis.channels import ChannelGraph, prepare
@@ -120,18 +127,20 @@ def bench(
     profile: Annotated[bool, typer.Option(help="Per-layer times from ORT profiling.")] = False,
     input_shape: InputShapes = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of theoretical vs measured speedup.")] = None,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Latency on ONNX Runtime, models interleaved; theoretical (MAC) vs measured speedup."""
     from .bench import BenchOptions, benchmark, progress_bar, render
     from .errors import UnsupportedModelError
+    from .feeds import parse_input_values
     from .model import parse_input_shapes
 
     check_outputs({"--plot": plot}, inputs=models)
     _check_plotting(plot)
     options = BenchOptions(
         provider=ep, batch_sizes=_parse_batches(batch), runs=runs, warmup=warmup, threads=threads,
-        input_shapes=parse_input_shapes(input_shape), profile=profile,
+        input_shapes=parse_input_shapes(input_shape), profile=profile, input_values=parse_input_values(input_value),
     )
     with progress_bar(console) as progress:
         report = benchmark([str(m) for m in models], options, progress=progress)
@@ -182,6 +191,7 @@ def optimize(
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
     distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
+    input_value: InputValues = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
@@ -190,6 +200,7 @@ def optimize(
     on held-out calibration samples), then int8 for the target. Without --calib: exact
     cleanup, plus dynamic int8 for MatMul-heavy models."""
     from .calibration import Calibration
+    from .feeds import check_input_values, parse_input_values
     from .model import load, parse_input_shapes, save
     from .optimize import OptimizeOptions
     from .optimize import optimize as run_optimize
@@ -211,6 +222,7 @@ def optimize(
         raise OnnxCompressError("--calib-samples counts --calib samples: give --calib DATA")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
+    values = check_input_values(source, parse_input_values(input_value))  # a bad NAME or VALUE fails before any work
     calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes,
                                          limit=calib_samples) if calib else None)
     if calib_preprocess is not None and calib is None:
@@ -218,7 +230,7 @@ def optimize(
 
     with progress("optimizing", console) as reporter:
         result = run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
-                              on_step=reporter.step)
+                              on_step=reporter.step, input_values=values)
     if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
         from .pack import pack_model
 

@@ -87,10 +87,15 @@ def optimize(
     evaluate: Callable[[ir.Model], float] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_step: Callable[[str], None] | None = None,
+    input_values: Mapping[str, Any] | None = None,
 ) -> OptimizeResult:
-    """Compress `model` as `options` ask; see the module docstring for how the plan is chosen."""
+    """Compress `model` as `options` ask; see the module docstring for how the plan is chosen.
+    `input_values` fixes inputs of the synthetic feeds (verification without calibration data, latency)."""
+    from .feeds import check_input_values
+
     options = options or OptimizeOptions()
     source = load(model)
+    values = check_input_values(source, input_values)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(source, calibration)
     shapes = resolve_input_shapes(source, {**(calibration.sample_shapes(source) if calibration else {}), **(input_shapes or {})})
@@ -104,7 +109,7 @@ def optimize(
         raise OnnxCompressError("an evaluation function drives the tolerance search: give calibration data and no recipe")
     tolerance = options.tolerance or (DEFAULT_TOLERANCE if calibration is not None and not fixed else None)
     if tolerance is not None:
-        tolerance = _resolved(tolerance, source, calibration, shapes)
+        tolerance = _resolved(tolerance, source, calibration, shapes, values)
     options = dataclasses.replace(options, tolerance=tolerance)
     if calibration is not None and not fixed:
         result = _search(source, calibration, options, evaluate, shapes, on_step)
@@ -112,11 +117,11 @@ def optimize(
     else:
         if options.target_speedup is not None:
             raise OnnxCompressError("--target-speedup needs calibration data (it drives the tolerance search)")
-        result = _recipe(source, calibration, options, shapes, on_step)
+        result = _recipe(source, calibration, options, shapes, on_step, values)
         mode = "recipe" if calibration is not None or options.recipe is not None or options.passes else "no-calibration"
     report = result.report
     if options.bench_runs:
-        bench = _latency(source, result.model, shapes, options)
+        bench = _latency(source, result.model, shapes, options, values)
         report = dataclasses.replace(report, bench=bench, notes=(*report.notes, *_slower_note(bench, [p.name for p in report.passes if p.modified])))
     return OptimizeResult(result.model, report, mode)
 
@@ -167,7 +172,7 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
     return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict))
 
 
-def _recipe(source, calibration, options, shapes, on_step):
+def _recipe(source, calibration, options, shapes, on_step, values=None):
     notes: list[str] = []
     if options.recipe is not None:
         pipeline = Pipeline.from_recipe(options.recipe)
@@ -187,7 +192,7 @@ def _recipe(source, calibration, options, shapes, on_step):
                                  "metric": options.tolerance.metric})
     if not options.verify:
         pipeline.verify = VerifyOptions(enabled=False)
-    result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step)
+    result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step, input_values=values)
     report = dataclasses.replace(result.report, notes=(*result.report.notes, *notes))
     if options.tolerance is not None:
         if report.fidelity is None:
@@ -204,8 +209,8 @@ def _no_calibration_plan(pipeline: Pipeline, model: ir.Model, shapes, target: st
     from .analysis.cost import analyze_cost
 
     cost = analyze_cost(model, shapes)
-    total = sum(c.macs for c in cost.nodes)
-    share = sum(c.macs for c in cost.nodes if c.op_type in ("MatMul", "Gemm")) / total if total else 0.0
+    total = cost.stats.macs  # op_macs: subgraph layers too (If/Loop/Scan bodies), as the total counts them
+    share = sum(cost.op_macs.get(op, 0) for op in ("MatMul", "Gemm")) / total if total else 0.0
     notes = []
     if target in CPU_TARGETS and share >= DYNAMIC_INT8_MIN_SHARE:
         pipeline.passes.append(build_pass("quantize-dynamic"))
@@ -263,7 +268,7 @@ def _set_pass(pipeline: Pipeline, spec: Mapping[str, Any]) -> None:
     pipeline.passes.insert(at, build_pass(dict(spec), where=f"{name} options"))
 
 
-def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | None, shapes) -> Tolerance:
+def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | None, shapes, values=None) -> Tolerance:
     """Pick the metric for an "auto" tolerance from the model's outputs on one input batch."""
     if tolerance.metric != "auto":
         return tolerance
@@ -273,16 +278,17 @@ def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | 
     if calibration is not None:
         feeds, source = [next(iter(calibration.batches(batch_size_for(model, 1))))], calibration.source
     else:
-        feeds, source = random_feeds(model, shapes), "random"
+        feeds, source = random_feeds(model, shapes, values=values), "random"
     return tolerance.resolved(reference_outputs(model, feeds, source))
 
 
-def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions) -> dict[str, Any]:
+def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions, values=None) -> dict[str, Any]:
     """Median ORT CPU latency before and after, interleaved, at the model's batch size."""
     from .bench import MIN_RUNS, BenchOptions, benchmark
 
-    batch = int(next(iter(shapes.values()))[0]) if shapes else 1
-    bench_options = BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, MIN_RUNS), warmup=3, input_shapes=dict(shapes))
+    batch = next((int(shape[0]) for shape in shapes.values() if len(shape)), 1)  # a scalar input has no batch
+    bench_options = BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, MIN_RUNS), warmup=3, input_shapes=dict(shapes),
+                                 input_values=values)
     report = benchmark([("original", original), ("optimized", optimized)], bench_options)
     before, after = report.row("original", batch), report.row("optimized", batch)
     return {

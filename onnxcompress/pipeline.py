@@ -44,6 +44,7 @@ class PassContext:
 
     calibration: Calibration | None = None
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    input_values: Mapping[str, np.ndarray] = field(default_factory=dict)  # fixed synthetic inputs (--input sr=16000)
     model: ir.Model | None = None
     original: ir.Model | None = None  # the pipeline's input, untouched: the reference (teacher) for passes that fit to it
     _cache: dict = field(default_factory=dict, repr=False)
@@ -127,15 +128,22 @@ class Pipeline:
         calibration: Calibration | Mapping[str, np.ndarray] | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         on_pass: Callable[[str], None] | None = None,
+        input_values: Mapping[str, Any] | None = None,
     ) -> RunResult:
+        """`input_values` fixes inputs of the synthetic verification feeds (name -> a value broadcast
+        to the input's shape); calibration data, when given, is fed as it is."""
+        from .feeds import check_input_values
+
         source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
         original = load(model)
         if calibration is not None and not isinstance(calibration, Calibration):
             calibration = Calibration.from_arrays(original, calibration)
         given = {**(calibration.sample_shapes(original) if calibration else {}), **(input_shapes or {})}
         shapes = resolve_input_shapes(original, given)
-        ctx = PassContext(calibration=calibration, input_shapes=shapes, model=original)
-        before = ctx.get(cost_analysis).stats
+        values = check_input_values(original, input_values)
+        ctx = PassContext(calibration=calibration, input_shapes=shapes, input_values=values, model=original)
+        before_cost = ctx.get(cost_analysis)
+        before = before_cost.stats
 
         feeds, feed_source = self._verification_feeds(original, ctx)
         reference = reference_outputs(original, feeds, feed_source) if self.verify.enabled else []
@@ -143,7 +151,7 @@ class Pipeline:
                  if self.verify.enabled and any(p.exact for p in self.passes) else None)
 
         current = load(original)  # passes work on a copy; the original stays the reference
-        notes = []
+        notes = list(before_cost.notes)  # how If/Loop/Scan bodies were counted, where it is an estimate
         if _fill_output_shapes(current):
             notes.append("graph output shapes were missing and have been inferred (the full checker requires them)")
         ctx.model, ctx.original, ctx._cache = current, original, {}
@@ -186,10 +194,14 @@ class Pipeline:
             calib = ctx.calibration
             size = batch_size_for(model, 1)
             count = min(calib.num_samples, max(n, size) // size * size)
-            tail = Calibration({k: v[calib.num_samples - count:] for k, v in calib.arrays.items()}, calib.source)
+            tail = calib.samples(calib.num_samples - count)
             feeds = [f for f in tail.batches(size) if len(next(iter(f.values()))) == size]
             return feeds, f"{calib.source} (last {count} samples)"
-        return random_feeds(model, ctx.input_shapes, count=n, seed=self.verify.seed), f"random (seed {self.verify.seed})"
+        from .feeds import describe_source
+
+        seed = self.verify.seed
+        feeds = random_feeds(model, ctx.input_shapes, count=n, seed=seed, values=ctx.input_values)
+        return feeds, describe_source(seed, ctx.input_values)
 
 
 def _fill_output_shapes(model: ir.Model) -> bool:

@@ -29,6 +29,7 @@ def analysis_dict(model: ir.Model, cost, shapes: Mapping[str, tuple[int, ...]], 
         "stats": stats,
         "top_layers": [to_jsonable(n) for n in cost.top(top)],
         "unknown_ops": dict(cost.unknown_ops),
+        "notes": list(cost.notes),
     }
 
 
@@ -57,6 +58,8 @@ def render_analysis(console: Console, title: str, data: Mapping[str, Any]) -> No
     table.add_row("ops", ", ".join(f"{k} {n}" for k, n in ops))
     if data["unknown_ops"]:
         table.add_row("[yellow]not costed[/yellow]", ", ".join(f"{k} x{n}" for k, n in data["unknown_ops"].items()))
+    for note in data.get("notes", ()):
+        table.add_row("note", escape(note))
     console.print(table)
     layers = Table(title=f"top {len(data['top_layers'])} layers by MACs", title_justify="left")
     for col in ("node", "op", "MACs", "share", "params"):
@@ -112,9 +115,10 @@ def render_run(console: Console, report: RunReport) -> None:
                       _speed(bench["measured_speedup"]))
     if report.fidelity:
         f = report.fidelity
-        table.add_row("fidelity: SQNR / cosine", "-", f"{f.sqnr_db:.1f} dB / {f.cosine:.5f}", "")
+        on = " (random inputs)" if f.inputs.startswith("random") else ""  # synthetic data: say so beside the figure
+        table.add_row(f"fidelity{on}: SQNR / cosine", "-", f"{f.sqnr_db:.1f} dB / {f.cosine:.5f}", "")
         if f.top1_agreement is not None:
-            table.add_row("fidelity: top-1 agreement", "-", f"{100 * f.top1_agreement:.2f}%", "")
+            table.add_row(f"fidelity{on}: top-1 agreement", "-", f"{100 * f.top1_agreement:.2f}%", "")
     console.print(table)
     if report.search:
         _render_search(console, report.search)

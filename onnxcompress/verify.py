@@ -32,24 +32,16 @@ class VerifyOptions:
 
 
 def random_feeds(
-    model: ir.Model, shapes: Mapping[str, Sequence[int]], *, count: int = 1, seed: int = 0
+    model: ir.Model, shapes: Mapping[str, Sequence[int]], *, count: int = 1, seed: int = 0,
+    values: Mapping[str, np.ndarray] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Seeded random inputs of the right dtype: standard normal floats, small non-negative ints, bools."""
+    """Seeded synthetic inputs of the right dtype: standard normal floats, integers read from the graph
+    (token ids within their table, masks of ones, the sample rate a graph compares with, ...: see
+    feeds.py), `values` where given (input name -> a value broadcast to its shape)."""
+    from .feeds import synthetic_feeds
+
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        sample = {}
-        for value in graph_inputs(model):
-            dtype = input_dtype(value)
-            shape = tuple(shapes[value.name])
-            if np.issubdtype(dtype, np.floating):
-                sample[value.name] = rng.standard_normal(shape).astype(dtype)
-            elif dtype == np.bool_:
-                sample[value.name] = rng.random(shape) < 0.5
-            else:
-                sample[value.name] = rng.integers(0, 2, size=shape).astype(dtype)
-        feeds.append(sample)
-    return feeds
+    return [synthetic_feeds(model, shapes, rng, values) for _ in range(count)]
 
 
 def check_model(path: str | Path, where: str, *, full: bool = True) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from .cost import subgraphs
 from .shapes import infer_shapes
 
 # ------------------------------------------------------------------------------ union-find
@@ -267,14 +268,12 @@ class ChannelGraph:
     def _block_captured(self, node: ir.Node) -> None:
         reason = f"{node.op_type} at node {node.name} has subgraphs"
         self._block_inputs(node, reason)
-        for attr in node.attributes.values():
-            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value or [])
-            for sub in graphs:
-                for inner in ir.traversal.RecursiveGraphIterator(sub):
-                    for v in inner.inputs:
-                        layout = self.layout(v)
-                        if layout is not None:
-                            self.block(layout.atoms, reason)
+        for _, sub in subgraphs(node):  # graph attributes only (a Scan's num_scan_inputs is an int)
+            for inner in ir.traversal.RecursiveGraphIterator(sub):
+                for v in inner.inputs:
+                    layout = self.layout(v)
+                    if layout is not None:
+                        self.block(layout.atoms, reason)
 
     # ---------------------------------------------------------------- classes and groups
 

@@ -40,27 +40,43 @@ Conventions
 - **op_counts**: number of nodes per op type; ops outside the default ONNX domain are named
   `domain::op_type`.
 
-Only the main graph is counted (not the bodies of If/Loop/Scan). A node whose op has no rule,
-or whose rule needs a shape that could not be inferred, costs 0, is marked `known=False` with a
-reason, and is counted in `CostReport.unknown_ops`.
+Subgraphs (the bodies of If, Loop and Scan) are costed node by node with the same rules, outer-scope
+values included, and their node counts join `op_counts` and `unknown_ops`. The node that holds them
+carries their totals:
+- **If**: MACs, FLOPs and activation bytes of its most expensive branch (by MACs, then FLOPs): one
+  branch runs per call, and the costliest is the bound a deployment must plan for; params and
+  weight bytes of *all* branches, since every branch's weights are in the file and in memory.
+- **Loop**: the body once per iteration when the trip count M is a constant (a loop that stops
+  early on its condition costs less); otherwise once, and `CostReport.notes` says so.
+- **Scan**: the body once per element along the first scan input's axis (known from its shape).
+- any other op with a subgraph: each subgraph once, with a note.
+`CostReport.nodes` lists the main graph's nodes only, in graph order; `subgraph_nodes` lists the
+nodes inside subgraphs with qualified names (`loop/body/matmul`), their MACs and FLOPs per model run
+(a Loop/Scan body's multiplied by its trip count; an If branch's for one run of that branch).
+`layers()` is both, less the nodes that hold subgraphs: the per-layer list.
+
+A node whose op has no rule, or whose rule needs a shape that could not be inferred, costs 0, is
+marked `known=False` with a reason, and is counted in `CostReport.unknown_ops`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import Counter
+from collections import ChainMap, Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from ..report import ModelStats
-from .shapes import ShapeInfo, infer_shapes
+from .shapes import ScopedShapes, ShapeInfo, infer_scoped_shapes
 
 
 @dataclass(frozen=True)
 class NodeCost:
-    name: str
+    name: str  # qualified for nodes inside subgraphs: "<node>/<attribute>/<inner node>"
     op_type: str
     macs: int
     flops: int
@@ -69,39 +85,59 @@ class NodeCost:
     activation_bytes: int  # bytes of the node's outputs
     known: bool
     reason: str = ""  # why the cost is unknown
+    subgraph_nodes: int = 0  # nodes inside its subgraphs (If/Loop/Scan), whose totals it carries
 
 
 @dataclass(frozen=True)
 class CostReport:
-    nodes: tuple[NodeCost, ...]
+    nodes: tuple[NodeCost, ...]  # the main graph's nodes, in graph order
     stats: ModelStats
     unknown_ops: Mapping[str, int] = field(default_factory=dict)  # op type -> nodes not costed
+    subgraph_nodes: tuple[NodeCost, ...] = ()  # nodes inside If/Loop/Scan bodies, qualified names
+    op_macs: Mapping[str, int] = field(default_factory=dict)  # op type -> its share of stats.macs
+    notes: tuple[str, ...] = ()  # how subgraphs were counted where the count is an estimate
+
+    def layers(self) -> list[NodeCost]:
+        """Every node that does work itself: main-graph and subgraph nodes, less the If/Loop/Scan
+        nodes whose totals only sum their bodies."""
+        return [c for c in (*self.nodes, *self.subgraph_nodes) if not c.subgraph_nodes]
 
     def top(self, n: int = 10) -> list[NodeCost]:
-        """The n nodes with the most MACs (ties by FLOPs, then graph order)."""
-        order = sorted(range(len(self.nodes)), key=lambda i: (-self.nodes[i].macs, -self.nodes[i].flops, i))
-        return [self.nodes[i] for i in order[:n]]
+        """The n layers with the most MACs (ties by FLOPs, then graph order)."""
+        layers = self.layers()
+        order = sorted(range(len(layers)), key=lambda i: (-layers[i].macs, -layers[i].flops, i))
+        return [layers[i] for i in order[:n]]
 
 
-def analyze_cost(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> CostReport:
-    """Cost of every main-graph node at static input shapes (see the module docstring)."""
-    shapes = infer_shapes(model, input_shapes)
-    constants = _constants(model)
-    weight_owner = _weight_owners(model, constants)
-    byte_owner: dict[str, int] = {}
-    nodes: list[NodeCost] = []
-    for index, node in enumerate(model.graph):
-        nodes.append(_node_cost(index, node, shapes, constants, weight_owner, byte_owner))
-    unknown = Counter(c.op_type for c in nodes if not c.known)
+def analyze_cost(
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, np.ndarray] | None = None,
+) -> CostReport:
+    """Cost of every node at static input shapes, subgraphs included (see the module docstring).
+
+    `input_values` (input name -> a value broadcast to its shape) settles the If nodes whose condition
+    follows from constants and those inputs alone: they count the branch that runs, not the costliest.
+    """
+    shapes = infer_scoped_shapes(model, input_shapes)
+    costing = _Costing(model, shapes, _taken_branches(model, shapes.main, input_values or {}))
+    nodes, inner, op_macs = costing.graph(model.graph, costing.shapes.main, "")
+    every = (*nodes, *inner)
+    unknown = Counter(c.op_type for c in every if not c.known)
     stats = ModelStats(
         params=sum(c.params for c in nodes),
         macs=sum(c.macs for c in nodes),
         flops=sum(c.flops for c in nodes),
-        weight_bytes=sum(t.nbytes for t in constants.values()),
+        weight_bytes=sum(t.nbytes for t in costing.constants.values()),
         activation_bytes=sum(c.activation_bytes for c in nodes),
-        op_counts=dict(Counter(_op_name(n) for n in model.graph)),
+        op_counts=dict(Counter(c.op_type for c in every)),
     )
-    return CostReport(nodes=tuple(nodes), stats=stats, unknown_ops=dict(unknown))
+    notes = costing.notes
+    if costing.if_nodes:
+        notes = [f"{costing.if_nodes} If node(s): MACs and FLOPs of the costliest branch, parameters and weights "
+                 "of every branch", *notes]
+    return CostReport(nodes=tuple(nodes), stats=stats, unknown_ops=dict(unknown), subgraph_nodes=tuple(inner),
+                      op_macs=dict(op_macs), notes=tuple(notes))
 
 
 def model_stats(model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelStats:
@@ -115,6 +151,210 @@ def mac_ratio(before: ModelStats, after: ModelStats) -> float:
     return before.macs / after.macs
 
 
+# ---------------------------------------------------------------- graphs and subgraphs
+
+#: A Loop trip count at or above this is a "run until the condition says stop" sentinel, not a count.
+_SENTINEL_TRIPS = 2**31 - 1
+
+
+class _Costing:
+    """One walk over a model: the graph, then each node's subgraphs right after the node (the order
+    that decides which node owns a shared weight)."""
+
+    def __init__(self, model: ir.Model, shapes: ScopedShapes, taken: Mapping[ir.Node, str] | None = None) -> None:
+        self.shapes = shapes
+        self.taken = dict(taken or {})  # If node -> the branch attribute that runs at the given input values
+        self.opset = model.opset_imports.get("", 0)
+        self.constants = _constants(model)
+        self.weight_owner = _weight_owners(model, self.constants)
+        self.byte_owner: dict[ir.Value, ir.Node] = {}
+        self.notes: list[str] = []
+        self.if_nodes = 0
+
+    def graph(self, graph: ir.Graph, shapes: Mapping[str, ShapeInfo], prefix: str
+              ) -> tuple[list[NodeCost], list[NodeCost], Counter]:
+        """(costs of the graph's own nodes, costs of the nodes inside their subgraphs, MACs by op type
+        as counted in the graph's total)."""
+        nodes: list[NodeCost] = []
+        inner: list[NodeCost] = []
+        op_macs: Counter = Counter()
+        for index, node in enumerate(graph):
+            name = prefix + (node.name or f"{_op_name(node)}_{index}")
+            own = _node_cost(name, node, shapes, self.constants, self.weight_owner, self.byte_owner)
+            if subgraphs(node):
+                own, nested, macs_by_op = self._container(own, node, shapes, name)
+                inner.extend(nested)
+            else:
+                macs_by_op = Counter({own.op_type: own.macs}) if own.macs else Counter()
+            nodes.append(own)
+            op_macs.update(macs_by_op)
+        return nodes, inner, op_macs
+
+    def _container(self, own: NodeCost, node: ir.Node, shapes: Mapping[str, ShapeInfo], name: str
+                   ) -> tuple[NodeCost, list[NodeCost], Counter]:
+        """An If/Loop/Scan (or any node with subgraphs) carrying its bodies' totals (module docstring)."""
+        bodies = []
+        for attr_name, graph in subgraphs(node):
+            scope = ChainMap(self.shapes.of(graph), shapes)  # outer-scope values resolve outward
+            bodies.append(self.graph(graph, scope, f"{name}/{attr_name}/"))
+        nested = [c for body_nodes, body_inner, _ in bodies for c in (*body_nodes, *body_inner)]
+        params = sum(c.params for body_nodes, _, _ in bodies for c in body_nodes)
+        weight_bytes = sum(c.weight_bytes for body_nodes, _, _ in bodies for c in body_nodes)
+        op = own.op_type
+        if op == "If" and node in self.taken:
+            branch = self.taken[node]
+            self.notes.append(f"If '{name}': {branch} counted, the branch that runs at the given input values")
+            counted, times = [b for (attr, _), b in zip(subgraphs(node), bodies) if attr == branch], 1
+        elif op == "If":
+            self.if_nodes += 1
+            runs = max(bodies, key=lambda b: (sum(c.macs for c in b[0]), sum(c.flops for c in b[0])))
+            counted, times = [runs], 1
+        else:
+            counted, times = bodies, self._trips(node, op, shapes, name)
+        macs = times * sum(c.macs for b in counted for c in b[0])
+        flops = times * sum(c.flops for b in counted for c in b[0])
+        activations = times * sum(c.activation_bytes for b in counted for c in b[0])
+        op_macs: Counter = Counter()
+        for _, _, body_macs in counted:
+            op_macs.update({k: v * times for k, v in body_macs.items()})
+        if times != 1:  # per model run: every node of a repeated body runs `times` times
+            nested = [_scaled(c, times) for c in nested]
+        total = dataclasses.replace(
+            own, macs=own.macs + macs, flops=own.flops + flops, params=own.params + params,
+            weight_bytes=own.weight_bytes + weight_bytes, activation_bytes=own.activation_bytes + activations,
+            known=True, reason="", subgraph_nodes=len(nested),
+        )
+        return total, nested, op_macs
+
+    def _trips(self, node: ir.Node, op: str, shapes: Mapping[str, ShapeInfo], name: str) -> int:
+        """How many times a Loop/Scan body runs: its trip count when known, else 1 (with a note)."""
+        if op == "Loop":
+            count = _loop_trips(node)
+            if count is not None:
+                return count
+            self.notes.append(f"Loop '{name}': the trip count is not a constant; its body is counted once")
+            return 1
+        if op == "Scan":
+            count = _scan_trips(node, shapes, self.opset)
+            if count is not None:
+                return count
+            self.notes.append(f"Scan '{name}': the scan length is unknown; its body is counted once")
+            return 1
+        self.notes.append(f"{op} '{name}': its subgraphs are counted once each (no rule for how often they run)")
+        return 1
+
+
+def _scaled(cost: NodeCost, times: int) -> NodeCost:
+    return dataclasses.replace(cost, macs=cost.macs * times, flops=cost.flops * times,
+                               activation_bytes=cost.activation_bytes * times)
+
+
+def _taken_branches(model: ir.Model, shapes: Mapping[str, ShapeInfo], values: Mapping[str, np.ndarray]
+                    ) -> dict[ir.Node, str]:
+    """Main-graph If node -> "then_branch" or "else_branch", for the Ifs whose condition follows from
+    constants and the given input values alone (evaluated by onnx's reference evaluator)."""
+    ifs = [n for n in model.graph if _op_name(n) == "If" and n.inputs and n.inputs[0] is not None]
+    if not ifs or not values:
+        return {}
+    known = {v for v in model.graph.inputs if v.name in values}
+    known.update(v for v in model.graph.initializers.values() if v.const_value is not None)
+    for node in model.graph:  # what the constants and the given inputs decide, in graph order
+        if not subgraphs(node) and node.domain in ("", "ai.onnx") and all(v is None or v in known for v in node.inputs):
+            known.update(node.outputs)
+    conditions = {n: n.inputs[0] for n in ifs if n.inputs[0] in known}
+    if not conditions:
+        return {}
+    try:
+        results = _evaluate(model, [*dict.fromkeys(conditions.values())], shapes, values)
+    except Exception:  # an op the reference evaluator lacks, a bad value: cost as if unknown
+        return {}
+    return {n: "then_branch" if bool(np.asarray(results[c.name]).reshape(-1)[0]) else "else_branch"
+            for n, c in conditions.items() if c.name in results and np.asarray(results[c.name]).size == 1}
+
+
+def _evaluate(model: ir.Model, targets: Sequence[ir.Value], shapes: Mapping[str, ShapeInfo],
+              values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`targets` computed from the given inputs: the nodes they depend on, run by onnx's reference evaluator."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    wanted, nodes = set(targets), []
+    for node in reversed(list(model.graph)):
+        if wanted.intersection(node.outputs):
+            nodes.append(node)
+            wanted.update(v for v in node.inputs if v is not None)
+    inputs = [v for v in model.graph.inputs if v in wanted and v.name in values]
+    inits = [v for v in model.graph.initializers.values() if v in wanted and v.name not in values]
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(n) for n in reversed(nodes)], "conditions",
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.UNDEFINED, None) for v in targets],
+        [ir.serde.serialize_tensor(v.const_value) for v in inits],
+    )
+    for tensor, value in zip(graph.initializer, inits):
+        tensor.name = value.name
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
+    feeds = {v.name: np.broadcast_to(np.asarray(values[v.name], v.dtype.numpy()), shapes[v.name].shape or ()).copy()
+             for v in inputs}
+    names = [v.name for v in targets]
+    return dict(zip(names, ReferenceEvaluator(proto).run(names, feeds)))
+
+
+def inner_nodes(model: ir.Model) -> list[tuple[str, ir.Node, ir.Node]]:
+    """(qualified name, node, the main-graph node whose subgraph holds it) for every node inside an
+    If/Loop/Scan body, nested ones included: what passes that work on the main graph leave alone."""
+    found: list[tuple[str, ir.Node, ir.Node]] = []
+
+    def walk(node: ir.Node, prefix: str, top: ir.Node) -> None:
+        for attr_name, graph in subgraphs(node):
+            for index, inner in enumerate(graph):
+                name = f"{prefix}/{attr_name}/{inner.name or f'{_op_name(inner)}_{index}'}"
+                found.append((name, inner, top))
+                walk(inner, name, top)
+
+    for index, node in enumerate(model.graph):
+        walk(node, node.name or f"{_op_name(node)}_{index}", node)
+    return found
+
+
+def subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    """(attribute name, graph) for every graph-valued attribute of `node` ("branches[1]" for a list):
+    the names qualified layer names are built from."""
+    found = []
+    for attr_name, attr in node.attributes.items():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append((attr_name, attr.value))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend((f"{attr_name}[{i}]", g) for i, g in enumerate(attr.value))
+    return found
+
+
+def _loop_trips(node: ir.Node) -> int | None:
+    """A Loop's constant trip count M, or None (no M, not a constant, or a run-until sentinel)."""
+    trips = node.inputs[0] if node.inputs else None
+    tensor = ir.convenience.get_const_tensor(trips) if trips is not None else None
+    if tensor is None or tensor.size != 1:
+        return None
+    count = int(tensor.numpy().reshape(()))
+    return count if 0 <= count < _SENTINEL_TRIPS else None
+
+
+def _scan_trips(node: ir.Node, shapes: Mapping[str, ShapeInfo], opset: int) -> int | None:
+    """The length of a Scan's first scan input along its scan axis (opset 9+; 8 scans a batch)."""
+    if opset < 9:
+        return None
+    count = node.attributes.get("num_scan_inputs")
+    if count is None or not count.value:
+        return None
+    first = node.inputs[len(node.inputs) - int(count.value)]
+    info = shapes.get(first.name) if first is not None else None
+    if info is None or info.shape is None:
+        return None
+    axes = node.attributes.get("scan_input_axes")
+    axis = int(axes.value[0]) if axes is not None and len(axes.value) else 0
+    return int(info.shape[axis]) if -len(info.shape) <= axis < len(info.shape) else None
+
+
 # ---------------------------------------------------------------- constants and who owns them
 
 
@@ -125,18 +365,30 @@ class _Constant:
     dtype: ir.DataType
 
 
-def _constants(model: ir.Model) -> dict[str, _Constant]:
-    """Initializers and Constant node outputs, by value name."""
-    found: dict[str, _Constant] = {}
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            found[value.name] = _describe(value.const_value)
-    for node in model.graph:
-        if _op_name(node) == "Constant" and node.outputs[0].name not in found:
-            tensor = ir.convenience.get_const_tensor(node.outputs[0])
-            if tensor is not None:
-                found[node.outputs[0].name] = _describe(tensor)
+def _constants(model: ir.Model) -> dict[ir.Value, _Constant]:
+    """Initializers and Constant node outputs of the main graph and every subgraph. Keyed by value
+    (not name): sibling If branches may each define a weight of the same name, and a subgraph that
+    reads an outer-scope weight holds the same value object."""
+    found: dict[ir.Value, _Constant] = {}
+    for graph in _all_graphs(model.graph):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                found[value] = _describe(value.const_value)
+        for node in graph:
+            if _op_name(node) == "Constant" and node.outputs[0] not in found:
+                tensor = ir.convenience.get_const_tensor(node.outputs[0])
+                if tensor is not None:
+                    found[node.outputs[0]] = _describe(tensor)
     return found
+
+
+def _all_graphs(graph: ir.Graph) -> list[ir.Graph]:
+    """`graph` and its subgraphs, recursively."""
+    graphs = [graph]
+    for node in graph:
+        for _, sub in subgraphs(node):
+            graphs.extend(_all_graphs(sub))
+    return graphs
 
 
 def _describe(tensor: ir.TensorProtocol) -> _Constant:
@@ -182,16 +434,16 @@ _NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
 _NOT_WEIGHT_DTYPES = frozenset({ir.DataType.INT64, ir.DataType.BOOL, ir.DataType.STRING})
 
 
-def _weight_owners(model: ir.Model, constants: Mapping[str, _Constant]) -> dict[str, int]:
-    """Constant name -> index of the first node that uses it as a weight."""
-    owners: dict[str, int] = {}
-    for index, node in enumerate(model.graph):
+def _weight_owners(model: ir.Model, constants: Mapping[ir.Value, _Constant]) -> dict[ir.Value, ir.Node]:
+    """Constant -> the first node (subgraph nodes right after the node holding them) that uses it as a weight."""
+    owners: dict[ir.Value, ir.Node] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         op = _op_name(node)
         for slot, value in enumerate(node.inputs):
-            if value is None or value.name in owners or value.name not in constants:
+            if value is None or value in owners or value not in constants:
                 continue
-            if _is_weight(op, slot, constants[value.name]):
-                owners[value.name] = index
+            if _is_weight(op, slot, constants[value]):
+                owners[value] = node
     return owners
 
 
@@ -248,22 +500,22 @@ class _Op:
 
 
 def _node_cost(
-    index: int,
+    name: str,
     node: ir.Node,
     shapes: Mapping[str, ShapeInfo],
-    constants: Mapping[str, _Constant],
-    weight_owner: Mapping[str, int],
-    byte_owner: dict[str, int],
+    constants: Mapping[ir.Value, _Constant],
+    weight_owner: Mapping[ir.Value, ir.Node],
+    byte_owner: dict[ir.Value, ir.Node],
 ) -> NodeCost:
     op_name = _op_name(node)
     params = weight_bytes = 0
     for value in node.inputs:
-        if value is None or value.name not in constants:
+        if value is None or value not in constants:
             continue
-        if weight_owner.get(value.name) == index:
-            params += constants[value.name].numel
-        if byte_owner.setdefault(value.name, index) == index:
-            weight_bytes += constants[value.name].nbytes
+        if weight_owner.get(value) is node:
+            params += constants[value].numel
+        if byte_owner.setdefault(value, node) is node:
+            weight_bytes += constants[value].nbytes
     activation_bytes = 0 if op_name == "Constant" else sum(
         shapes[v.name].nbytes or 0 for v in node.outputs if v.name in shapes
     )
@@ -281,7 +533,7 @@ def _node_cost(
         except Exception as exc:  # malformed node (wrong rank, missing attribute): uncosted, not fatal
             known, reason = False, f"cannot cost {op_name}: {type(exc).__name__}: {exc}"
     return NodeCost(
-        name=node.name or f"{op_name}_{index}",
+        name=name,
         op_type=op_name,
         macs=int(macs),
         flops=int(flops),

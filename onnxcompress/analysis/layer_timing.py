@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import runtime
-from ..model import graph_inputs, input_dtype, resolve_input_shapes
+from ..model import resolve_input_shapes
 
 #: Fewer timed runs give medians too noisy to compare two layers by (bench.MIN_RUNS).
 MIN_RUNS = 20
@@ -45,18 +45,11 @@ class PairTiming:
 
 
 def random_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs at the model's static input shapes (timing does not depend on the values)."""
-    rng = np.random.default_rng(seed)
-    shapes = resolve_input_shapes(model)
-    feeds = {}
-    for value in graph_inputs(model):
-        dtype = input_dtype(value)
-        shape = shapes[value.name]
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(dtype)
-    return feeds
+    """Synthetic inputs at the model's static input shapes (feeds.py: integers read from the graph, so
+    ids index their tables and a branch condition holds; timing does not depend on float values)."""
+    from ..feeds import synthetic_feeds
+
+    return synthetic_feeds(model, resolve_input_shapes(model), np.random.default_rng(seed))
 
 
 def time_pair(

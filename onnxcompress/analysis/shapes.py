@@ -1,4 +1,5 @@
-"""Static shapes and element types of every value in a model's main graph.
+"""Static shapes and element types of every value in a model's main graph (and, from tier 1 only, in
+the bodies of its If/Loop/Scan nodes: see infer_scoped_shapes).
 
 Three tiers, each run only for the values the one before left unknown:
 
@@ -68,6 +69,19 @@ class ShapeInfo:
         return int(np.ceil(self.numel * ir.DataType.from_numpy(self.dtype).itemsize))
 
 
+@dataclass(frozen=True)
+class ScopedShapes:
+    """Shapes of the main graph's values, and of the values each subgraph defines (its inputs,
+    initializers and node outputs; outer-scope values it reads are in the enclosing scope's map)."""
+
+    main: dict[str, ShapeInfo]
+    subgraphs: Mapping[ir.Graph, dict[str, ShapeInfo]]
+
+    def of(self, graph: ir.Graph) -> dict[str, ShapeInfo]:
+        """The values `graph` defines (empty for a subgraph that inference did not reach)."""
+        return self.subgraphs.get(graph, {})
+
+
 def infer_shapes(
     model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, ShapeInfo]:
@@ -77,26 +91,38 @@ def infer_shapes(
     a dynamic dimension that is neither given nor a batch dimension raises InputShapeError.
     Values whose shape cannot be determined get `shape=None`.
     """
+    return infer_scoped_shapes(model, input_shapes).main
+
+
+def infer_scoped_shapes(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> ScopedShapes:
+    """infer_shapes, plus the shapes inside If/Loop/Scan bodies. Those come from onnx shape inference
+    alone (the other tiers see only the main graph); subgraph values it cannot infer get `shape=None`."""
     static_inputs = resolve_input_shapes(model, input_shapes)
-    wanted = _value_names(model)
+    wanted = _value_names(model.graph)
     light = _light_proto(model, static_inputs)
 
     found: dict[str, ShapeInfo] = {}
-    _merge(found, _onnx_inference(light))
+    inferred = _onnx_inferred(light)
+    _merge(found, _read_value_infos((inferred or light).graph))
     if _missing(wanted, found):
         _merge(found, _symbolic_inference(light))
     missing = _missing(wanted, found)
     if missing:
         _merge(found, _runtime_shapes(light, missing, found))
 
-    return {name: found.get(name, _declared(value)) for name, value in wanted.items()}
+    main = {name: found.get(name, _declared(value)) for name, value in wanted.items()}
+    subgraphs: dict[ir.Graph, dict[str, ShapeInfo]] = {}
+    kept = [node for node in model.graph if not _is_large_constant(node)]  # the light copy's nodes, in order
+    _read_subgraphs(kept, (inferred or light).graph.node, subgraphs)
+    return ScopedShapes(main, subgraphs)
 
 
 # ---------------------------------------------------------------- which values
 
 
-def _value_names(model: ir.Model) -> dict[str, ir.Value]:
-    graph = model.graph
+def _value_names(graph: ir.Graph) -> dict[str, ir.Value]:
     values: dict[str, ir.Value] = {}
     for value in (*graph.inputs, *graph.initializers.values()):
         if value.name:
@@ -199,12 +225,42 @@ def _numpy_dtype(dtype: ir.DataType | int | None) -> np.dtype | None:
 
 
 def _onnx_inference(light: onnx.ModelProto) -> dict[str, ShapeInfo]:
+    inferred = _onnx_inferred(light)
+    return _read_value_infos((inferred or light).graph)
+
+
+def _onnx_inferred(light: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # malformed graphs still get the later tiers
         _log.debug("onnx shape inference failed: %s", exc)
-        return _read_value_infos(light.graph)
-    return _read_value_infos(inferred.graph)
+        return None
+
+
+def _read_subgraphs(
+    nodes: Sequence[ir.Node], protos: Sequence[onnx.NodeProto], into: dict[ir.Graph, dict[str, ShapeInfo]]
+) -> None:
+    """Shapes of the values each subgraph of `nodes` defines, read from the inferred copies `protos`
+    of those nodes (same order), recursively."""
+    if len(nodes) != len(protos):
+        return
+    for node, proto in zip(nodes, protos):
+        inferred = {a.name: [a.g] if a.HasField("g") else list(a.graphs) for a in proto.attribute}
+        for name, attr in node.attributes.items():
+            graphs = _attribute_graphs(attr)
+            copies = inferred.get(name, [])
+            for graph, copy in zip(graphs, copies if len(copies) == len(graphs) else []):
+                found = _read_value_infos(copy)
+                into[graph] = {n: found.get(n, _declared(v)) for n, v in _value_names(graph).items()}
+                _read_subgraphs(list(graph), copy.node, into)
+
+
+def _attribute_graphs(attr: ir.Attr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.value]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    return []
 
 
 def _read_value_infos(graph: onnx.GraphProto) -> dict[str, ShapeInfo]:

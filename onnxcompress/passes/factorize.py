@@ -114,6 +114,7 @@ class Factorize(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         shapes = infer_shapes(model, ctx.input_shapes)
         layers, skipped = find_layers(model, shapes, min_macs=self.min_macs)
+        skipped += _subgraph_layers(model)
         notes: list[str] = []
         stats: dict[str, _Moments] = {}
         if ctx.calibration is not None and self.data_aware and layers:
@@ -211,6 +212,14 @@ class Layer:
 
     def input_features(self) -> int:
         return self.weight.shape[0] if self.kind != "Conv" else int(np.prod(self.weight.shape[1:]))
+
+
+def _subgraph_layers(model: ir.Model) -> list[str]:
+    """Layers inside If/Loop/Scan bodies: factorization rewrites the main graph only."""
+    from ..analysis.cost import inner_nodes
+
+    return [f"{name}: {node.op_type} inside the {top.op_type} '{top.name}' body: subgraph layers are not factorized"
+            for name, node, top in inner_nodes(model) if node.op_type in ("Gemm", "MatMul", "Conv")]
 
 
 def find_layers(model: ir.Model, shapes: Mapping, *, min_macs: int = 0) -> tuple[list[Layer], list[str]]:

@@ -104,6 +104,7 @@ class PruneChannels(Pass):
                    for r in records if r["removed"]]
         skipped = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['frozen_reason']}"
                    for r in records if r["frozen_reason"] and not r["removed"]]
+        skipped += _subgraph_layers(model)
         return self.result(model, changes=changes, skipped=skipped, details=details, modified=bool(removed))
 
     # ------------------------------------------------------------------ ranking and allocation
@@ -246,3 +247,11 @@ def _group_records(graph: ChannelGraph, removed: set[int]) -> list[dict]:
         })
     return records
 
+
+def _subgraph_layers(model: ir.Model) -> list[str]:
+    """Layers inside If/Loop/Scan bodies: the channel graph covers the main graph only (and blocks the
+    channels a body reads from it)."""
+    from ..analysis.cost import inner_nodes
+
+    return [f"{name}: {node.op_type} inside the {top.op_type} '{top.name}' body: subgraph layers are not pruned"
+            for name, node, top in inner_nodes(model) if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]

@@ -480,7 +480,7 @@ class PruneBlocks(Pass):
     def _split(self, model: ir.Model, calibration: Calibration) -> tuple[list[dict], list[dict], list[str]]:
         """Feed lists for scoring and for held-out checks, batched as the model's inputs allow."""
         n = min(self.samples, calibration.num_samples)
-        used = Calibration({k: v[:n] for k, v in calibration.arrays.items()}, calibration.source, calibration.is_random)
+        used = calibration.samples(0, n)
         notes = []
         size, fixed = batch_size_for(model, EVAL_BATCH), _batch_is_fixed(model)
 

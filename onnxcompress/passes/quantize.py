@@ -199,6 +199,7 @@ class QuantizeQDQ(Pass):
             check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
         if not check.ok:
             skipped.append(f"int8 kernels: {check.describe()}")
+        skipped += subgraph_layers(model)
         plan = variant.plan
         if self.bias_correction:
             changes.append(f"bias correction on {len(variant.shifts)} layers")
@@ -993,8 +994,18 @@ def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
     return load(proto), f"opset {opset} -> {QDQ_MIN_OPSET} (per-channel QDQ needs opset 13)"
 
 
+def subgraph_layers(model: ir.Model) -> list[str]:
+    """Why each Conv/MatMul/Gemm inside an If/Loop/Scan body stays float: Q/DQ placement and
+    calibration see the main graph only (activations inside a body cannot be fetched by name)."""
+    from ..analysis.cost import inner_nodes
+
+    return [f"{name}: {node.op_type} inside the {top.op_type} '{top.name}' body left in float (static int8 covers "
+            "the main graph; quantize-dynamic quantizes subgraph weights)"
+            for name, node, top in inner_nodes(model) if node.op_type in ANCHORS]
+
+
 __all__ = [
     "CalibrationNeededError", "Plan", "QuantParams", "QuantizeQDQ", "activation_params", "bias_shift", "clamp_bounds",
     "correct_biases", "correction_inputs", "plan_placement", "quantization_clamps_to", "quantize_bias", "quantize_graph",
-    "quantize_weight", "weight_encodings", "weight_rounding_error",
+    "quantize_weight", "subgraph_layers", "weight_encodings", "weight_rounding_error",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -25,6 +26,7 @@ import onnx_ir as ir
 import numpy as np
 from onnx import numpy_helper
 
+from ..analysis.cost import subgraphs
 from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
 from ..model import load, save
@@ -61,7 +63,8 @@ class QuantizeDynamic(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        before = Counter(n.op_type for n in model.graph)
+        before = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
+        has_subgraphs = any(subgraphs(n) for n in model.graph)
         smoothing_changes, smoothing = [], None
         if self.outliers == "auto" and ctx.calibration is not None:
             from .int8_patterns import smooth_outliers
@@ -75,6 +78,8 @@ class QuantizeDynamic(Pass):
                     source, target, op_types_to_quantize=list(self.op_types), per_channel=self.per_channel,
                     weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
                     nodes_to_exclude=list(self.skip_nodes),
+                    # If/Loop/Scan bodies hold weights too (a VAD's per-sample-rate branches): off by default in ORT
+                    extra_options={"EnableSubgraph": True} if has_subgraphs else None,
                 )
             except Exception as exc:  # ORT's quantizer raises assorted types for models it cannot handle
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -83,7 +88,7 @@ class QuantizeDynamic(Pass):
         shifted = [] if self.kernels == "vnni" else shift_unsafe_weights(proto)
         quantized = load(proto)
         quantized.meta.update(model.meta)
-        after = Counter(n.op_type for n in quantized.graph)
+        after = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(quantized.graph))
         integer = {op: n for op, n in after.items() if op in _INTEGER_OPS}
         candidates = sum(before[op] for op in self.op_types)
         left = sum(after[op] for op in self.op_types)
@@ -100,31 +105,61 @@ class QuantizeDynamic(Pass):
 
 def shift_unsafe_weights(proto: onnx.ModelProto) -> list[str]:
     """Shift to uint8 (codes and zero points + 128) every constant int8 MatMulInteger weight whose
-    codes could saturate int16 pair sums; returns their names."""
-    inits = {t.name: t for t in proto.graph.initializer}
+    codes could saturate int16 pair sums, in the main graph and in If/Loop/Scan bodies; returns
+    their names."""
+    every_node = [n for graph, _ in _graphs_in_scope(proto.graph) for n in graph.node]
     shifted = []
-    for node in proto.graph.node:
-        if node.op_type != "MatMulInteger" or node.input[1] not in inits:
-            continue
-        w_name, zp_name = node.input[1], node.input[3] if len(node.input) > 3 else ""
-        w = numpy_helper.to_array(inits[w_name])
-        if w.dtype != np.int8 or w.ndim != 2 or w_name in shifted:
-            continue
-        zp = numpy_helper.to_array(inits[zp_name]) if zp_name in inits else np.zeros((), np.int8)
-        if not overflowing_rows(reduction_rows("MatMul", w.astype(np.float64))).any():
-            continue
-        users = [n for n in proto.graph.node if w_name in n.input or (zp_name and zp_name in n.input)]
-        if any(n.op_type != "MatMulInteger" for n in users):
-            continue  # shared with something that expects int8
-        inits[w_name].CopyFrom(numpy_helper.from_array((w.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), w_name))
-        u8_zp = (zp.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8)
-        if zp_name in inits:
-            inits[zp_name].CopyFrom(numpy_helper.from_array(u8_zp, zp_name))
-        else:
-            name = f"{w_name}_zero_point_u8"
-            proto.graph.initializer.append(numpy_helper.from_array(u8_zp, name))
-            while len(node.input) < 4:
-                node.input.append("")
-            node.input[3] = name
-        shifted.append(w_name)
+    for graph, scope in _graphs_in_scope(proto.graph):
+        for node in graph.node:
+            if node.op_type != "MatMulInteger":
+                continue
+            w_name, zp_name = node.input[1], node.input[3] if len(node.input) > 3 else ""
+            w_tensor, home = _initializer(w_name, scope)
+            if w_tensor is None or w_name in shifted:
+                continue
+            w = numpy_helper.to_array(w_tensor)
+            if w.dtype != np.int8 or w.ndim != 2:
+                continue
+            zp_tensor, _ = _initializer(zp_name, scope) if zp_name else (None, None)
+            zp = numpy_helper.to_array(zp_tensor) if zp_tensor is not None else np.zeros((), np.int8)
+            if not overflowing_rows(reduction_rows("MatMul", w.astype(np.float64))).any():
+                continue
+            users = [n for n in every_node if w_name in n.input or (zp_name and zp_name in n.input)]
+            if any(n.op_type != "MatMulInteger" for n in users):
+                continue  # shared with something that expects int8
+            w_tensor.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), w_name))
+            u8_zp = (zp.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8)
+            if zp_tensor is not None:
+                zp_tensor.CopyFrom(numpy_helper.from_array(u8_zp, zp_name))
+            else:
+                name = f"{w_name}_zero_point_u8"
+                home.initializer.append(numpy_helper.from_array(u8_zp, name))  # beside the weight: visible where it is
+                while len(node.input) < 4:
+                    node.input.append("")
+                node.input[3] = name
+            shifted.append(w_name)
     return shifted
+
+
+def _graphs_in_scope(graph: onnx.GraphProto, outer: tuple[onnx.GraphProto, ...] = ()
+                     ) -> list[tuple[onnx.GraphProto, tuple[onnx.GraphProto, ...]]]:
+    """(graph, the graphs whose names it sees, innermost first) for `graph` and every subgraph in it."""
+    scope = (graph, *outer)
+    found = [(graph, scope)]
+    for node in graph.node:
+        for sub in _proto_subgraphs(node):
+            found.extend(_graphs_in_scope(sub, scope))
+    return found
+
+
+def _proto_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
+
+
+def _initializer(name: str, scope: Sequence[onnx.GraphProto]) -> tuple[onnx.TensorProto | None, onnx.GraphProto | None]:
+    """The initializer `name` resolves to from the innermost graph of `scope`, and the graph holding it."""
+    for graph in scope:
+        for tensor in graph.initializer:
+            if tensor.name == name:
+                return tensor, graph
+    return None, None

@@ -210,8 +210,7 @@ def recover(
 def _first(calibration: Calibration, samples: int | None) -> Calibration:
     if samples is None or samples >= calibration.num_samples:
         return calibration
-    arrays = {k: v[:samples] for k, v in calibration.arrays.items()}
-    return Calibration(arrays, calibration.source, calibration.is_random)
+    return calibration.samples(0, samples)
 
 
 # ------------------------------------------------------------------------------ layers
