@@ -1,6 +1,6 @@
 """Latency on ONNX Runtime, compared with a baseline: measured speedup against theoretical (MAC) speedup.
 
-Protocol (DESIGN.md, "Measuring"): one ORT session per model with fixed intra-op threads, one
+Protocol (ARCHITECTURE.md, "Measuring"): one ORT session per model with fixed intra-op threads, one
 inter-op thread, ORT_ENABLE_ALL and intra-op spinning off; every model warmed up, then timed runs
 interleaved A B A B ... in one process so drifting clocks and caches hit every model alike. Per
 model and batch: median, p90, mean, min, max, stdev (ms). Against the first model (the baseline):

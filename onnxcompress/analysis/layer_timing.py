@@ -1,6 +1,6 @@
 """Time two small models against each other on ONNX Runtime: a layer and its replacement.
 
-The protocol is bench.py's (DESIGN.md, "Measuring") scaled down to single layers: one session per
+The protocol is bench.py's (ARCHITECTURE.md, "Measuring") scaled down to single layers: one session per
 model with fixed intra-op threads (the physical cores by default, as in the benchmarks), one
 inter-op thread, ORT_ENABLE_ALL, intra-op spinning off (interleaved sessions starve each other
 otherwise), warm-up runs, then timed runs interleaved A B A B ... and the ratio of the medians.

@@ -8,7 +8,7 @@ scale weigh alike. `feature_matching` adds the same relative MSE at the outputs 
 changed (Conv/Gemm/MatMul whose weights differ from the teacher's and whose output keeps its name
 and shape: the consumers of pruned channels).
 
-What the measurements behind this pass say (DESIGN.md, issue 8): recovery overfits narrow
+What the measurements behind this pass say (ARCHITECTURE.md, "Recovery"; issue 8): recovery overfits narrow
 calibration data. So: the end of the calibration set is held out and never trained on; it chooses
 when to stop (`patience` evaluations without a lower held-out loss) and which weights to keep (the
 best held-out step, the untrained weights included, so the pass never makes held-out fidelity
