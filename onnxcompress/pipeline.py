@@ -147,8 +147,8 @@ class Pipeline:
 
         feeds, feed_source = self._verification_feeds(original, ctx)
         reference = reference_outputs(original, feeds, feed_source) if self.verify.enabled else []
-        noise = (float_noise(original, feeds, reference, "input model")
-                 if self.verify.enabled and any(p.exact for p in self.passes) else None)
+        # An exact pass is held to the outputs of the model it starts from (after a lossy pass, not the input's)
+        expected, noise, noise_of_before = reference, None, False
 
         current = load(original)  # passes work on a copy; the original stays the reference
         notes = list(before_cost.notes)  # how If/Loop/Scan bodies were counted, where it is an estimate
@@ -161,6 +161,8 @@ class Pipeline:
             if on_pass:
                 on_pass(p.name)
             stats_before = ctx.get(cost_analysis).stats
+            if self.verify.enabled and p.exact and not noise_of_before:
+                noise, noise_of_before = float_noise(current, feeds, expected, f"the model before pass '{p.name}'"), True
             start = time.perf_counter()
             result = p.run(current, ctx)
             seconds = time.perf_counter() - start
@@ -168,10 +170,12 @@ class Pipeline:
             ctx.model = current
             ctx.invalidate(result.preserved if result.modified else frozenset(ctx._cache))
             if self.verify.enabled:
-                fidelity = verify_model(
+                fidelity, got = verify_model(
                     current, f"pass '{p.name}'", feeds, reference, feed_source, self.verify, exact=p.exact,
-                    noise=noise,
+                    noise=noise, before=expected,
                 )
+                if not p.exact:  # a new model state: later exact passes are held to it, with its own noise
+                    expected, noise_of_before = got, False
             records.append(
                 dataclasses.replace(
                     result.record, seconds=seconds, before=stats_before, after=ctx.get(cost_analysis).stats,

@@ -204,15 +204,18 @@ def verify_model(
     *,
     exact: bool,
     noise: Sequence[float] | None = None,
-) -> Fidelity:
-    """Checker + ORT + comparison. Exact passes must stay within options.rtol of each output's scale,
-    or within NOISE_FACTOR times the input model's float noise (`float_noise`); lossy ones are measured."""
+    before: Sequence[Sequence[np.ndarray]] | None = None,
+) -> tuple[Fidelity, list[list[np.ndarray]]]:
+    """Checker + ORT + comparison; the fidelity against `reference` and the model's outputs. An exact pass
+    must keep the outputs of the model it started from (`before`, default `reference`) within options.rtol
+    of each output's scale, or within NOISE_FACTOR times that model's float noise (`float_noise`); a
+    lossy one is measured."""
     with temporary_path(model, external_data=True) as path:
         check_model(path, where, full=options.full_check)
         got = outputs(path, feeds, where)
     fidelity = compare(reference, got, source)
     if not np.isfinite(fidelity.max_abs_error):
         raise VerificationError(f"{where}: the model produces non-finite outputs")
-    if exact and (problem := exactness_error(reference, got, noise, options.rtol)):
+    if exact and (problem := exactness_error(reference if before is None else before, got, noise, options.rtol)):
         raise VerificationError(f"{where}: {problem}")
-    return fidelity
+    return fidelity, got

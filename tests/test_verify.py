@@ -68,3 +68,21 @@ def test_no_verify_skips_the_per_pass_checks_in_the_search_too(monkeypatch):
     result = optimize(cancelling_gemm_bn(), calibration=calibration, options=OptimizeOptions(bench_runs=0, verify=False))
     assert result.mode == "search" and not result.report.verified
     assert "BatchNormalization" not in [n.op_type for n in result.model.graph]
+
+
+def test_an_exact_pass_after_a_lossy_one_is_held_to_the_lossy_result():
+    from onnxcompress.passes import PruneChannels
+
+    # pruning keeps the BatchNorms, so fold-batchnorm then runs on a model that no longer matches
+    # the input: it must be judged against the pruned model, not against the input
+    rng = np.random.default_rng(0)
+    calibration = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    result = Pipeline([PruneChannels(ratio=0.5), FoldBatchNorm()]).run(conv_bn_relu_gemm(), calibration=calibration)
+    pruned, folded = result.report.passes
+    assert pruned.fidelity.max_rel_error > 1e-3  # the pruning really changed the outputs
+    assert "BatchNormalization" not in [n.op_type for n in result.model.graph]
+    assert folded.fidelity.max_abs_error == pytest.approx(pruned.fidelity.max_abs_error, rel=1e-3)
+    # and a real change after a lossy pass is still caught
+    with pytest.raises(VerificationError, match="pass 'test-nudge'"):
+        Pipeline([PruneChannels(ratio=0.5), _NudgeWeight(weight="fc_w", factor=1.001)]).run(
+            conv_bn_relu_gemm(), calibration=calibration)
