@@ -42,6 +42,8 @@ DEFAULT_TOLERANCE = Tolerance("cosine", 0.002)
 #: Dynamic int8 only pays where MatMul/Gemm carry at least this share of the MACs (ConvInteger is slow on CPU).
 DYNAMIC_INT8_MIN_SHARE = 0.5
 CLEANUP = ("fold-constants", "fold-batchnorm", "eliminate-noops")
+#: Passes that recover a pruned model's fidelity (the search runs them on its frontier candidate).
+RECOVERY = ("distill",)
 
 
 @dataclass
@@ -155,15 +157,18 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
     from .search import SearchOptions, search
 
     tolerance = options.tolerance
-    finish = [spec for spec in options.passes if spec.get("type") != "prune-channels"]
+    # Recovery (distill) is judged by what it recovers on a pruned candidate; the closing passes
+    # (number formats) by their own fidelity and speed: one never goes down with the other.
+    recover = [spec for spec in options.passes if spec.get("type") in RECOVERY]
+    finish = [spec for spec in options.passes if spec.get("type") not in ("prune-channels", *RECOVERY)]
     if not any(s.get("type", "").startswith("quantize") for s in finish):
         finish += _int8_for(options.target)
+    on_cpu = options.target in CPU_TARGETS and options.bench_runs > 0
     found = search(
         source, calibration,
         SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
-                      target_macs=options.target_macs, target_speedup=options.target_speedup,
-                      finish_must_be_faster=options.target in CPU_TARGETS and options.bench_runs > 0,
-                      verify=options.verify),
+                      recover=_ordered(recover), target_macs=options.target_macs, target_speedup=options.target_speedup,
+                      finish_must_be_faster=on_cpu, rank_by_speed=on_cpu, verify=options.verify),
         evaluate=evaluate, input_shapes=shapes, on_step=on_step,
     )
     chosen = found.chosen_point

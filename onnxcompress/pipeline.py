@@ -129,9 +129,12 @@ class Pipeline:
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         on_pass: Callable[[str], None] | None = None,
         input_values: Mapping[str, Any] | None = None,
+        teacher: ModelLike | None = None,
     ) -> RunResult:
         """`input_values` fixes inputs of the synthetic verification feeds (name -> a value broadcast
-        to the input's shape); calibration data, when given, is fed as it is."""
+        to the input's shape); calibration data, when given, is fed as it is. `teacher` is the model
+        recovery passes (distill) match, when this run's input is already a compressed one (the
+        search's candidates); default: the input. Verification always compares with the input."""
         from .feeds import check_input_values
 
         source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
@@ -154,7 +157,7 @@ class Pipeline:
         notes = list(before_cost.notes)  # how If/Loop/Scan bodies were counted, where it is an estimate
         if _fill_output_shapes(current):
             notes.append("graph output shapes were missing and have been inferred (the full checker requires them)")
-        ctx.model, ctx.original, ctx._cache = current, original, {}
+        ctx.model, ctx.original, ctx._cache = current, (original if teacher is None else load(teacher)), {}
         records: list[PassRecord] = []
         fidelity: Fidelity | None = None
         for p in self.passes:

@@ -79,6 +79,9 @@ class SearchOptions:
     prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options (target_macs is the search's)
     cleanup: Sequence[str] = ("fold-constants", "fold-batchnorm", "eliminate-noops")
     finish: Sequence[Mapping[str, Any]] = ()  # passes applied to every candidate, e.g. [{"type": "quantize-int8"}]
+    # recovery passes (distill), run once on the pruned frontier candidate with the input model as
+    # teacher, and judged by what they recover; never dropped with the closing passes
+    recover: Sequence[Mapping[str, Any]] = ()
     target_macs: float | None = None  # stop once the candidate keeps at most this fraction of the MACs
     target_speedup: float | None = None  # stop once the candidate is measured this much faster on ORT CPU
     levels: Sequence[float] = DEFAULT_LEVELS
@@ -86,6 +89,9 @@ class SearchOptions:
     holdout: float = HOLDOUT
     bench_runs: int = 30  # timed runs per model when target_speedup or finish_must_be_faster asks for measurements
     finish_must_be_faster: bool = False  # time the closing passes on ORT CPU and drop them if they slow the model
+    # without a target, choose among the accepted candidates (int8 alone and the most pruned few)
+    # the one measured fastest on ORT CPU, not the one with the fewest MACs
+    rank_by_speed: bool = False
     # checker + ORT load + exactness after every pass of every candidate (--no-verify: off; the
     # candidates are still judged on held-out samples)
     verify: bool = True
@@ -151,6 +157,7 @@ def search(
 
     points: list[SearchPoint] = []
     models: list[tuple[ir.Model, list[PassRecord], ModelStats]] = []  # per point: final model, its records, stats
+    floats: list[tuple[ir.Model, list[PassRecord]]] = []  # per point: the float model before the closing passes, its chain
 
     def measure(float_model: ir.Model, level: float, chain: list[PassRecord], note: str = "") -> SearchPoint:
         final, records = finished(float_model)
@@ -166,6 +173,7 @@ def search(
             point = dataclasses.replace(point, speedup=_speedup(original, final, shapes, options.bench_runs))
         points.append(point)
         models.append((final, records, stats))
+        floats.append((float_model, chain))
         step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} (metric value {value:.4g})")
         if on_point:  # e.g. a benchmark scoring every candidate on labelled data
             on_point(point, final)
@@ -248,7 +256,33 @@ def search(
             else:
                 lo = achieved
 
-    chosen = _choose(points, reached)
+    if options.recover:
+        target = _recovery_target(points, reached)
+        if target is not None:
+            float_model, chain = floats[target]
+            before = points[target]
+            step(f"recovering level {before.level:.3f} with " + ", ".join(str(s.get("type")) for s in options.recover))
+            run = Pipeline([build_pass(spec) for spec in options.recover], verify=checks).run(
+                float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model,
+                on_pass=lambda name: step(f"{name} on level {before.level:.3f}"))
+            after = measure(run.model, before.level, [*chain, *run.report.passes],
+                            note=f"recovered by {', '.join(str(s.get('type')) for s in options.recover)}")
+            recovery = {"level": before.level, "before": before.value, "after": after.value,
+                        "accepted_before": before.accepted, "accepted_after": after.accepted}
+            notes.append(f"recovery ({', '.join(str(s.get('type')) for s in options.recover)}) at level "
+                         f"{before.level:.3f}: metric value {before.value:.4g} -> {after.value:.4g}"
+                         + (" (now within the tolerance)" if after.accepted and not before.accepted else ""))
+        else:
+            recovery = None
+            notes.append("recovery (" + ", ".join(str(s.get("type")) for s in options.recover)
+                         + ") did not run: no pruned candidate to recover")
+    else:
+        recovery = None
+
+    loss = (lambda p: -p.value) if options.tolerance.metric == "sqnr" and evaluate is None else (lambda p: p.value)
+    chosen = _choose(points, reached, loss)
+    if options.rank_by_speed and options.target_macs is None and options.target_speedup is None:
+        chosen = _fastest(points, models, chosen, original, shapes, options.bench_runs, step, notes)
     final, records, stats = models[chosen]
     point = points[chosen]
     target_met = None if options.target_macs is None and options.target_speedup is None else reached(point)
@@ -263,6 +297,7 @@ def search(
         "chosen": chosen,
         "met": point.accepted,
         "target_met": target_met,
+        "recovery": recovery,
     }
     report = RunReport(
         input=str(model) if isinstance(model, str) else type(model).__name__, output=None,
@@ -272,15 +307,61 @@ def search(
     return SearchResult(final, report, tuple(points), chosen, point.accepted, target_met)
 
 
-def _choose(points: Sequence[SearchPoint], reached: Callable[[SearchPoint], bool]) -> int:
-    """The least-MAC accepted point; with a target, the least compressed accepted point that reaches it."""
+def _choose(points: Sequence[SearchPoint], reached: Callable[[SearchPoint], bool],
+            loss: Callable[[SearchPoint], float] = lambda p: p.value) -> int:
+    """The least-MAC accepted point; with a target, the least compressed accepted point that reaches
+    it. Between points of the same MACs (a recovered one and its source), the lower loss."""
     accepted = [i for i, p in enumerate(points) if p.accepted]
     if not accepted:  # cannot happen unless `evaluate` is erratic: return the least changed model
         return min(range(len(points)), key=lambda i: (points[i].macs_ratio < 1.0, -points[i].macs_ratio))
     reaching = [i for i in accepted if reached(points[i])]
     if reaching:
-        return max(reaching, key=lambda i: points[i].macs_ratio)
-    return min(accepted, key=lambda i: points[i].macs_ratio)
+        return max(reaching, key=lambda i: (points[i].macs_ratio, -loss(points[i])))
+    return min(accepted, key=lambda i: (points[i].macs_ratio, loss(points[i])))
+
+
+def _recovery_target(points: Sequence[SearchPoint], reached: Callable[[SearchPoint], bool]) -> int | None:
+    """The pruned candidate recovery works on: the first rejected one beyond the accepted frontier
+    (recovery may carry the search one level further), else the most pruned accepted one (recovery
+    may improve its fidelity). None when nothing was pruned."""
+    pruned = [i for i, p in enumerate(points) if p.level < 1.0]
+    if not pruned:
+        return None
+    target_met = any(points[i].accepted and reached(points[i]) for i in pruned)
+    rejected = [i for i in pruned if not points[i].accepted]
+    if rejected and not target_met:
+        return max(rejected, key=lambda i: points[i].macs_ratio)
+    accepted = [i for i in pruned if points[i].accepted]
+    return min(accepted, key=lambda i: points[i].macs_ratio) if accepted else None
+
+
+#: How many of the most pruned accepted candidates are timed against int8 (or float) alone.
+SPEED_CANDIDATES = 3
+#: Measured speedups closer than this count as a tie, broken by the fewer MACs.
+SPEED_TIE = 0.03
+
+
+def _fastest(points: list[SearchPoint], models: list, chosen: int, original: ir.Model, shapes, runs: int,
+             step: Callable[[str], None], notes: list[str]) -> int:
+    """Among the unpruned accepted candidate and the SPEED_CANDIDATES most pruned accepted ones, the
+    one measured fastest on ORT CPU at the search's shapes (fewer MACs do not always run faster)."""
+    accepted = [i for i, p in enumerate(points) if p.accepted]
+    unpruned = [i for i in accepted if points[i].level >= 1.0]
+    pruned = sorted((i for i in accepted if points[i].level < 1.0), key=lambda i: points[i].macs_ratio)
+    pool = sorted({*unpruned[-1:], *pruned[:SPEED_CANDIDATES], chosen})
+    if len(pool) < 2:
+        return chosen
+    for i in pool:
+        if points[i].speedup is None:
+            step(f"timing level {points[i].level:.3f}")
+            points[i] = dataclasses.replace(points[i], speedup=_speedup(original, models[i][0], shapes, runs))
+    best = max(pool, key=lambda i: points[i].speedup)
+    ties = [i for i in pool if points[i].speedup >= points[best].speedup * (1 - SPEED_TIE)]
+    pick = min(ties, key=lambda i: points[i].macs_ratio)
+    if pick != chosen:
+        notes.append(f"chosen by measured speed: level {points[pick].level:.3f} ran {points[pick].speedup:.2f}x faster "
+                     f"than the input, level {points[chosen].level:.3f} (fewest MACs) {points[chosen].speedup:.2f}x")
+    return pick
 
 
 def _prune_step(model: ir.Model, current: float, level: float, prune: Mapping[str, Any], fit: Calibration,

@@ -149,3 +149,66 @@ def test_closing_int8_is_dropped_only_when_measured_slower(digits, monkeypatch, 
     quantized = any(n.op_type == "QuantizeLinear" for n in result.model.graph)
     assert quantized == (gain >= 1.0)
     assert any("measured" in note and "slower" in note for note in result.report.notes) == (gain < 1.0)
+
+
+def test_recovery_runs_on_the_frontier_with_the_input_as_teacher_even_when_int8_is_dropped(digits, monkeypatch):
+    import sys
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(sys.modules["onnxcompress.search"], "_speedup", lambda *args: 0.8)  # int8 "measured slower"
+    model, calibration = digits
+    # int8 goes (measured slower) and pruning without recovery breaks the tolerance: distillation must
+    # still run, on the first rejected pruned candidate, and recover part of the loss.
+    tolerance = Tolerance("cosine", 1e-3)
+    options = SearchOptions(tolerance=tolerance, finish=INT8, levels=(0.5,), refine_steps=0,
+                            prune={"recover": "none"}, finish_must_be_faster=True,
+                            recover=({"type": "distill", "steps": 40, "threads": 1, "lr": 1e-3, "progress": False},))
+    result = search(model, calibration, options)
+    recovery = result.report.search["recovery"]
+    assert recovery is not None and recovery["level"] < 1.0
+    recovered = [p for p in result.points if p.note.startswith("recovered by distill")]
+    assert len(recovered) == 1
+    source = next(p for p in result.points if p.level == recovered[0].level and not p.note)
+    # the input model is the teacher: the student moves towards it (with itself as teacher it would not move)
+    assert recovered[0].value < 0.75 * source.value  # measured: 0.88 -> 0.57
+    assert recovery["before"] == source.value and recovery["after"] == recovered[0].value
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph)  # int8 was dropped, distill was not
+    assert any(note.startswith("recovery (distill)") for note in result.report.notes)
+    _check_invariants(result, tolerance, model, calibration, options)
+
+
+def test_rank_by_speed_picks_the_fastest_accepted_candidate(digits, monkeypatch):
+    import sys
+
+    from onnxcompress.analysis.cost import analyze_cost
+
+    def fake_speedup(original, candidate, shapes, runs):  # stands in for ORT timing: the most pruned is slow
+        ratio = analyze_cost(original, shapes).stats.macs / analyze_cost(candidate, shapes).stats.macs
+        return 0.8 if ratio > 4 else ratio
+
+    monkeypatch.setattr(sys.modules["onnxcompress.search"], "_speedup", fake_speedup)
+    model, calibration = digits
+    options = SearchOptions(tolerance=Tolerance("cosine", 0.5), levels=(0.6, 0.35, 0.1), refine_steps=0,
+                            rank_by_speed=True)
+    result = search(model, calibration, options)
+    accepted = [p for p in result.points if p.accepted]
+    fewest = min(accepted, key=lambda p: p.macs_ratio)
+    assert 1 / fewest.macs_ratio > 4 and fewest.speedup == 0.8  # fewest MACs, measured slow
+    timed = [p for p in accepted if p.speedup is not None]
+    assert result.chosen_point.speedup == max(p.speedup for p in timed) > 1.0
+    assert result.chosen_point.macs_ratio > fewest.macs_ratio
+    assert any(note.startswith("chosen by measured speed") for note in result.report.notes)
+
+
+def test_optimize_with_distill_and_a_target_runs_distillation_in_the_search(digits):
+    pytest.importorskip("torch")
+    from onnxcompress.optimize import OptimizeOptions, optimize
+
+    model, calibration = digits
+    distill = {"type": "distill", "steps": 20, "threads": 1, "lr": 1e-3, "progress": False}
+    result = optimize(model, calibration=calibration,
+                      options=OptimizeOptions(passes=[distill], target_macs=0.5, bench_runs=0))
+    assert result.mode == "search"
+    recovery = result.report.search["recovery"]
+    assert recovery is not None and recovery["level"] < 1.0
+    assert any(p["note"].startswith("recovered by distill") for p in result.report.search["points"])
