@@ -26,7 +26,7 @@ from .errors import OnnxCompressError
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
 from .report import RunReport
-from .tolerance import Tolerance
+from .tolerance import Tolerance, default_tolerance
 from .verify import VerifyOptions
 
 Target = Literal["cpu", "vnni", "host", "cuda", "tensorrt"]
@@ -34,11 +34,10 @@ TARGETS: tuple[str, ...] = ("cpu", "vnni", "host", "cuda", "tensorrt")
 #: Targets that run on ORT's CPU provider: any CPU (x86 with AVX2 and up, ARM), x86 with VNNI only,
 #: or this machine's CPU (VNNI when it has it).
 CPU_TARGETS = frozenset({"cpu", "vnni", "host"})
-#: The tolerance when calibration data is given and none was asked for: a cosine drop of 0.002 is a
-#: relative output error of about 6% (about 24 dB SQNR), roughly what int8 alone costs a typical
-#: CNN. Cosine rather than top-1: on the few samples a search holds out, top-1 agreement cannot see
-#: small accuracy drops (benchmarks/search_digits.py measures both against real test accuracy).
-DEFAULT_TOLERANCE = Tolerance("cosine", 0.002)
+#: The tolerance when calibration data is given and none was asked for is tolerance.default_tolerance:
+#: by output kind, a cosine drop int8 alone meets on a good model. Cosine rather than top-1: on the
+#: few samples a search holds out, top-1 agreement cannot see small accuracy drops
+#: (benchmarks/search_digits.py measures both against real test accuracy).
 #: Dynamic int8 only pays where MatMul/Gemm carry at least this share of the MACs (ConvInteger is slow on CPU).
 DYNAMIC_INT8_MIN_SHARE = 0.5
 CLEANUP = ("fold-constants", "fold-batchnorm", "eliminate-noops")
@@ -50,13 +49,16 @@ RECOVERY = ("distill",)
 class OptimizeOptions:
     recipe: str | Path | Mapping | Sequence | None = None  # None: chosen from the data and the target
     target: Target = "cpu"
-    tolerance: Tolerance | None = None  # None: DEFAULT_TOLERANCE when the search runs
+    tolerance: Tolerance | None = None  # None: tolerance.default_tolerance when the search runs
     target_macs: float | None = None
     target_speedup: float | None = None
     passes: Sequence[Mapping[str, Any]] = ()  # pass specs that override or extend the recipe ({"type": ...})
     prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options for the search
     verify: bool = True
     bench_runs: int = 20  # timed runs for the before/after latency; 0 skips the measurement
+    # every timing (the search's choice by speed, the before/after latency) at the deployed setting:
+    threads: int | None = None  # ORT intra-op threads (None: the physical cores)
+    batch: int | None = None  # the batch size (None: the analysed shapes' batch, usually 1)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -64,6 +66,10 @@ class OptimizeOptions:
         from .search import check_targets
 
         check_targets(self.target_macs, self.target_speedup)
+        for name in ("threads", "batch"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 4096:
+                raise OnnxCompressError(f"--{name} must be a whole number from 1 to 4096, got {value}")
 
 
 @dataclass(frozen=True)
@@ -109,12 +115,14 @@ def optimize(
              or (bool(options.passes) and not asked))
     if evaluate is not None and (calibration is None or fixed):
         raise OnnxCompressError("an evaluation function drives the tolerance search: give calibration data and no recipe")
-    tolerance = options.tolerance or (DEFAULT_TOLERANCE if calibration is not None and not fixed else None)
-    if tolerance is not None:
-        tolerance = _resolved(tolerance, source, calibration, shapes, values)
+    tolerance = options.tolerance
+    if tolerance is None and calibration is not None and not fixed:
+        tolerance = default_tolerance(_first_outputs(source, calibration, shapes, values))
+    elif tolerance is not None and tolerance.metric == "auto":
+        tolerance = tolerance.resolved(_first_outputs(source, calibration, shapes, values))
     options = dataclasses.replace(options, tolerance=tolerance)
     if calibration is not None and not fixed:
-        result = _search(source, calibration, options, evaluate, shapes, on_step)
+        result = _search(source, calibration, options, evaluate, shapes, on_step, timing_shapes(source, shapes, options.batch))
         mode = "search"
     else:
         if options.target_speedup is not None:
@@ -123,7 +131,7 @@ def optimize(
         mode = "recipe" if calibration is not None or options.recipe is not None or options.passes else "no-calibration"
     report = result.report
     if options.bench_runs:
-        bench = _latency(source, result.model, shapes, options, values)
+        bench = _latency(source, result.model, timing_shapes(source, shapes, options.batch), options, values)
         report = dataclasses.replace(report, bench=bench, notes=(*report.notes, *_slower_note(bench, [p.name for p in report.passes if p.modified])))
     return OptimizeResult(result.model, report, mode)
 
@@ -153,7 +161,23 @@ def _slower_note(bench: Mapping[str, Any], changed: Sequence[str]) -> list[str]:
             f"({lossy}); keep the input model for speed on this CPU"]
 
 
-def _search(source, calibration, options, evaluate, shapes, on_step):
+def timing_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], batch: int | None) -> dict[str, tuple[int, ...]]:
+    """The analysed input shapes with `batch` on axis 0 of every input that has a batch axis."""
+    from .model import graph_inputs
+
+    if batch is None:
+        return {k: tuple(v) for k, v in shapes.items()}
+    out = {}
+    for value in graph_inputs(model):
+        shape = tuple(shapes[value.name])
+        fixed = value.shape.dims[0] if value.shape is not None and len(value.shape) else None
+        if shape and isinstance(fixed, int) and fixed != batch:
+            raise OnnxCompressError(f"--batch {batch}: input '{value.name}' has a fixed batch of {fixed}")
+        out[value.name] = (batch, *shape[1:]) if shape else shape
+    return out
+
+
+def _search(source, calibration, options, evaluate, shapes, on_step, timing=None):
     from .search import SearchOptions, search
 
     tolerance = options.tolerance
@@ -168,7 +192,8 @@ def _search(source, calibration, options, evaluate, shapes, on_step):
         source, calibration,
         SearchOptions(tolerance=tolerance, prune=dict(options.prune), cleanup=CLEANUP, finish=_ordered(finish),
                       recover=_ordered(recover), target_macs=options.target_macs, target_speedup=options.target_speedup,
-                      finish_must_be_faster=on_cpu, rank_by_speed=on_cpu, verify=options.verify),
+                      finish_must_be_faster=on_cpu, rank_by_speed=on_cpu, verify=options.verify,
+                      threads=options.threads, timing_shapes=timing),
         evaluate=evaluate, input_shapes=shapes, on_step=on_step,
     )
     chosen = found.chosen_point
@@ -273,10 +298,8 @@ def _set_pass(pipeline: Pipeline, spec: Mapping[str, Any]) -> None:
     pipeline.passes.insert(at, build_pass(dict(spec), where=f"{name} options"))
 
 
-def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | None, shapes, values=None) -> Tolerance:
-    """Pick the metric for an "auto" tolerance from the model's outputs on one input batch."""
-    if tolerance.metric != "auto":
-        return tolerance
+def _first_outputs(model: ir.Model, calibration: Calibration | None, shapes, values=None) -> list[list[np.ndarray]]:
+    """The model's outputs on one input batch (what the default or "auto" tolerance is read from)."""
     from .calibration import batch_size_for
     from .verify import random_feeds, reference_outputs
 
@@ -284,7 +307,7 @@ def _resolved(tolerance: Tolerance, model: ir.Model, calibration: Calibration | 
         feeds, source = [next(iter(calibration.batches(batch_size_for(model, 1))))], calibration.source
     else:
         feeds, source = random_feeds(model, shapes, values=values), "random"
-    return tolerance.resolved(reference_outputs(model, feeds, source))
+    return reference_outputs(model, feeds, source)
 
 
 def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeOptions, values=None) -> dict[str, Any]:
@@ -293,11 +316,11 @@ def _latency(original: ir.Model, optimized: ir.Model, shapes, options: OptimizeO
 
     batch = next((int(shape[0]) for shape in shapes.values() if len(shape)), 1)  # a scalar input has no batch
     bench_options = BenchOptions(batch_sizes=(batch,), runs=max(options.bench_runs, MIN_RUNS), warmup=3, input_shapes=dict(shapes),
-                                 input_values=values)
+                                 input_values=values, threads=options.threads)
     report = benchmark([("original", original), ("optimized", optimized)], bench_options)
     before, after = report.row("original", batch), report.row("optimized", batch)
     return {
-        "provider": "cpu", "batch": batch, "runs": bench_options.runs,
+        "provider": "cpu", "batch": batch, "runs": bench_options.runs, "threads": report.environment.threads,
         "original_ms": before.timing.median_ms if before.timing else None,
         "optimized_ms": after.timing.median_ms if after.timing else None,
         "measured_speedup": after.measured_speedup, "theoretical_speedup": after.theoretical_speedup,

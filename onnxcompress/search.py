@@ -92,6 +92,8 @@ class SearchOptions:
     # without a target, choose among the accepted candidates (int8 alone and the most pruned few)
     # the one measured fastest on ORT CPU, not the one with the fewest MACs
     rank_by_speed: bool = False
+    threads: int | None = None  # intra-op threads for every timing (None: the physical cores)
+    timing_shapes: Mapping[str, Sequence[int]] | None = None  # input shapes timings run at (None: the search's)
     # checker + ORT load + exactness after every pass of every candidate (--no-verify: off; the
     # candidates are still judged on held-out samples)
     verify: bool = True
@@ -155,6 +157,9 @@ def search(
             float_model, calibration=fit, input_shapes=shapes, on_pass=lambda name: step(f"{name} on the candidate"))
         return run.model, list(run.report.passes)
 
+    def timed(baseline: ir.Model, candidate: ir.Model) -> float:
+        return _speedup(baseline, candidate, options.timing_shapes or shapes, options.bench_runs, options.threads)
+
     points: list[SearchPoint] = []
     models: list[tuple[ir.Model, list[PassRecord], ModelStats]] = []  # per point: final model, its records, stats
     floats: list[tuple[ir.Model, list[PassRecord]]] = []  # per point: the float model before the closing passes, its chain
@@ -170,7 +175,7 @@ def search(
             fidelity=fidelity, note=note,
         )
         if accepted and options.target_speedup is not None:
-            point = dataclasses.replace(point, speedup=_speedup(original, final, shapes, options.bench_runs))
+            point = dataclasses.replace(point, speedup=timed(original, final))
         points.append(point)
         models.append((final, records, stats))
         floats.append((float_model, chain))
@@ -194,7 +199,7 @@ def search(
     if first.accepted and finish and options.finish_must_be_faster:
         # int8 pays only where ORT's int8 kernels beat float at this shape (small MatMuls at batch 1 may not).
         final, _, _ = models[-1]
-        gain = _speedup(cleaned.model, final, shapes, options.bench_runs)
+        gain = timed(cleaned.model, final)
         if gain is not None and gain < 1.0:
             notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
                          "slower than float on ORT CPU at this shape, so they were dropped")
@@ -282,7 +287,7 @@ def search(
     loss = (lambda p: -p.value) if options.tolerance.metric == "sqnr" and evaluate is None else (lambda p: p.value)
     chosen = _choose(points, reached, loss)
     if options.rank_by_speed and options.target_macs is None and options.target_speedup is None:
-        chosen = _fastest(points, models, chosen, original, shapes, options.bench_runs, step, notes)
+        chosen = _fastest(points, models, chosen, lambda candidate: timed(original, candidate), step, notes)
     final, records, stats = models[chosen]
     point = points[chosen]
     target_met = None if options.target_macs is None and options.target_speedup is None else reached(point)
@@ -341,7 +346,7 @@ SPEED_CANDIDATES = 3
 SPEED_TIE = 0.03
 
 
-def _fastest(points: list[SearchPoint], models: list, chosen: int, original: ir.Model, shapes, runs: int,
+def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Callable[[ir.Model], float],
              step: Callable[[str], None], notes: list[str]) -> int:
     """Among the unpruned accepted candidate and the SPEED_CANDIDATES most pruned accepted ones, the
     one measured fastest on ORT CPU at the search's shapes (fewer MACs do not always run faster)."""
@@ -354,7 +359,7 @@ def _fastest(points: list[SearchPoint], models: list, chosen: int, original: ir.
     for i in pool:
         if points[i].speedup is None:
             step(f"timing level {points[i].level:.3f}")
-            points[i] = dataclasses.replace(points[i], speedup=_speedup(original, models[i][0], shapes, runs))
+            points[i] = dataclasses.replace(points[i], speedup=speedup(models[i][0]))
     best = max(pool, key=lambda i: points[i].speedup)
     ties = [i for i in pool if points[i].speedup >= points[best].speedup * (1 - SPEED_TIE)]
     pick = min(ties, key=lambda i: points[i].macs_ratio)
@@ -410,12 +415,13 @@ class _Judge:
         return fidelity, self.tolerance.value(fidelity), self.tolerance.accepts(fidelity)
 
 
-def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int) -> float:
-    """Measured ORT CPU speedup of `candidate` over `original` at the search's input shapes (interleaved medians)."""
+def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int,
+             threads: int | None = None) -> float:
+    """Measured ORT CPU speedup of `candidate` over `original` at `shapes` (interleaved medians)."""
     from .analysis.layer_timing import time_pair
     from .verify import random_feeds
 
-    return time_pair(original, candidate, feeds=random_feeds(original, shapes)[0], min_runs=runs).speedup
+    return time_pair(original, candidate, feeds=random_feeds(original, shapes)[0], min_runs=runs, threads=threads).speedup
 
 
 def _describe(tolerance: Tolerance, evaluate: Evaluate | None) -> str:

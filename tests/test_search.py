@@ -120,7 +120,7 @@ def test_target_speedup_stops_at_the_first_candidate_measured_fast_enough(digits
 
     measured: list[float] = []
 
-    def fake_speedup(original, candidate, shapes, runs):  # stands in for ORT timing: 90% of the MAC ratio
+    def fake_speedup(original, candidate, shapes, runs, threads=None):  # stands in for ORT timing: 90% of the MAC ratio
         from onnxcompress.analysis.cost import analyze_cost
 
         value = 0.9 * analyze_cost(original, shapes).stats.macs / analyze_cost(candidate, shapes).stats.macs
@@ -182,7 +182,7 @@ def test_rank_by_speed_picks_the_fastest_accepted_candidate(digits, monkeypatch)
 
     from onnxcompress.analysis.cost import analyze_cost
 
-    def fake_speedup(original, candidate, shapes, runs):  # stands in for ORT timing: the most pruned is slow
+    def fake_speedup(original, candidate, shapes, runs, threads=None):  # stands in for ORT timing: the most pruned is slow
         ratio = analyze_cost(original, shapes).stats.macs / analyze_cost(candidate, shapes).stats.macs
         return 0.8 if ratio > 4 else ratio
 
