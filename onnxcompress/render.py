@@ -169,6 +169,11 @@ def _render_search(console: Console, search: Mapping) -> None:
                       f"{100 * p['params_ratio']:.1f}%", f"{p['value']:.4g}", speed,
                       verdict + (f" [dim]{escape(p['note'])}[/dim]" if p.get("note") else ""))
     console.print(table)
+    closing = search.get("closing") or {}
+    if closing.get("passes"):
+        speed = closing.get("speedup_over_float")
+        console.print(f"  {escape(', '.join(closing['passes']))} alone: {escape(closing['outcome'])} (metric value "
+                      f"{closing['value']:.4g}" + (f", {_speed(speed)} than float" if speed else "") + ")", highlight=False)
 
 
 def fidelity_line(f: Fidelity) -> str:

@@ -186,12 +186,16 @@ def search(
 
     # Level 1: no pruning. If the finishing passes alone break the tolerance, soften them, then drop them.
     first = measure(cleaned.model, 1.0, [])
+    closing = {"passes": [str(s.get("type")) for s in finish], "outcome": "kept" if finish else "none",
+               "value": first.value if finish else None, "speedup_over_float": None}
     if not first.accepted and finish:
         softened = _with_fallback(finish, options.tolerance) if evaluate is None else None
         if softened is not None:
             finish = softened
             first = measure(cleaned.model, 1.0, [], note="int8 keeps its most sensitive layers in float")
+            closing["outcome"], closing["softened_value"] = "softened", first.value
         if not first.accepted:
+            closing["outcome"] = "dropped: outside the tolerance"
             finish = []
             first = measure(cleaned.model, 1.0, [], note="closing passes dropped: they alone exceed the tolerance")
             notes.append("the closing passes (" + ", ".join(str(s.get("type")) for s in options.finish)
@@ -200,7 +204,9 @@ def search(
         # int8 pays only where ORT's int8 kernels beat float at this shape (small MatMuls at batch 1 may not).
         final, _, _ = models[-1]
         gain = timed(cleaned.model, final)
+        closing["speedup_over_float"] = gain
         if gain is not None and gain < 1.0:
+            closing["outcome"] = "dropped: measured slower than float"
             notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
                          "slower than float on ORT CPU at this shape, so they were dropped")
             finish = []
@@ -287,7 +293,7 @@ def search(
     loss = (lambda p: -p.value) if options.tolerance.metric == "sqnr" and evaluate is None else (lambda p: p.value)
     chosen = _choose(points, reached, loss)
     if options.rank_by_speed and options.target_macs is None and options.target_speedup is None:
-        chosen = _fastest(points, models, chosen, lambda candidate: timed(original, candidate), step, notes)
+        chosen = _fastest(points, models, chosen, lambda candidate: timed(original, candidate), step, notes, loss)
     final, records, stats = models[chosen]
     point = points[chosen]
     target_met = None if options.target_macs is None and options.target_speedup is None else reached(point)
@@ -303,6 +309,9 @@ def search(
         "met": point.accepted,
         "target_met": target_met,
         "recovery": recovery,
+        # the closing passes (int8) on the unpruned model, judged on their own: kept, softened
+        # (sensitive layers in float) or dropped, with their metric value and measured speedup
+        "closing": closing,
     }
     report = RunReport(
         input=str(model) if isinstance(model, str) else type(model).__name__, output=None,
@@ -342,14 +351,16 @@ def _recovery_target(points: Sequence[SearchPoint], reached: Callable[[SearchPoi
 
 #: How many of the most pruned accepted candidates are timed against int8 (or float) alone.
 SPEED_CANDIDATES = 3
-#: Measured speedups closer than this count as a tie, broken by the fewer MACs.
+#: Measured speedups closer than this count as a tie, broken by the better fidelity: removing
+#: channels that do not make the model faster only costs accuracy.
 SPEED_TIE = 0.03
 
 
 def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Callable[[ir.Model], float],
-             step: Callable[[str], None], notes: list[str]) -> int:
+             step: Callable[[str], None], notes: list[str], loss: Callable[[SearchPoint], float]) -> int:
     """Among the unpruned accepted candidate and the SPEED_CANDIDATES most pruned accepted ones, the
-    one measured fastest on ORT CPU at the search's shapes (fewer MACs do not always run faster)."""
+    one measured fastest on ORT CPU at the search's shapes (fewer MACs do not always run faster);
+    speedups within SPEED_TIE of the fastest tie, and the most faithful of those wins."""
     accepted = [i for i, p in enumerate(points) if p.accepted]
     unpruned = [i for i in accepted if points[i].level >= 1.0]
     pruned = sorted((i for i in accepted if points[i].level < 1.0), key=lambda i: points[i].macs_ratio)
@@ -362,10 +373,11 @@ def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Call
             points[i] = dataclasses.replace(points[i], speedup=speedup(models[i][0]))
     best = max(pool, key=lambda i: points[i].speedup)
     ties = [i for i in pool if points[i].speedup >= points[best].speedup * (1 - SPEED_TIE)]
-    pick = min(ties, key=lambda i: points[i].macs_ratio)
+    pick = min(ties, key=lambda i: (loss(points[i]), points[i].macs_ratio))
     if pick != chosen:
         notes.append(f"chosen by measured speed: level {points[pick].level:.3f} ran {points[pick].speedup:.2f}x faster "
-                     f"than the input, level {points[chosen].level:.3f} (fewest MACs) {points[chosen].speedup:.2f}x")
+                     f"than the input, level {points[chosen].level:.3f} (fewest MACs) {points[chosen].speedup:.2f}x"
+                     + (" (within 3%: the more faithful one is kept)" if points[pick].speedup < points[chosen].speedup else ""))
     return pick
 
 

@@ -73,6 +73,10 @@ def test_tight_tolerance_drops_int8_and_returns_the_exact_model(digits):
     # int8 first keeps its sensitive layers in float (its tolerance mode); failing that it is dropped.
     assert result.chosen_point.note
     assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph)
+    closing = result.report.search["closing"]
+    assert closing["value"] < 60.0  # int8 alone, judged on its own
+    assert closing["outcome"] in ("softened", "dropped: outside the tolerance")
+    assert (closing["outcome"] == "softened") == (closing["softened_value"] >= 60.0)
 
 
 def test_target_macs_stops_at_the_target_and_reports_a_miss(digits):
@@ -149,6 +153,9 @@ def test_closing_int8_is_dropped_only_when_measured_slower(digits, monkeypatch, 
     quantized = any(n.op_type == "QuantizeLinear" for n in result.model.graph)
     assert quantized == (gain >= 1.0)
     assert any("measured" in note and "slower" in note for note in result.report.notes) == (gain < 1.0)
+    closing = result.report.search["closing"]
+    assert closing["passes"] == ["quantize-int8"] and closing["speedup_over_float"] == gain
+    assert closing["outcome"] == ("kept" if gain >= 1.0 else "dropped: measured slower than float")
 
 
 def test_recovery_runs_on_the_frontier_with_the_input_as_teacher_even_when_int8_is_dropped(digits, monkeypatch):
