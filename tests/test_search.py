@@ -219,3 +219,24 @@ def test_optimize_with_distill_and_a_target_runs_distillation_in_the_search(digi
     recovery = result.report.search["recovery"]
     assert recovery is not None and recovery["level"] < 1.0
     assert any(p["note"].startswith("recovered by distill") for p in result.report.search["points"])
+
+
+def test_pruning_that_does_not_pay_over_the_unpruned_model_is_left_out(digits, monkeypatch):
+    import sys
+
+    from onnxcompress.search import PRUNE_MIN_GAIN
+
+    def fake_speedup(original, candidate, shapes, runs, threads=None):  # every pruned level: 5% faster only
+        from onnxcompress.analysis.cost import analyze_cost
+
+        pruned = analyze_cost(candidate, shapes).stats.macs < 0.99 * analyze_cost(original, shapes).stats.macs
+        return 1.05 if pruned else 1.0
+
+    monkeypatch.setattr(sys.modules["onnxcompress.search"], "_speedup", fake_speedup)
+    model, calibration = digits
+    options = SearchOptions(tolerance=Tolerance("cosine", 0.5), levels=(0.6, 0.35), refine_steps=0, rank_by_speed=True)
+    result = search(model, calibration, options)
+    assert 0.05 < PRUNE_MIN_GAIN
+    assert any(p.accepted and p.level < 1.0 for p in result.points)  # pruning was within the tolerance...
+    assert result.chosen_point.level == 1.0  # ...but did not pay, so the unpruned model is the result
+    assert any(note.startswith("pruning left out") for note in result.report.notes)
