@@ -38,3 +38,12 @@ def test_yaml_recipe_examples_are_valid():
     pipelines = [Pipeline.from_recipe(yaml.safe_load(block)) for block in _blocks("yaml")]
     assert [[p.name for p in pipe.passes] for pipe in pipelines] == [["prune-blocks"],
                                                                      ["fold-constants", "fold-batchnorm"]]
+
+
+def test_the_pass_table_lists_every_registered_pass():
+    from onnxcompress.pipeline import Pass
+
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", README.read_text(), flags=re.M))
+    registered = {name for name, cls in Pass.registry.items() if cls.__module__.startswith("onnxcompress.")}
+    assert len(registered) >= 13  # the built-in passes are registered on import
+    assert registered <= listed, f"passes missing from the README table: {sorted(registered - listed)}"
