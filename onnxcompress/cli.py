@@ -89,7 +89,7 @@ def analyze(
     """Ops, parameters, MACs/FLOPs, sizes, inputs/outputs and the heaviest layers of a model."""
     from .analysis.cost import analyze_cost
     from .feeds import check_input_values, parse_input_values
-    from .model import load, parse_input_shapes, resolve_input_shapes
+    from .model import file_bytes, load, parse_input_shapes, resolve_input_shapes
     from .preflight import check_shapes
     from .render import analysis_dict, render_analysis
 
@@ -104,7 +104,7 @@ def analyze(
 
         FoldConstants().run(m, PassContext(model=m))
     cost = analyze_cost(m, resolved, input_values=values)
-    data = analysis_dict(m, cost, resolved, file_bytes=model.stat().st_size, top=top)
+    data = analysis_dict(m, cost, resolved, file_bytes=file_bytes(model), top=top)
     if channels:
         from .analysis.channels import ChannelGraph, prepare
         from .render import channel_groups_dict

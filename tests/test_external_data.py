@@ -350,6 +350,9 @@ def test_cli_analyze_bench_pack_unpack(models, elsewhere, name, capsys):
     before = _files(models)
     source = os.path.relpath(models / f"{name}.onnx", elsewhere)
     assert main(["analyze", source, "--json"]) == 0
+    analysis = json.loads(capsys.readouterr().out)
+    on_disk = (models / f"{name}.onnx").stat().st_size + (models / f"{name}.onnx.data").stat().st_size
+    assert analysis["stats"]["file_bytes"] == on_disk  # the data file counts as part of the model
     assert main(["bench", source, "--runs", "20", "--warmup", "1"]) == 0
     assert main(["pack", source, "-o", "packed.occ"]) == 0
     assert main(["unpack", "packed.occ", "-o", "unpacked.onnx"]) == 0
