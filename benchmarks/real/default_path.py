@@ -158,6 +158,8 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
         "mode": report.get("mode"),
         "tolerance": report.get("tolerance"),
         "search_points": [{k: v for k, v in p.items() if k != "fidelity"} for p in search.get("points") or []],
+        "closing": search.get("closing"),  # int8 alone on the unpruned model: kept, softened or dropped (why)
+        "recovery": search.get("recovery"),  # distillation's metric before and after, when it ran
         "report_exit_code": report.get("exit_code"),
         "macs_before": before.get("macs"), "macs_after": after.get("macs"), "macs_ratio": macs_ratio,
         "bench": bench,
@@ -460,6 +462,14 @@ def notes(data: dict[str, Any]) -> list[str]:
             shown = "; ".join(f"level {p['level']:.3f}{' (' + p['note'] + ')' if p.get('note') else ''}: "
                               f"{p['value']:.4g} {'accepted' if p.get('accepted') else 'rejected'}" for p in points)
             out.append(f"{m['name']}, the search's candidates against `{bound}` (held-out calibration samples): {shown}.")
+        closing = rep.get("closing") or {}
+        if closing.get("passes"):
+            speed = closing.get("speedup_over_float")
+            out.append(f"{m['name']}, {', '.join(closing['passes'])} alone: {closing['outcome']} (metric value "
+                       f"{closing['value']:.4g}" + (f", {speed:.2f}x the float model's speed" if speed else "") + ").")
+        if rep.get("recovery"):
+            r = rep["recovery"]
+            out.append(f"{m['name']}, recovery at level {r['level']:.3f}: metric value {r['before']:.4g} -> {r['after']:.4g}.")
         if m.get("error") or (m.get("run") or {}).get("exit_code") not in (0, None):
             out.append(f"{m['name']}: exit {m['run'].get('exit_code')}; stderr ends: "
                        + " | ".join((m["run"].get("stderr_tail") or [])[-3:]))
