@@ -86,3 +86,36 @@ def test_an_exact_pass_after_a_lossy_one_is_held_to_the_lossy_result():
     with pytest.raises(VerificationError, match="pass 'test-nudge'"):
         Pipeline([PruneChannels(ratio=0.5), _NudgeWeight(weight="fc_w", factor=1.001)]).run(
             conv_bn_relu_gemm(), calibration=calibration)
+
+
+def _upsample_skip_model() -> ir.Model:
+    """x (1x1x20x20) upsampled by Resize scales 2 and added to y (1x1x40x40): a U-Net/FPN skip."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest"),
+         helper.make_node("Mul", ["up", "w"], ["scaled"]),
+         helper.make_node("Add", ["scaled", "y"], ["out"])],
+        "skip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 20, 20]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 40, 40])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, 40, 40])],
+        [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, 2.0, 2.0]),
+         helper.make_tensor("w", TensorProto.FLOAT, [1], [0.5])],
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float_noise_leaves_shape_deciding_floats_alone(seed):
+    """Resize scales nudged one step below 2.0 give 39 rows, not 40, and the skip Add fails to run.
+    Only the value weight `w` may move; the scales decide shapes."""
+    model = _upsample_skip_model()
+    rng = np.random.default_rng(seed)
+    feeds = [{"x": rng.standard_normal((1, 1, 20, 20), np.float32), "y": rng.standard_normal((1, 1, 40, 40), np.float32)}]
+    reference = verify.runtime.run_batches(verify.runtime.session(model), feeds)
+    noise = verify.float_noise(model, feeds, reference, "test", seed=seed)
+    assert 0.0 < noise[0] < 1e-5  # w moved by one step: a noise floor, not zero and not a shape change
+    assert verify._sets_a_shape(model.graph.initializers["scales"])
+    assert not verify._sets_a_shape(model.graph.initializers["w"])
