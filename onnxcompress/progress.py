@@ -20,7 +20,7 @@ from rich.progress import BarColumn, ProgressColumn, SpinnerColumn, TextColumn, 
 from rich.text import Text
 
 #: Plain mode: at most this long without a line while work runs.
-HEARTBEAT_S = 30.0
+HEARTBEAT_S = 20.0
 #: Plain mode: frequent updates (timed runs, training steps) are printed at most this often.
 UPDATE_S = 10.0
 
