@@ -67,6 +67,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "ppocr_cls", "ppocr_rec",
                   "ppocr_det", "mpnet", "minilm")
 TEXT = "text-encoder"
+#: 2-class softmax outputs: top-1 agreement says little when one class dominates the data, so the
+#: positive class's log-odds are compared too (correlation, largest probability change).
+BINARY = "binary-classifier"
 TOP1_KINDS = ("image-classifier", "binary-classifier", "ocr-cls")
 #: Samples per kind when --calib / --eval / --avx2-eval are not given: (calibration, evaluation, emulated AVX2).
 #: Fewer than 128 calibration samples where images are large or slow: ORT's calibrators keep every
@@ -474,6 +477,7 @@ class Meter:
     agree: int = 0
     count: int = 0
     cosines: list[float] = field(default_factory=list)
+    positive: list[tuple[float, float]] = field(default_factory=list)  # (float, compressed) p of class 1
 
     def add(self, reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> None:
         if not self.signal:
@@ -490,6 +494,8 @@ class Meter:
         if self.kind == TEXT:
             norms = np.linalg.norm(ref0, axis=1) * np.linalg.norm(got0, axis=1)
             self.cosines += list(np.sum(ref0 * got0, axis=1) / np.where(norms > 0, norms, 1.0))
+        if self.kind == BINARY and ref0.shape[1] == 2:
+            self.positive += list(zip(ref0[:, 1], got0[:, 1], strict=True))
 
     def result(self) -> dict[str, Any]:
         sqnrs = [float("inf") if n == 0 else 10 * np.log10(s / n) if s > 0 else float("-inf")
@@ -499,6 +505,11 @@ class Meter:
             out["top1_agreement"] = self.agree / self.count if self.count else None
         if self.kind == TEXT and self.cosines:
             out.update(cosine_mean=float(np.mean(self.cosines)), cosine_min=float(np.min(self.cosines)))
+        if self.positive:
+            ref, got = (np.clip(np.array(col), 1e-7, 1 - 1e-7) for col in zip(*self.positive, strict=True))
+            odds = [np.log(p / (1 - p)) for p in (ref, got)]
+            out.update(positive_logodds_corr=float(np.corrcoef(*odds)[0, 1]) if len(ref) > 1 else None,
+                       positive_max_abs_diff=float(np.max(np.abs(got - ref))))
         return out
 
 
@@ -645,11 +656,18 @@ def fmt_fidelity(kind: str, m: dict[str, Any]) -> str:
     return f"{fmt_db(m.get('sqnr_db'))} dB" + ("" if extra == "-" else f", {extra}")
 
 
+def binary_suffix(m: dict[str, Any]) -> str:
+    """`, log-odds r 0.991, max dp 0.012` for 2-class outputs, else empty."""
+    if m.get("positive_logodds_corr") is None:
+        return ""
+    return f", log-odds r {m['positive_logodds_corr']:.3f}, max dp {m['positive_max_abs_diff']:.3f}"
+
+
 def fidelity_cell(kind: str, m: dict[str, Any]) -> str:
     if m.get("error") or m.get("skipped"):
         return "error" if m.get("error") else "skipped"
     if kind in TOP1_KINDS and m.get("top1_agreement") is not None:
-        return f"{m['top1_agreement']:.1%}"
+        return f"{m['top1_agreement']:.1%}" + binary_suffix(m)
     if kind == TEXT and m.get("cosine_mean") is not None:
         return f"{m['cosine_mean']:.4f} / {m['cosine_min']:.4f}"
     return "-"

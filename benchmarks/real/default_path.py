@@ -52,13 +52,13 @@ import numpy as np  # noqa: E402
 from common import CpuMonitor, markdown_table, write_json, write_text  # noqa: E402
 
 from real import corpus  # noqa: E402
-from real.compare_int8 import DEFAULT_COUNTS, TEXT, TOP1_KINDS, fmt_db, latency_shapes, measure, one_line, run_native  # noqa: E402
+from real.compare_int8 import DEFAULT_COUNTS, TEXT, TOP1_KINDS, binary_suffix, fmt_db, latency_shapes, measure, one_line, run_native  # noqa: E402
 
 NAME = "default_path"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-CNN_KINDS = ("image-classifier", "ocr-det", "ocr-rec", "ocr-cls", "layout")
+CNN_KINDS = ("image-classifier", "binary-classifier", "ocr-det", "ocr-rec", "ocr-cls", "layout")
 DEFAULT_MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "ppocr_cls", "ppocr_rec",
-                  "ppocr_det", "layout", "minilm")
+                  "ppocr_det", "layout", "opennsfw", "minilm")
 #: Issue 18's "done when" numbers.
 SPEEDUP_MODELS = ("efficientnet_lite1", "efficientnet_lite2")
 MIN_SPEEDUP = 1.6
@@ -284,7 +284,7 @@ def fidelity_text(kind: str, fid: dict[str, Any] | None) -> tuple[str, str]:
     if fid.get("error"):
         return "error", fid["error"]
     if kind in TOP1_KINDS:
-        main = f"top-1 {fid['top1_agreement']:.1%}"
+        main = f"top-1 {fid['top1_agreement']:.1%}" + binary_suffix(fid)
     elif kind == TEXT:
         main = f"cosine {fid['cosine_mean']:.4f} (min {fid['cosine_min']:.4f})"
     else:
@@ -437,11 +437,12 @@ def notes(data: dict[str, Any]) -> list[str]:
         "stamps of consecutive stamped lines.",
         "theoretical: the input model's MACs / the output's (the report's `before.macs` / `after.macs`; int8 does not "
         "change MACs, so an int8 result's realization can exceed 1). measured (report): `bench.measured_speedup`, "
-        "the tool's own interleaved timing (at the report's `bench.batch`; its thread count is not in the report). measured (own): "
+        "the tool's own interleaved timing (at the report's `bench.batch` and `bench.threads`). measured (own): "
         f"onnxcompress.bench.benchmark run by this script at batch {args['batch']}, {args['threads']} intra-op "
         f"threads, {args['runs']} runs, interleaved, spinning off. realization = measured / theoretical.",
         "fidelity: the float input model against the output on the evaluation split (sources never used for "
-        "calibration), ONNX Runtime at 1 intra-op thread, one sample per run: top-1 agreement (classifiers), mean "
+        "calibration), ONNX Runtime at 1 intra-op thread, one sample per run: top-1 agreement (classifiers; for 2-class "
+        "outputs also the correlation of the positive class's log-odds and its largest probability change), mean "
         "(min) cosine of the embeddings (text encoders), SQNR of the worst output (all; det/rec/layout have only it).",
         "stages kept: the passes of the result that changed the model, from the report's `passes`.",
     ]
