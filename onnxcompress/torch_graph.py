@@ -459,7 +459,7 @@ def _gather(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     axis = _axis(int(a.get("axis", 0)), data.dim())
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     flat = data.index_select(axis, idx.reshape(-1))
-    return flat.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1:])
+    return flat.reshape((*data.shape[:axis], *idx.shape, *data.shape[axis + 1:]))  # () for a scalar
 
 
 def _gather_elements(a: Attrs, x: list, opset: int, n: int) -> Tensor:

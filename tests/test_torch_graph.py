@@ -126,6 +126,8 @@ SINGLE_OPS = {
                                         ("z", _I64(2, 3, 18, 20), True)],
                              {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
     "gather-negative": ("Gather", [("x", _X4, False), ("i", _I64(-1, 0, 2), True)], {"axis": 2}),
+    # a shape's element by a scalar index (Shape -> Gather -> Unsqueeze -> Concat -> Reshape in exported flattens)
+    "gather-scalar-of-vector": ("Gather", [("x", _X4[0, 0, 0], False), ("i", np.array(-2, np.int64), True)], {}),
     "softmax-opset11-3d": ("Softmax", [("x", _X4[0], False)], {"axis": 1}, 11),
     "lrn": ("LRN", [("x", _X4, False)], {"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 1.5}),
     "layernorm-axis": ("LayerNormalization", [("x", _X4, False), ("g", _R.standard_normal((9, 10)).astype(np.float32), True),
