@@ -272,17 +272,21 @@ def search(
         if target is not None:
             float_model, chain = floats[target]
             before = points[target]
-            step(f"recovering level {before.level:.3f} with " + ", ".join(str(s.get("type")) for s in options.recover))
-            run = Pipeline([build_pass(spec) for spec in options.recover], verify=checks).run(
-                float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model,
-                on_pass=lambda name: step(f"{name} on level {before.level:.3f}"))
-            after = measure(run.model, before.level, [*chain, *run.report.passes],
-                            note=f"recovered by {', '.join(str(s.get('type')) for s in options.recover)}")
-            recovery = {"level": before.level, "before": before.value, "after": after.value,
-                        "accepted_before": before.accepted, "accepted_after": after.accepted}
-            notes.append(f"recovery ({', '.join(str(s.get('type')) for s in options.recover)}) at level "
-                         f"{before.level:.3f}: metric value {before.value:.4g} -> {after.value:.4g}"
-                         + (" (now within the tolerance)" if after.accepted and not before.accepted else ""))
+            names = ", ".join(str(s.get("type")) for s in options.recover)
+            step(f"recovering level {before.level:.3f} with {names}")
+            try:
+                run = Pipeline([build_pass(spec) for spec in options.recover], verify=checks).run(
+                    float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model,
+                    on_pass=lambda name: step(f"{name} on level {before.level:.3f}"))
+            except OnnxCompressError as exc:  # recovery failing leaves every other stage as decided
+                recovery = {"level": before.level, "before": before.value, "error": str(exc)}
+                notes.append(f"recovery ({names}) at level {before.level:.3f} failed and was left out: {exc}")
+            else:
+                after = measure(run.model, before.level, [*chain, *run.report.passes], note=f"recovered by {names}")
+                recovery = {"level": before.level, "before": before.value, "after": after.value,
+                            "accepted_before": before.accepted, "accepted_after": after.accepted}
+                notes.append(f"recovery ({names}) at level {before.level:.3f}: metric value {before.value:.4g} -> "
+                             f"{after.value:.4g}" + (" (now within the tolerance)" if after.accepted and not before.accepted else ""))
         else:
             recovery = None
             notes.append("recovery (" + ", ".join(str(s.get("type")) for s in options.recover)

@@ -240,3 +240,26 @@ def test_pruning_that_does_not_pay_over_the_unpruned_model_is_left_out(digits, m
     assert any(p.accepted and p.level < 1.0 for p in result.points)  # pruning was within the tolerance...
     assert result.chosen_point.level == 1.0  # ...but did not pay, so the unpruned model is the result
     assert any(note.startswith("pruning left out") for note in result.report.notes)
+
+
+def test_a_failing_recovery_is_noted_and_leaves_the_other_stages_as_decided(digits, monkeypatch):
+    """Distillation that cannot run this graph (here: the torch executor refusing it) must not take
+    int8 or pruning down with it: the search finishes, and the report says what failed and why."""
+    pytest.importorskip("torch")
+    from onnxcompress.passes import distill
+    from onnxcompress.torch_graph import UnsupportedGraphError
+
+    def refuse(self, model, ctx):
+        raise UnsupportedGraphError("torch executor failed at node /Gather (Gather): test refusal")
+
+    monkeypatch.setattr(distill.Distill, "run", refuse)
+    model, calibration = digits
+    options = SearchOptions(tolerance=Tolerance("cosine", 1e-3), finish=INT8, levels=(0.5,), refine_steps=0,
+                            prune={"recover": "none"},
+                            recover=({"type": "distill", "steps": 5, "threads": 1, "progress": False},))
+    result = search(model, calibration, options)
+    recovery = result.report.search["recovery"]
+    assert recovery["level"] < 1.0 and "test refusal" in recovery["error"] and "after" not in recovery
+    assert any("failed and was left out" in note and "test refusal" in note for note in result.report.notes)
+    assert not any(p.note.startswith("recovered by") for p in result.points)
+    assert result.report.search["closing"]["passes"] == ["quantize-int8"]  # int8 judged on its own all the same

@@ -470,7 +470,8 @@ def notes(data: dict[str, Any]) -> list[str]:
                        f"{closing['value']:.4g}" + (f", {speed:.2f}x the float model's speed" if speed else "") + ").")
         if rep.get("recovery"):
             r = rep["recovery"]
-            out.append(f"{m['name']}, recovery at level {r['level']:.3f}: metric value {r['before']:.4g} -> {r['after']:.4g}.")
+            out.append(f"{m['name']}, recovery at level {r['level']:.3f}: " + (f"failed: {r['error']}" if r.get("error") else
+                       f"metric value {r['before']:.4g} -> {r['after']:.4g}") + ".")
         if m.get("error") or (m.get("run") or {}).get("exit_code") not in (0, None):
             out.append(f"{m['name']}: exit {m['run'].get('exit_code')}; stderr ends: "
                        + " | ".join((m["run"].get("stderr_tail") or [])[-3:]))
