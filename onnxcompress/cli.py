@@ -167,6 +167,7 @@ def optimize(
     calib: Annotated[Optional[Path], typer.Option(help="Calibration data (.npy, .npz named by input, or a folder of images): enables the tolerance search and static int8.")] = None,
     calib_preprocess: Annotated[Optional[str], typer.Option(help="For a folder of images: imagenet, raw, or steps like 'raw,mean=0.5,std=0.5,layout=nhwc,channels=bgr'.")] = None,
     calib_samples: Annotated[Optional[int], typer.Option(help="Use the first N calibration samples (default: all of them).")] = None,
+    eval: Annotated[Optional[Path], typer.Option("--eval", help="Your evaluation data (same forms as --calib), from other sources than the calibration data (other photos, other texts): candidates are judged on it and every calibration sample is used for fitting. Default: held-out calibration samples, which overstate fidelity on other data.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target (picks the int8 form): cpu (any x86 with AVX2 and up, or ARM: int8 codes proven exact on kernels without VNNI), vnni (x86 with VNNI/AMX only: full-range codes), host (this machine's CPU), cuda or tensorrt.")] = "cpu",
     max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
@@ -211,7 +212,7 @@ def optimize(
     from .progress import progress
     from .render import render_run
 
-    check_outputs({"--output": output, "--report": report, "--plot": plot}, inputs=[model, *([calib] if calib else [])])
+    check_outputs({"--output": output, "--report": report, "--plot": plot}, inputs=[model, *(p for p in (calib, eval) if p)])
     _check_plotting(plot)
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
@@ -231,10 +232,14 @@ def optimize(
                                          limit=calib_samples) if calib else None)
     if calib_preprocess is not None and calib is None:
         raise OnnxCompressError("--calib-preprocess describes --calib images: give --calib FOLDER")
+    if eval is not None and calib is None:
+        raise OnnxCompressError("--eval judges what calibration data fits: give --calib DATA too")
+    validation = (Calibration.from_path(source, eval, preprocessing=calib_preprocess, input_shapes=shapes)
+                  if eval else None)
 
     with progress("optimizing", console) as reporter:
         result = run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
-                              on_step=reporter.step, input_values=values)
+                              on_step=reporter.step, input_values=values, validation=validation)
     if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
         from .pack import pack_model
 

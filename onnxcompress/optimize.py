@@ -96,9 +96,12 @@ def optimize(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_step: Callable[[str], None] | None = None,
     input_values: Mapping[str, Any] | None = None,
+    validation: Calibration | Mapping[str, np.ndarray] | None = None,
 ) -> OptimizeResult:
     """Compress `model` as `options` ask; see the module docstring for how the plan is chosen.
-    `input_values` fixes inputs of the synthetic feeds (verification without calibration data, latency)."""
+    `input_values` fixes inputs of the synthetic feeds (verification without calibration data, latency).
+    `validation` (`--eval`): the user's own evaluation data, from other sources than the calibration
+    data; the search judges candidates on it, a recipe's tolerance is judged on it."""
     from .feeds import check_input_values
 
     options = options or OptimizeOptions()
@@ -106,8 +109,16 @@ def optimize(
     values = check_input_values(source, input_values)
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(source, calibration)
+    if validation is not None and not isinstance(validation, Calibration):
+        validation = Calibration.from_arrays(source, validation, source="evaluation data")
+    if validation is not None and calibration is None:
+        raise OnnxCompressError("--eval judges what calibration data fits: give --calib DATA too")
     shapes = resolve_input_shapes(source, {**(calibration.sample_shapes(source) if calibration else {}), **(input_shapes or {})})
     _preflight(source, shapes, input_shapes, calibration, options)
+    if validation is not None:
+        from .preflight import check_shapes
+
+        check_shapes(source, shapes, input_shapes, calibration=validation)
     # A recipe or a fixed pruning ratio is run as written; so are explicit pass flags unless a
     # tolerance or a target asks for the search.
     asked = options.tolerance is not None or options.target_macs is not None or options.target_speedup is not None
@@ -122,12 +133,13 @@ def optimize(
         tolerance = tolerance.resolved(_first_outputs(source, calibration, shapes, values))
     options = dataclasses.replace(options, tolerance=tolerance)
     if calibration is not None and not fixed:
-        result = _search(source, calibration, options, evaluate, shapes, on_step, timing_shapes(source, shapes, options.batch))
+        result = _search(source, calibration, options, evaluate, shapes, on_step, timing_shapes(source, shapes, options.batch),
+                         validation)
         mode = "search"
     else:
         if options.target_speedup is not None:
             raise OnnxCompressError("--target-speedup needs calibration data (it drives the tolerance search)")
-        result = _recipe(source, calibration, options, shapes, on_step, values)
+        result = _recipe(source, calibration, options, shapes, on_step, values, validation)
         mode = "recipe" if calibration is not None or options.recipe is not None or options.passes else "no-calibration"
     report = result.report
     if options.bench_runs:
@@ -177,7 +189,7 @@ def timing_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], batch: i
     return out
 
 
-def _search(source, calibration, options, evaluate, shapes, on_step, timing=None):
+def _search(source, calibration, options, evaluate, shapes, on_step, timing=None, validation=None):
     from .search import SearchOptions, search
 
     tolerance = options.tolerance
@@ -194,7 +206,7 @@ def _search(source, calibration, options, evaluate, shapes, on_step, timing=None
                       recover=_ordered(recover), target_macs=options.target_macs, target_speedup=options.target_speedup,
                       finish_must_be_faster=on_cpu, rank_by_speed=on_cpu, verify=options.verify,
                       threads=options.threads, timing_shapes=timing),
-        evaluate=evaluate, input_shapes=shapes, on_step=on_step,
+        evaluate=evaluate, input_shapes=shapes, on_step=on_step, validation=validation,
     )
     chosen = found.chosen_point
     verdict = {"description": found.report.search["tolerance"]["description"], "value": chosen.value,
@@ -202,7 +214,7 @@ def _search(source, calibration, options, evaluate, shapes, on_step, timing=None
     return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict))
 
 
-def _recipe(source, calibration, options, shapes, on_step, values=None):
+def _recipe(source, calibration, options, shapes, on_step, values=None, validation=None):
     notes: list[str] = []
     if options.recipe is not None:
         pipeline = Pipeline.from_recipe(options.recipe)
@@ -224,6 +236,8 @@ def _recipe(source, calibration, options, shapes, on_step, values=None):
         pipeline.verify = VerifyOptions(enabled=False)
     result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step, input_values=values)
     report = dataclasses.replace(result.report, notes=(*result.report.notes, *notes))
+    if validation is not None and report.fidelity is not None:  # the user's evaluation data is the judge
+        report = dataclasses.replace(report, fidelity=_fidelity_on(validation, source, result.model))
     if options.tolerance is not None:
         if report.fidelity is None:
             raise OnnxCompressError("a tolerance needs verification: drop --no-verify")
@@ -232,6 +246,17 @@ def _recipe(source, calibration, options, shapes, on_step, values=None):
             "met": options.tolerance.accepts(report.fidelity), "measured_on": report.fidelity.inputs,
         })
     return dataclasses.replace(result, report=report)
+
+
+def _fidelity_on(data: Calibration, source: ir.Model, model: ir.Model):
+    """The result against its input on `data`, one batch of up to 8 samples per run."""
+    from .calibration import batch_size_for
+    from .verify import compare, outputs, reference_outputs
+
+    size = batch_size_for(source, 8)
+    feeds = [f for f in data.batches(size) if not batch_size_for(source, 0) or len(next(iter(f.values()))) == size]
+    where = f"{data.source}, {data.num_samples} samples"
+    return compare(reference_outputs(source, feeds, data.source), outputs(model, feeds, "the result"), where)
 
 
 def _no_calibration_plan(pipeline: Pipeline, model: ir.Model, shapes, target: str) -> list[str]:

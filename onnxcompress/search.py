@@ -121,22 +121,31 @@ def search(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_step: Callable[[str], None] | None = None,
     on_point: Callable[[SearchPoint, ir.Model], None] | None = None,
+    validation: Calibration | Mapping[str, np.ndarray] | None = None,
 ) -> SearchResult:
     """The most compressed model within `options.tolerance` (or within `tolerance.bound` of
-    `evaluate(original)` when a user metric is given), measured on held-out calibration samples.
+    `evaluate(original)` when a user metric is given), measured on held-out calibration samples, or
+    on `validation` (the user's own evaluation data: then every calibration sample is for fitting).
     `on_point(point, model)` sees every measured candidate."""
     options = options or SearchOptions()
     original = load(model)
     shapes = resolve_input_shapes(original, input_shapes)
     if not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(original, calibration)
-    fit, held = calibration.split(options.holdout)
+    if validation is not None and not isinstance(validation, Calibration):
+        validation = Calibration.from_arrays(original, validation, source="evaluation data")
+    if validation is None:
+        fit, held = calibration.split(options.holdout)
+        notes = [f"candidates measured on {held.num_samples} held-out calibration samples that no pass fitted to"]
+    else:  # held-out crops of the calibration sources overstate fidelity on other data: the user's own set judges
+        fit, held = calibration, validation
+        notes = [f"candidates measured on {held.num_samples} samples of the evaluation data ({held.source}); "
+                 f"all {fit.num_samples} calibration samples were for fitting"]
     judge = _Judge(original, held, options.tolerance, evaluate)
     step = on_step or (lambda _: None)
-    notes = [f"candidates measured on {held.num_samples} held-out calibration samples that no pass fitted to"]
     if options.tolerance.metric == "top1" and evaluate is None:
         step_size = 1 / held.num_samples
-        notes.append(f"top-1 drop on {held.num_samples} held-out samples moves in steps of {step_size:.3g}"
+        notes.append(f"top-1 drop on {held.num_samples} judging samples moves in steps of {step_size:.3g}"
                      + (f", coarser than the bound {options.tolerance.bound:g}: only candidates that change no held-out "
                         "prediction pass, and accuracy on new data can still drop; give more calibration data, or "
                         "use cosine" if step_size > options.tolerance.bound else ""))
@@ -431,7 +440,7 @@ class _Judge:
         if batch_size_for(original, 0):  # a fixed batch: a partial last batch would not fit the model
             self.feeds = [f for f in self.feeds if len(next(iter(f.values()))) == size]
         if not self.feeds:
-            raise OnnxCompressError(f"the model's fixed batch needs more held-out calibration samples than {held.num_samples}")
+            raise OnnxCompressError(f"the model's fixed batch needs more judging samples than {held.num_samples} ({held.source})")
         self.source = f"{held.source}, {held.num_samples} samples"
         self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate

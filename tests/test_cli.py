@@ -93,6 +93,7 @@ def _bad_cases(tmp: Path, good: Path) -> dict[str, tuple[list, str]]:
     (tmp / "unknown_pass.yaml").write_text("passes:\n  - type: make-it-faster\n")
     (tmp / "bad_option.yaml").write_text("passes:\n  - type: fold-constants\n    max_tensor_mb: lots\n")
     np.save(tmp / "calib_wrong.npy", np.zeros((2, 3, 9, 9), np.float32))
+    np.save(tmp / "calib_ok.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
     o = tmp / "out.onnx"
     return {
         "missing file": (["analyze", tmp / "nope.onnx"], "no such file"),
@@ -117,6 +118,11 @@ def _bad_cases(tmp: Path, good: Path) -> dict[str, tuple[list, str]]:
         "calibration count zero": (["optimize", good, "-o", o, "--calib", tmp / "calib_wrong.npy", "--calib-samples", "0"],
                                    "at least 1"),
         "unknown target": (["optimize", good, "-o", o, "--target", "avx9"], "unknown target"),
+        "evaluation without calibration": (["optimize", good, "-o", o, "--eval", tmp / "calib_wrong.npy"], "give --calib"),
+        "evaluation wrong shape": (["optimize", good, "-o", o, "--calib", tmp / "calib_ok.npy", "--eval", tmp / "calib_wrong.npy"],
+                                   "must be 8"),
+        "evaluation missing": (["optimize", good, "-o", o, "--calib", tmp / "calib_ok.npy", "--eval", tmp / "none.npz"],
+                               "no such"),
         "bad batch list": (["bench", good, "--batch", "1,x"], "bad --batch"),
         "too few runs": (["bench", good, "--runs", "5"], "20"),
         "unknown provider": (["bench", good, "--ep", "tpu"], "unknown provider"),
@@ -235,3 +241,21 @@ def test_calibration_data_fixes_dynamic_shapes(capsys, tmp_path):
                              "--calib", tmp_path / "calib.npy", "--json", "--bench-runs", "0")
     assert code == 0, err
     assert json.loads(out)["before"]["macs"] == 5 * 16 * 16  # analysed at one calibration sample's shape
+
+
+def test_eval_data_judges_the_search(capsys, tmp_path, model_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "other.npy", rng.standard_normal((10, 3, 8, 8)).astype(np.float32))
+    code, out, _ = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "o.onnx", "--calib", tmp_path / "calib.npy",
+                           "--eval", tmp_path / "other.npy", "--json", "--bench-runs", "0")
+    report = json.loads(out)
+    assert code in (0, 4, 5) and report["mode"] == "search"
+    assert report["tolerance"]["measured_on"].startswith("other.npy, 10 samples")
+    assert "all 24 calibration samples were for fitting" in report["notes"][0]
+    # a fixed recipe: its fidelity and tolerance verdict come from the evaluation data too
+    code, out, _ = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "p.onnx", "--calib", tmp_path / "calib.npy",
+                           "--eval", tmp_path / "other.npy", "--prune", "0.5", "--max-drop", "0.5", "--json", "--bench-runs", "0")
+    report = json.loads(out)
+    assert report["mode"] == "recipe" and report["fidelity"]["inputs"].startswith("other.npy, 10 samples")
+    assert report["tolerance"]["measured_on"] == report["fidelity"]["inputs"]

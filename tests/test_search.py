@@ -263,3 +263,20 @@ def test_a_failing_recovery_is_noted_and_leaves_the_other_stages_as_decided(digi
     assert any("failed and was left out" in note and "test refusal" in note for note in result.report.notes)
     assert not any(p.note.startswith("recovered by") for p in result.points)
     assert result.report.search["closing"]["passes"] == ["quantize-int8"]  # int8 judged on its own all the same
+
+
+def test_evaluation_data_judges_every_candidate_and_calibration_is_all_for_fitting(digits):
+    """With the user's own evaluation data (--eval), every verdict is measured on it, not on held-out
+    calibration samples: the chosen value is what a fresh comparison on that data gives."""
+    model, calibration = digits
+    images, _ = demo_data.load_test_set()
+    validation = Calibration.from_arrays(model, images[:96], "digits test set")
+    tolerance = Tolerance("cosine", 0.02)
+    options = SearchOptions(tolerance=tolerance, finish=INT8, levels=(0.6, 0.35), refine_steps=0)
+    result = search(model, calibration, options, validation=validation)
+    feeds = list(validation.batches(8))
+    fresh = compare(outputs(model, feeds, "original"), outputs(result.model, feeds, "chosen"), "test set")
+    assert tolerance.value(fresh) == pytest.approx(result.chosen_point.value, rel=1e-6, abs=1e-9)
+    assert all("digits test set" in p.fidelity.inputs and "96 samples" in p.fidelity.inputs for p in result.points)
+    assert result.report.notes[0] == ("candidates measured on 96 samples of the evaluation data (digits test set); "
+                                      "all 160 calibration samples were for fitting")
