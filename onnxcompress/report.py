@@ -39,6 +39,9 @@ class Fidelity:
     sqnr_db: float  # 10 log10(signal power / noise power), worst output; inf when identical
     cosine: float  # cosine similarity of flattened outputs, worst output
     top1_agreement: float | None = None  # for outputs that look like class scores [N, C]
+    # 2-class outputs [N, 2]: the share of samples whose decision changed, worst output. A 2-class
+    # softmax keeps a cosine near 1 whatever the model decides, so tolerances check this too.
+    decisions_changed: float | None = None
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,8 @@ def search(
         points.append(point)
         models.append((final, records, stats))
         floats.append((float_model, chain))
-        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} (metric value {value:.4g})")
+        shown = f"metric value {value:.4g}" if evaluate is not None else options.tolerance.format_value(fidelity)
+        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} ({shown})")
         if on_point:  # e.g. a benchmark scoring every candidate on labelled data
             on_point(point, final)
         return point

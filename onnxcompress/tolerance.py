@@ -74,7 +74,11 @@ class Tolerance:
 
     def accepts(self, fidelity: Fidelity) -> bool:
         v = self.value(fidelity)
-        return v >= self.bound if self.metric == "sqnr" else v <= self.bound
+        if self.metric == "sqnr":
+            return v >= self.bound
+        # a drop bound is also the largest share of changed 2-class decisions (top1 counts them itself)
+        flips = fidelity.decisions_changed if self.metric in ("cosine", "mse") else None
+        return v <= self.bound and (flips is None or flips <= self.bound)
 
     def describe(self) -> str:
         if self.metric == "sqnr":
@@ -83,7 +87,10 @@ class Tolerance:
 
     def format_value(self, fidelity: Fidelity) -> str:
         v = self.value(fidelity)
-        return f"SQNR {v:.1f} dB" if self.metric == "sqnr" else f"{self.metric} drop {v:.4g}"
+        if self.metric == "sqnr":
+            return f"SQNR {v:.1f} dB"
+        flips = fidelity.decisions_changed if self.metric in ("cosine", "mse") else None
+        return f"{self.metric} drop {v:.4g}" + (f", 2-class decisions changed on {flips:.1%}" if flips else "")
 
 
 #: The tolerance `optimize --calib` uses when none is given, by output kind: a bound int8 alone meets
@@ -109,7 +116,8 @@ def default_tolerance(reference_outputs) -> Tolerance:
 
 def describe_defaults() -> str:
     return (f"cosine drop <= {DEFAULT_VECTOR_DROP:g} when an output is one vector per sample ([N, C]: class "
-            f"scores, embeddings), else <= {DEFAULT_MAP_DROP:g} (maps, sequences)")
+            f"scores, embeddings), else <= {DEFAULT_MAP_DROP:g} (maps, sequences); on 2-class outputs the bound "
+            "also caps the share of changed decisions")
 
 
 def default_metric(reference_outputs) -> Metric:

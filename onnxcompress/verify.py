@@ -64,6 +64,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
     max_abs = max_rel = 0.0
     sqnr, cosine = float("inf"), 1.0
     top1: list[float] = []
+    flips: list[float] = []
     for k in range(n_outputs):
         ref = np.concatenate([_rows(sample[k]) for sample in reference])
         got = np.concatenate([_rows(sample[k]) for sample in candidate])
@@ -81,6 +82,8 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
         cosine = min(cosine, float(np.dot(ref.ravel(), got.ravel()) / denom) if denom > 0 else float(abs_err == 0))
         if _looks_like_scores(reference[0][k]):
             top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
+            if ref.shape[1] == 2:
+                flips.append(1.0 - top1[-1])
     return Fidelity(
         inputs=source,
         samples=sum(ref_row(s[0]) for s in reference) if n_outputs else 0,
@@ -89,6 +92,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
         sqnr_db=sqnr,
         cosine=cosine,
         top1_agreement=min(top1) if top1 else None,
+        decisions_changed=max(flips) if flips else None,
     )
 
 

@@ -119,3 +119,24 @@ def test_float_noise_leaves_shape_deciding_floats_alone(seed):
     assert 0.0 < noise[0] < 1e-5  # w moved by one step: a noise floor, not zero and not a shape change
     assert verify._sets_a_shape(model.graph.initializers["scales"])
     assert not verify._sets_a_shape(model.graph.initializers["w"])
+
+
+def test_a_2_class_output_is_judged_by_its_decisions_too():
+    """Softmax rows of 2 classes keep a cosine near 1 whatever the model decides: a cosine or mse bound
+    also bounds the share of changed decisions (flipping 1 of 20 near-tie samples breaks 0.005)."""
+    from onnxcompress.tolerance import Tolerance
+
+    p = np.linspace(0.05, 0.45, 20)  # positive-class probabilities, all decided negative
+    reference = [[np.array([[1 - q, q]])] for q in p]
+    candidate = [[np.array([[1 - q, q]])] for q in p]
+    candidate[-1] = [np.array([[0.49, 0.51]])]  # one near-tie sample crosses the threshold
+    fidelity = verify.compare(reference, candidate, "test")
+    assert fidelity.decisions_changed == pytest.approx(1 / 20)
+    assert 1.0 - fidelity.cosine < 1e-3  # cosine alone would accept it
+    for metric in ("cosine", "mse"):
+        assert not Tolerance(metric, 0.005).accepts(fidelity)
+        assert Tolerance(metric, 0.06).accepts(fidelity)
+    assert "2-class decisions changed on 5.0%" in Tolerance("cosine", 0.005).format_value(fidelity)
+    assert not Tolerance("top1", 0.005).accepts(fidelity) and Tolerance("sqnr", 10.0).accepts(fidelity)
+    many = verify.compare([[np.array([[0.2, 0.5, 0.3]])]], [[np.array([[0.2, 0.3, 0.5]])]], "test")
+    assert many.decisions_changed is None and many.top1_agreement == 0.0  # more classes: top1's business
