@@ -158,15 +158,16 @@ def _speed(ratio: float | None) -> str:
 
 def _render_search(console: Console, search: Mapping) -> None:
     """The search's curve as a table: every measured candidate, the chosen one marked."""
-    table = Table(title=escape(f"tolerance search ({search['tolerance']['description']}, "
-                               f"{search['heldout_samples']} held-out samples)"), title_justify="left")
-    for col in ("", "pruning level", "MACs left", "params left", "metric", "measured x", "verdict"):
+    judged = search.get("judged_on") or f"{search['heldout_samples']} held-out samples"
+    table = Table(title=escape(f"tolerance search ({search['tolerance']['description']}, {judged})"), title_justify="left")
+    for col in ("", "pruning level", "MACs left", "params left", "metric", "theoretical x", "measured x", "verdict"):
         table.add_column(col, justify="right" if col else "left")
     for i, p in enumerate(search["points"]):
         speed = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
+        theory = f"{1 / p['macs_ratio']:.2f}x" if p["macs_ratio"] > 0 else "-"
         verdict = "[green]within[/green]" if p["accepted"] else "[red]outside[/red]"
         table.add_row("*" if i == search["chosen"] else "", f"{p['level']:.3f}", f"{100 * p['macs_ratio']:.1f}%",
-                      f"{100 * p['params_ratio']:.1f}%", f"{p['value']:.4g}", speed,
+                      f"{100 * p['params_ratio']:.1f}%", f"{p['value']:.4g}", theory, speed,
                       verdict + (f" [dim]{escape(p['note'])}[/dim]" if p.get("note") else ""))
     console.print(table)
     closing = search.get("closing") or {}

@@ -315,6 +315,7 @@ def search(
         "tolerance": {"metric": "custom" if evaluate else options.tolerance.metric, "bound": options.tolerance.bound,
                       "description": _describe(options.tolerance, evaluate)},
         "heldout_samples": held.num_samples,
+        "judged_on": judge.source,  # where every verdict was measured: held-out calibration samples or --eval data
         "baseline_score": judge.baseline,
         "target_macs": options.target_macs,
         "target_speedup": options.target_speedup,
