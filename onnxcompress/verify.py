@@ -57,6 +57,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
     """Fidelity of `candidate` outputs against `reference` outputs (lists per sample, then per output).
 
     Every metric is the worst over the model's outputs, so one broken head is not averaged away.
+    A 2-class probability output is compared as the positive class's log-odds (its decisions as given).
     """
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate have different sample counts")
@@ -70,6 +71,12 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
         got = np.concatenate([_rows(sample[k]) for sample in candidate])
         if ref.shape != got.shape:
             raise VerificationError(f"output {k} changed shape: {ref.shape} -> {got.shape}")
+        if _looks_like_scores(reference[0][k]):
+            top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
+            if ref.shape[1] == 2:
+                flips.append(1.0 - top1[-1])
+        if _two_class_probabilities(ref):  # decisions from the rows as given, every other metric on log-odds
+            ref, got = _log_odds(ref), _log_odds(got)
         err = got - ref
         abs_err = float(np.max(np.abs(err))) if err.size else 0.0
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
@@ -80,10 +87,6 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
         sqnr = min(sqnr, out_sqnr)
         denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
         cosine = min(cosine, float(np.dot(ref.ravel(), got.ravel()) / denom) if denom > 0 else float(abs_err == 0))
-        if _looks_like_scores(reference[0][k]):
-            top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
-            if ref.shape[1] == 2:
-                flips.append(1.0 - top1[-1])
     return Fidelity(
         inputs=source,
         samples=sum(ref_row(s[0]) for s in reference) if n_outputs else 0,
@@ -103,6 +106,23 @@ def ref_row(array: np.ndarray) -> int:
 
 def _rows(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float64).reshape(ref_row(array), -1)
+
+
+#: Probabilities are clipped here before log-odds: a float32 softmax saturates near 1e-7 anyway.
+LOG_ODDS_FLOOR = 1e-7
+
+
+def _two_class_probabilities(rows: np.ndarray) -> bool:
+    """[N, 2] rows of probabilities (a 2-class softmax). Compared as such, every model looks
+    faithful: rows like (0.999, 0.001) keep a cosine near 1 whatever the positive class does."""
+    return (rows.ndim == 2 and rows.shape[1] == 2 and rows.size > 0 and float(rows.min()) >= 0.0
+            and float(rows.max()) <= 1.0 and bool(np.all(np.abs(rows.sum(axis=1) - 1.0) < 1e-3)))
+
+
+def _log_odds(rows: np.ndarray) -> np.ndarray:
+    """log(p1 / p0) per row, as an [N, 1] column."""
+    p = np.clip(rows, LOG_ODDS_FLOOR, 1.0)
+    return np.log(p[:, 1:2]) - np.log(p[:, 0:1])
 
 
 def _looks_like_scores(array: np.ndarray) -> bool:

@@ -140,3 +140,22 @@ def test_a_2_class_output_is_judged_by_its_decisions_too():
     assert not Tolerance("top1", 0.005).accepts(fidelity) and Tolerance("sqnr", 10.0).accepts(fidelity)
     many = verify.compare([[np.array([[0.2, 0.5, 0.3]])]], [[np.array([[0.2, 0.3, 0.5]])]], "test")
     assert many.decisions_changed is None and many.top1_agreement == 0.0  # more classes: top1's business
+
+
+def test_2_class_probabilities_are_compared_as_log_odds():
+    """A pruned 2-class classifier that answers every sample with about the same low positive
+    probability keeps all decisions and a cosine near 1 on the raw rows; on the log-odds it does not."""
+    rng = np.random.default_rng(0)
+    logit = rng.normal(-8.0, 3.0, 64)  # mostly negative samples, a real spread of confidence
+    flat = np.full(64, -8.0) + rng.normal(0.0, 0.3, 64)  # the broken model: one answer for everything
+    rows = lambda z: np.stack([1 / (1 + np.exp(z)), 1 / (1 + np.exp(-z))], axis=1)  # noqa: E731
+    reference = [[rows(logit[i:i + 8])] for i in range(0, 64, 8)]
+    broken = [[rows(flat[i:i + 8])] for i in range(0, 64, 8)]
+    close = [[rows(logit[i:i + 8] + rng.normal(0.0, 0.05, 8))] for i in range(0, 64, 8)]
+    raw_cosine = np.dot(rows(logit).ravel(), rows(flat).ravel()) / (np.linalg.norm(rows(logit)) * np.linalg.norm(rows(flat)))
+    assert 1.0 - raw_cosine < 1e-3  # what the raw rows would say (measured 3.5e-4)
+    bad, good = verify.compare(reference, broken, "test"), verify.compare(reference, close, "test")
+    assert 1.0 - bad.cosine > 0.05 and bad.sqnr_db < 12.0  # measured: 0.059, 9.4 dB
+    assert 1.0 - good.cosine < 1e-4 and good.sqnr_db > 40.0
+    logits = verify.compare([[np.array([[2.0, -1.0]])]], [[np.array([[2.0, -1.5]])]], "test")
+    assert logits.sqnr_db == pytest.approx(10 * np.log10(5.0 / 0.25))  # 2-class logits stay as they are
