@@ -160,14 +160,15 @@ def _render_search(console: Console, search: Mapping) -> None:
     """The search's curve as a table: every measured candidate, the chosen one marked."""
     judged = search.get("judged_on") or f"{search['heldout_samples']} held-out samples"
     table = Table(title=escape(f"tolerance search ({search['tolerance']['description']}, {judged})"), title_justify="left")
-    for col in ("", "pruning level", "MACs left", "params left", "metric", "theoretical x", "measured x", "verdict"):
+    # metric: its value (the pessimistic end of its 80% bootstrap interval, which the verdict uses)
+    for col in ("", "level", "MACs", "params", "metric (worst)", "theory", "measured", "verdict"):
         table.add_column(col, justify="right" if col else "left")
     for i, p in enumerate(search["points"]):
         speed = f"{p['speedup']:.2f}x" if p.get("speedup") else "-"
         theory = f"{1 / p['macs_ratio']:.2f}x" if p["macs_ratio"] > 0 else "-"
         verdict = "[green]within[/green]" if p["accepted"] else "[red]outside[/red]"
         table.add_row("*" if i == search["chosen"] else "", f"{p['level']:.3f}", f"{100 * p['macs_ratio']:.1f}%",
-                      f"{100 * p['params_ratio']:.1f}%", f"{p['value']:.4g}", theory, speed,
+                      f"{100 * p['params_ratio']:.1f}%", _with_interval(p, search["tolerance"]["metric"] == "sqnr"), theory, speed,
                       verdict + (f" [dim]{escape(p['note'])}[/dim]" if p.get("note") else ""))
     console.print(table)
     closing = search.get("closing") or {}
@@ -175,6 +176,12 @@ def _render_search(console: Console, search: Mapping) -> None:
         speed = closing.get("speedup_over_float")
         console.print(f"  {escape(', '.join(closing['passes']))} alone: {escape(closing['outcome'])} (metric value "
                       f"{closing['value']:.4g}" + (f", {_speed(speed)} than float" if speed else "") + ")", highlight=False)
+
+
+def _with_interval(point: Mapping, sqnr: bool) -> str:
+    """`0.0024 (0.0031)`: the metric and the pessimistic end of its bootstrap interval."""
+    interval = point.get("interval")
+    return f"{point['value']:.3g}" + (f" ({interval[0] if sqnr else interval[1]:.3g})" if interval else "")
 
 
 def fidelity_line(f: Fidelity) -> str:

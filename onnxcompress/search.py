@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from .calibration import Calibration, batch_size_for
 from .errors import OnnxCompressError
+from .interval import bootstrap_interval, pessimistic, within
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
 from .report import Fidelity, ModelStats, PassRecord, RunReport
@@ -57,6 +58,9 @@ class SearchPoint:
     fidelity: Fidelity
     speedup: float | None = None  # measured ORT latency ratio original / candidate, when asked for
     note: str = ""
+    # bootstrap interval of `value` over the judging samples (interval.py); accepted needs its
+    # pessimistic end within the tolerance too. None with a user metric or a single sample.
+    interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,11 +181,11 @@ def search(
         final, records = finished(float_model)
         records = [*cleaned.report.passes, *chain, *records]
         stats = records[-1].after if records else cleaned.report.after  # every pass record has the stats after it
-        fidelity, value, accepted = judge(final)
+        fidelity, value, accepted, interval = judge(final)
         point = SearchPoint(
             level=level, macs_ratio=stats.macs / max(original_stats.macs, 1),
             params_ratio=stats.params / max(original_stats.params, 1), value=value, accepted=accepted,
-            fidelity=fidelity, note=note,
+            fidelity=fidelity, note=note, interval=interval,
         )
         if accepted and options.target_speedup is not None:
             point = dataclasses.replace(point, speedup=timed(original, final))
@@ -448,12 +452,16 @@ class _Judge:
         self.tolerance, self.evaluate = tolerance, evaluate
         self.baseline = float(evaluate(load(original))) if evaluate else None
 
-    def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool]:
-        fidelity = compare(self.reference, outputs(model, self.feeds, "search candidate"), self.source)
+    def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool, tuple[float, float] | None]:
+        got = outputs(model, self.feeds, "search candidate")
+        fidelity = compare(self.reference, got, self.source)
         if self.evaluate is not None:
             drop = self.baseline - float(self.evaluate(load(model)))
-            return fidelity, drop, drop <= self.tolerance.bound
-        return fidelity, self.tolerance.value(fidelity), self.tolerance.accepts(fidelity)
+            return fidelity, drop, drop <= self.tolerance.bound, None
+        # the verdict rests on the interval's pessimistic end: a few samples can flatter a candidate
+        interval = bootstrap_interval(self.tolerance, self.reference, got)
+        accepted = self.tolerance.accepts(fidelity) and (interval is None or within(self.tolerance, pessimistic(self.tolerance, interval)))
+        return fidelity, self.tolerance.value(fidelity), accepted, interval
 
 
 def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int,

@@ -42,9 +42,14 @@ def _check_invariants(result, tolerance: Tolerance, original, calibration: Calib
     # The choice is a measured, accepted point, and no accepted point is more compressed.
     assert chosen.accepted and result.met
     assert all(p.macs_ratio >= chosen.macs_ratio for p in result.points if p.accepted)
-    # Every verdict on the curve agrees with the tolerance.
+    # Every verdict on the curve agrees with the tolerance, on the point value and on the pessimistic
+    # end of its bootstrap interval, which brackets the point value.
     for p in result.points:
-        assert p.accepted == tolerance.accepts(p.fidelity)
+        low, high = p.interval
+        assert low <= p.value + 1e-12 and p.value <= high + 1e-12
+        worst = low if tolerance.metric == "sqnr" else high
+        within = worst >= tolerance.bound if tolerance.metric == "sqnr" else worst <= tolerance.bound
+        assert p.accepted == (tolerance.accepts(p.fidelity) and within)
     assert result.report.search["chosen"] == result.chosen
     assert len(result.report.search["points"]) == len(result.points)
 
