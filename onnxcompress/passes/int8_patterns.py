@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from ..analysis.streaming import stream_values
 from ..calibration import Calibration
-from .smooth import find_groups, smoothing_factors
+from .smooth import _NameSource, conv_route, find_groups, smoothing_factors, weight_ranges
 
 #: Candidate alphas (None = leave the input as it is). Dense above 0.65, where the outlier inputs
 #: land (all-mpnet-base-v2 dynamic int8: cosine 0.9934 with steps of 0.15 there, 0.9946 with 0.05).
@@ -40,6 +40,15 @@ MIN_GAIN_DB = 0.5
 #: Rows (token positions) sampled per calibration sample, and samples used.
 ROWS_PER_SAMPLE = 16
 MAX_SAMPLES = 64
+#: Conv inputs (static int8 only): alphas tried; 1 equalizes the activation's channels outright,
+#: which costs a depthwise consumer nothing (its weights are quantized per channel anyway).
+CONV_ALPHAS: tuple[float | None, ...] = (None, 0.5, 0.75, 1.0)
+#: Conv inputs are measured only when their channels' max |x| differ by more than this factor.
+CONV_MIN_SPREAD = 16.0
+#: Output windows sampled per Conv input, over all calibration samples used.
+CONV_ROWS = 1024
+#: A Conv input whose 1/s needs a node of its own at inference (a float Mul) must gain this much.
+INSERT_MIN_GAIN_DB = 6.0
 Mode = Literal["static", "dynamic"]
 #: The `outliers` option of quantize-int8 and quantize-dynamic.
 OUTLIER_MODES = ("auto", "off")
@@ -47,12 +56,14 @@ OUTLIER_MODES = ("auto", "off")
 
 @dataclass
 class InputChoice:
-    """The measured choice for one MatMul/Gemm input."""
+    """The measured choice for one MatMul/Gemm or Conv input."""
 
     value: str
     consumers: list[str]
     alpha: float | None
     error_db: dict[str, float]  # alpha (as text, "none") -> output noise relative to signal, dB
+    where: str = ""  # Conv inputs: where the 1/s would go (smooth.conv_route)
+    min_gain_db: float = 0.0  # what smoothing had to gain to be chosen
 
     @property
     def gain_db(self) -> float:
@@ -60,7 +71,8 @@ class InputChoice:
 
     def describe(self) -> str:
         if self.alpha is None:
-            return f"{self.value}: not smoothed ({self.error_db['none']:.1f} dB output noise, no alpha gains {MIN_GAIN_DB} dB)"
+            gain = self.min_gain_db or MIN_GAIN_DB
+            return f"{self.value}: not smoothed ({self.error_db['none']:.1f} dB output noise, no alpha gains {gain:g} dB)"
         return (f"{self.value}: alpha {self.alpha:g} ({self.error_db['none']:.1f} -> "
                 f"{self.error_db[_key(self.alpha)]:.1f} dB output noise)")
 
@@ -80,7 +92,7 @@ def has_attention(model: ir.Model) -> bool:
 
 def choose_alphas(model: ir.Model, calibration: Calibration, mode: Mode, *, limit: int | None = None) -> list[InputChoice]:
     """One InputChoice per smoothable MatMul/Gemm input, measured on calibration rows."""
-    groups, _ = find_groups(model)
+    groups = [g for g in find_groups(model)[0] if g.rank is None]
     if not groups:
         return []
     rows, ranges = sample_inputs(model, [g.value.name for g in groups], calibration, limit=limit)
@@ -175,6 +187,145 @@ def _output_error_db(x: np.ndarray, ranges: tuple[np.ndarray, np.ndarray], weigh
     return 10 * np.log10(max(noise, 1e-30) / max(signal, 1e-30))
 
 
+# ---------------------------------------------------------------------------- Conv inputs
+
+
+def choose_conv_alphas(model: ir.Model, calibration: Calibration, *, limit: int | None = None) -> list[InputChoice]:
+    """One InputChoice per 2-D Conv input whose channel ranges differ by more than CONV_MIN_SPREAD,
+    measured on output windows sampled from the calibration data (static int8)."""
+    names = _NameSource(model)
+    groups = []
+    for g in find_groups(model)[0]:
+        if g.rank == 4 and len({_kernel(n) for n in g.consumers}) == 1:
+            route = conv_route(model, g, names)
+            if route is not None:
+                groups.append((g, route))
+    if not groups:
+        return []
+    windows, ranges = sample_windows(model, [(g.value.name, r.gate.name if r.gate is not None else None, _kernel(g.consumers[0]))
+                                             for g, r in groups], calibration, limit=limit)
+    choices = []
+    for g, route in groups:
+        x = g.value.name
+        if x not in windows or _spread(ranges[x]) < CONV_MIN_SPREAD:
+            continue
+        gate = None if route.gate is None else (windows[route.gate.name], ranges[route.gate.name], route.factor)
+        errors = _conv_errors_db(windows[x], ranges[x], g, gate)
+        need = INSERT_MIN_GAIN_DB if route.inserts else MIN_GAIN_DB
+        best = min(CONV_ALPHAS, key=lambda a: errors[_key(a)])
+        if best is not None and errors["none"] - errors[_key(best)] < need:
+            best = None
+        choices.append(InputChoice(x, [n.name or n.op_type for n in g.consumers], best, errors, route.how, need))
+    return choices
+
+
+def _kernel(node: ir.Node) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(kernel shape, dilations) of a Conv."""
+    shape = tuple(node.inputs[1].const_value.shape.dims[2:])
+    return shape, tuple(node.attributes.get_ints("dilations", [1] * len(shape)))
+
+
+def _spread(ranges: np.ndarray) -> float:
+    """Largest over smallest per-channel max |x| among channels that are not (nearly) zero."""
+    peak = np.abs(ranges).max(axis=0)
+    live = peak[peak > 1e-8]
+    return float(live.max() / live.min()) if live.size else 1.0
+
+
+def sample_windows(
+    model: ir.Model, specs: list[tuple[str, str | None, tuple]], calibration: Calibration, *,
+    limit: int | None = None, seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """For each (Conv input, its gated Conv output or None, (kernel, dilations)): windows [n, C, kh * kw]
+    at the same random positions of both (zero outside, as the Conv pads), and per-channel minima and
+    maxima [2, C] over every position of every sample; one streaming pass (analysis/streaming.py)."""
+    limit = min(limit or MAX_SAMPLES, MAX_SAMPLES, calibration.num_samples)
+    per_sample = max(ROWS_PER_SAMPLE, -(-CONV_ROWS // limit))
+    kernel = {}
+    for i, (x, gate, k) in enumerate(specs):
+        for name in (x, gate):
+            if name is not None:
+                kernel.setdefault(name, (i, k))
+    windows: dict[str, list[np.ndarray]] = {n: [] for n in kernel}
+    ranges: dict[str, np.ndarray] = {}
+    done = start = 0
+    for count, values in stream_values(model, list(kernel), calibration, batch_size=8, limit=limit):
+        if count:
+            start, done = done, done + count
+        for name, array in values.items():
+            array = np.asarray(array, dtype=np.float32)
+            if array.ndim != 4:
+                continue
+            lo, hi = array.min(axis=(0, 2, 3)), array.max(axis=(0, 2, 3))
+            old = ranges.get(name)
+            ranges[name] = np.stack([lo, hi]) if old is None else np.stack([np.minimum(old[0], lo), np.maximum(old[1], hi)])
+            spec, ((kh, kw), (dh, dw)) = kernel[name]
+            for b, sample in enumerate(array):
+                # positions depend on the spec and the sample only: an input and its gate agree
+                rng = np.random.default_rng([seed, spec, start + b])
+                py, px = rng.integers(0, sample.shape[1], per_sample), rng.integers(0, sample.shape[2], per_sample)
+                padded = np.pad(sample, ((0, 0), ((kh // 2) * dh,) * 2, ((kw // 2) * dw,) * 2))
+                ys = py[:, None] + np.arange(kh) * dh
+                xs = px[:, None] + np.arange(kw) * dw
+                win = padded[:, ys[:, :, None], xs[:, None, :]]  # [C, n, kh, kw]
+                windows[name].append(win.transpose(1, 0, 2, 3).reshape(per_sample, len(sample), kh * kw))
+    return {n: np.concatenate(w) for n, w in windows.items() if w}, ranges
+
+
+def _conv_outputs(windows: np.ndarray, node: ir.Node, w: np.ndarray) -> np.ndarray:
+    """The Conv's outputs [n, O] at the sampled windows [n, C, kk] (grouped: block b reads channels b*C/g...)."""
+    groups = node.attributes.get_int("group", 1)
+    n = len(windows)
+    x = windows.reshape(n, groups, -1).transpose(1, 0, 2)  # [g, n, C/g * kk]
+    wb = w.reshape(groups, w.shape[0] // groups, -1).transpose(0, 2, 1)  # [g, C/g * kk, O/g]
+    return np.matmul(x, wb).transpose(1, 0, 2).reshape(n, -1)
+
+
+def _conv_errors_db(x: np.ndarray, x_ranges: np.ndarray, group, gate) -> dict[str, float]:
+    """For each alpha in CONV_ALPHAS: noise of the consumers' outputs relative to their signal (dB)
+    with the input smoothed by it and every tensor on the way quantized as static int8 does: one
+    uint8 range per tensor (the calibration min/max), per-output-channel int8 weights. With a gate
+    (X = a * g * factor, a a Conv output), a / s and the gating Mul's output are quantized too, as
+    the int8 model does between the Convs; the gate g itself is taken as exact."""
+    x = x.astype(np.float32)
+    peak = np.abs(x_ranges).max(axis=0)
+    weights = [node.inputs[1].const_value.numpy().astype(np.float32) for node in group.consumers]
+    refs = [_conv_outputs(x, node, w) for node, w in zip(group.consumers, weights)]
+    if gate is not None:
+        a, a_ranges, factor = gate
+        a = a.astype(np.float32)
+        f3 = factor.astype(np.float32)[None, :, None]
+        g = np.divide(x, a * f3, out=np.zeros_like(x), where=np.abs(a) > 1e-12)
+        d_lo, d_hi = np.sort(np.stack([x_ranges[0] / factor, x_ranges[1] / factor]), axis=0)
+
+    def fq(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:  # one range for the tensor
+        return _fake_quant_u8(v, np.float32(lo.min()), np.float32(hi.max())).astype(np.float32)
+
+    errors = {}
+    for alpha in CONV_ALPHAS:
+        s = np.ones_like(peak) if alpha is None else smoothing_factors(peak, weight_ranges(group), alpha)
+        s3 = s.astype(np.float32)[None, :, None]
+        if gate is None:
+            xq = fq(x / s3, x_ranges[0] / s, x_ranges[1] / s)
+        else:
+            dq = fq(fq(a / s3, a_ranges[0] / s, a_ranges[1] / s) * g, d_lo / s, d_hi / s)
+            xq = fq(dq * f3, x_ranges[0] / s, x_ranges[1] / s)
+        noise = signal = 0.0
+        for node, w, ref in zip(group.consumers, weights, refs):
+            blocks = _conv_blocks_of(node, w) * s.reshape(-1, 1, w.shape[1], 1)
+            wq = _fake_quant_weight(blocks.reshape(len(w), -1).T).T.reshape(w.shape)
+            got = _conv_outputs(xq, node, wq.astype(np.float32))
+            signal += float(np.sum(ref.astype(np.float64) ** 2))
+            noise += float(np.sum((got - ref).astype(np.float64) ** 2))
+        errors[_key(alpha)] = 10 * np.log10(max(noise, 1e-30) / max(signal, 1e-30))
+    return errors
+
+
+def _conv_blocks_of(node: ir.Node, w: np.ndarray) -> np.ndarray:
+    g = node.attributes.get_int("group", 1)
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
 def alphas_of(choices: list[InputChoice]) -> Mapping[str, float | None]:
     return {c.value: c.alpha for c in choices}
 
@@ -184,29 +335,46 @@ def alphas_of(choices: list[InputChoice]) -> Mapping[str, float | None]:
 def smooth_outliers(
     model: ir.Model, calibration: Calibration, input_shapes, mode: Mode, *, samples: int | None = None,
 ) -> tuple[ir.Model, list[str], dict]:
-    """SmoothQuant with the alpha choose_alphas measured for each input; (model, changes, details).
-    Models without the attention pattern come back untouched."""
+    """SmoothQuant with the alpha measured for each input: MatMul/Gemm inputs of attention models
+    (choose_alphas), and in static mode Conv inputs with strongly unequal channels
+    (choose_conv_alphas); (model, changes, details). Nothing to smooth: the model comes back untouched."""
     from ..pipeline import PassContext
     from .smooth import SmoothQuant
 
-    if not has_attention(model):
-        return model, [], {"applied": False, "why": "no attention pattern (a Softmax and a MatMul of two activations)"}
-    choices = choose_alphas(model, calibration, mode, limit=samples)
-    alphas = alphas_of(choices)
+    attention = has_attention(model)
+    choices = choose_alphas(model, calibration, mode, limit=samples) if attention else []
+    convs = choose_conv_alphas(model, calibration, limit=samples) if mode == "static" else []
+    details: dict = {"applied": attention, "mode": mode}
+    if attention:
+        details["inputs"] = [{"value": c.value, "consumers": c.consumers, "alpha": c.alpha, "error_db": c.error_db} for c in choices]
+    else:
+        details["why"] = "no attention pattern (a Softmax and a MatMul of two activations)"
+    if convs:
+        details["conv_inputs"] = [{"value": c.value, "consumers": c.consumers, "alpha": c.alpha, "error_db": c.error_db,
+                                   "where": c.where} for c in convs]
     chosen = [c for c in choices if c.alpha is not None]
-    details = {"applied": True, "mode": mode, "inputs": [
-        {"value": c.value, "consumers": c.consumers, "alpha": c.alpha, "error_db": c.error_db} for c in choices]}
-    if not chosen:
-        return model, [f"outlier check: none of {len(choices)} MatMul inputs gains from smoothing"], details
+    conv_chosen = [c for c in convs if c.alpha is not None]
+    changes = []
+    if attention and not chosen:
+        changes.append(f"outlier check: none of {len(choices)} MatMul inputs gains from smoothing")
+    if convs and not conv_chosen:
+        changes.append(f"Conv input check: none of {len(convs)} Conv inputs with unequal channel ranges gains from smoothing")
+    if not chosen and not conv_chosen:
+        return model, changes, details
     sub = PassContext(calibration=calibration, input_shapes=input_shapes, model=model)
-    smoothed = SmoothQuant(alphas=dict(alphas), samples=samples).run(model, sub)
+    smoothed = SmoothQuant(alphas={**alphas_of(choices), **alphas_of(convs)}, samples=samples).run(model, sub)
     details["smoothing"] = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
-    gains = sorted(chosen, key=lambda c: -c.gain_db)
-    changes = [f"outlier-aware smoothing ({mode} int8): {len(chosen)} of {len(choices)} MatMul inputs smoothed with "
-               f"a measured alpha; largest gains: " + "; ".join(c.describe() for c in gains[:3])]
-    inserted = sum("Mul inserted" in c for c in smoothed.record.changes)
+    if chosen:
+        gains = sorted(chosen, key=lambda c: -c.gain_db)
+        changes.append(f"outlier-aware smoothing ({mode} int8): {len(chosen)} of {len(choices)} MatMul inputs smoothed with "
+                       f"a measured alpha; largest gains: " + "; ".join(c.describe() for c in gains[:3]))
+    if conv_chosen:
+        gains = sorted(conv_chosen, key=lambda c: -c.gain_db)
+        changes.append(f"Conv input smoothing ({mode} int8): {len(conv_chosen)} of {len(convs)} Conv inputs with unequal "
+                       f"channel ranges smoothed with a measured alpha; largest gains: " + "; ".join(c.describe() for c in gains[:3]))
+    inserted = sum("Mul inserted" in c or "Conv inserted" in c for c in smoothed.record.changes)
     if inserted:
-        changes.append(f"{inserted} per-channel float Muls inserted where the producer cannot absorb the scale")
+        changes.append(f"{inserted} per-channel float Muls or 1x1 Convs inserted where the producer cannot absorb the scale")
     return smoothed.model, changes, details
 
 
@@ -237,5 +405,6 @@ def pick_range_method(quantizer, feeds, reference, source: str):
     return (alt if best == "minmax" else quantizer), note
 
 
-__all__ = ["ALPHAS", "InputChoice", "MIN_GAIN_DB", "OUTLIER_MODES", "alphas_of", "choose_alphas", "has_attention", "pick_range_method",
-           "sample_inputs", "smooth_outliers"]
+__all__ = ["ALPHAS", "CONV_ALPHAS", "CONV_MIN_SPREAD", "INSERT_MIN_GAIN_DB", "InputChoice", "MIN_GAIN_DB", "OUTLIER_MODES",
+           "alphas_of", "choose_alphas", "choose_conv_alphas", "has_attention", "pick_range_method", "sample_inputs",
+           "sample_windows", "smooth_outliers"]
