@@ -1,4 +1,4 @@
-"""Transformer-aware int8: a SmoothQuant alpha per MatMul input, chosen by measured error.
+"""Outlier-aware int8: a SmoothQuant alpha per MatMul and Conv input, chosen by measured error.
 
 Sentence encoders (BERT, MPNet) carry a few activation channels far larger than the rest, in the
 LayerNorm outputs and above all in the FFN down-projection inputs after GELU, and the size of the
@@ -15,8 +15,20 @@ sample, as ORT's DynamicQuantizeLinear takes it per run) and per-channel int8 we
 with the lowest output error wins; None unless smoothing beats it by MIN_GAIN_DB (each smoothed input
 that its producer cannot absorb costs a float Mul at run time).
 
-It runs only on models with the attention pattern (a Softmax and a MatMul of two activations): that is where the outlier
-channels are known to live, and it keeps CNN/MLP quantization as it was.
+MatMul inputs are measured only on models with the attention pattern (a Softmax and a MatMul of two
+activations): that is where the outlier channels are known to live, and it keeps MLP quantization
+as it was.
+
+Conv inputs (static int8, every model; choose_conv_alphas): CNNs whose BatchNorm folding left
+channels of very different ranges (PP-PicoDet layout detector: stem output channels 0.1 next to 30,
+read by depthwise weights up to 70; static int8 -0.2 dB output SQNR) lose the small channels to the
+per-tensor scale. An input whose channels' max |x| differ by more than CONV_MIN_SPREAD is measured
+on output windows sampled at random positions (zero outside, as the Conv pads), for each alpha in
+CONV_ALPHAS: the quantization chain the int8 model runs from the smoothing point on (with a gating
+Mul: the gated Conv output, the Mul's output and X, each one uint8 range; per-channel int8 weights)
+against the float consumers. Smoothed when that gains MIN_GAIN_DB, or INSERT_MIN_GAIN_DB when the
+1/s needs a node of its own at inference (smooth.conv_route: an inserted float Mul, or a 1x1 Conv
+that replaces no Add).
 """
 
 from __future__ import annotations
