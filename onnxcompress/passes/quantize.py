@@ -117,8 +117,8 @@ class QuantizeQDQ(Pass):
     weight_rounding: Literal["nearest", "learned"] = "nearest"
     smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
     # "auto", without smooth_alpha: SmoothQuant each MatMul input of attention models (a Softmax and a MatMul of two
-    # activations), and each Conv input of any model whose channels' ranges differ by more than 16x, with the alpha
-    # that measures best on calibration samples, or not at all (passes/int8_patterns.py)
+    # activations), and each Conv input of any model whose channels' ranges differ by more than 16x and break its
+    # consumers in int8, with the alpha that measures best on calibration samples, or not at all (passes/int8_patterns.py)
     outliers: Literal["auto", "off"] = "auto"
     # Tolerance mode: keep the most sensitive layers in float until `metric` is within `max_drop`
     # (for sqnr: the minimum output SQNR in dB) on calibration samples held out from calibration.
@@ -180,10 +180,15 @@ class QuantizeQDQ(Pass):
             changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
             smoothing = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
         elif self.outliers == "auto":
-            from .int8_patterns import smooth_outliers
+            from .int8_patterns import smooth_conv_inputs, smooth_outliers
 
             model, notes, smoothing = smooth_outliers(model, calibration, ctx.input_shapes, "static", samples=self.samples)
             changes += notes
+            model, notes, conv_smoothing = smooth_conv_inputs(
+                model, calibration, ctx.input_shapes, samples=self.samples, kernels=self.kernels, method=self.method,
+                percentile=self.percentile)
+            changes += notes
+            smoothing = {**smoothing, "conv": conv_smoothing}
         quantizer = _Quantizer(self, model, calibration)
         if smoothing is not None and smoothing.get("applied") and self.method != "minmax":
             from .int8_patterns import pick_range_method

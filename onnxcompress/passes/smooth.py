@@ -358,9 +358,10 @@ class Route:
     factor: np.ndarray | None = None  # per channel
 
 
-def conv_route(model: ir.Model, group: _Group, names: _NameSource, *, insert_mul: bool = True) -> Route | None:
+def conv_route(model: ir.Model, group: _Group, names: _NameSource | None = None, *, insert_mul: bool = True) -> Route | None:
     """The first that applies: into a producing Conv; through a gating Mul (hardswish, SiLU) into the
     Conv it gates; into a constant Mul/Div; an inserted per-channel Mul (if `insert_mul`)."""
+    names = names or _NameSource(model)
     x, rank = group.value, group.rank
     k = weight_ranges(group).size
     producer = x.producer()
