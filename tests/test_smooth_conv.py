@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.calibration import Calibration
 from onnxcompress.model import load, to_proto
-from onnxcompress.passes.int8_patterns import CONV_MAX_NOISE_DB, INSERT_MIN_GAIN_DB, MIN_GAIN_DB, choose_conv_alphas
+from onnxcompress.passes.int8_patterns import CONV_MAX_NOISE_DB, INSERT_MIN_GAIN_DB, choose_conv_alphas
 from onnxcompress.passes.quantize import QuantizeQDQ
 from onnxcompress.passes.smooth import SmoothQuant
 from onnxcompress.pipeline import PassContext, Pipeline
@@ -198,15 +198,15 @@ def test_equal_channel_ranges_are_left_alone():
 def test_inputs_int8_does_not_break_are_left_alone():
     """The route net quantizes well: every measured input's modelled output noise is below
     CONV_MAX_NOISE_DB (measured: -32.6, -32.4 and -34.5 dB), so none is smoothed, although h would
-    gain 5 dB locally (on PP-OCR rec such local gains lowered the model's output SQNR)."""
+    gain 5 dB locally (on PP-OCR rec such local gains lowered the model's output SQNR), and no alpha
+    is tried."""
     proto, data = _every_route_net(), _x()
     model = load(proto)
     choices = {c.value: c for c in choose_conv_alphas(model, Calibration.from_arrays(model, {"x": data[:CALIB]}))}
     assert set(choices) == {"h", "b", "silu"}  # the others' channel ranges are within CONV_MIN_SPREAD
-    for c in choices.values():
-        assert c.alpha is None and c.error_db["none"] < CONV_MAX_NOISE_DB and "already below" in c.describe()
-    h = choices["h"].error_db
-    assert h["none"] - min(h.values()) > MIN_GAIN_DB  # left alone for the noise, not for want of gain
+    for c in choices.values():  # measured without smoothing only
+        assert c.alpha is None and list(c.error_db) == ["none"] and c.error_db["none"] < CONV_MAX_NOISE_DB
+        assert "already below" in c.describe()
     assert choices["silu"].min_gain_db == INSERT_MIN_GAIN_DB  # its route inserts a 1x1 Conv
 
 

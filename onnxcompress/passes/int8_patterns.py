@@ -36,6 +36,7 @@ did not reach the model's output (see CONV_MAX_NOISE_DB).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -67,7 +68,9 @@ CONV_MIN_SPREAD = 16.0
 #: Output windows sampled per Conv input, over all calibration samples used, fewer where they would
 #: take more than WINDOW_BUDGET_BYTES for all inputs together.
 CONV_ROWS = 1024
-WINDOW_BUDGET_BYTES = 256 * 2**20
+WINDOW_BUDGET_BYTES = 128 * 2**20
+#: Windows per step of the error model.
+ERROR_CHUNK = 128
 #: A Conv input whose 1/s needs a node of its own at inference (a float Mul) must gain this much.
 INSERT_MIN_GAIN_DB = 6.0
 #: Conv inputs are smoothed only where their consumers' modelled int8 output noise without smoothing
@@ -252,14 +255,15 @@ def choose_conv_alphas(
         if x not in windows or (route.gate is not None and route.gate.name not in windows):
             continue
         gate = None if route.gate is None else (windows[route.gate.name], ranges[route.gate.name], route.factor)
-        errors = _conv_errors_db(windows[x], ranges[x], g, gate, kernels, method, percentile)
+        measure = functools.partial(_conv_errors_db, windows[x], ranges[x], g, gate, kernels, method, percentile)
+        errors = measure((None,))
         need = INSERT_MIN_GAIN_DB if route.inserts else MIN_GAIN_DB
-        best = min(CONV_ALPHAS, key=lambda a: errors[_key(a)])
-        why = ""
-        if errors["none"] < CONV_MAX_NOISE_DB:
-            best, why = None, f"its consumers' int8 output noise is already below {CONV_MAX_NOISE_DB:g} dB"
-        elif best is not None and errors["none"] - errors[_key(best)] < need:
-            best = None
+        best, why = None, f"its consumers' int8 output noise is already below {CONV_MAX_NOISE_DB:g} dB"
+        if errors["none"] >= CONV_MAX_NOISE_DB:  # int8 breaks the layer: try the alphas
+            errors.update(measure(CONV_ALPHAS[1:]))
+            best, why = min(CONV_ALPHAS, key=lambda a: errors[_key(a)]), ""
+            if best is not None and errors["none"] - errors[_key(best)] < need:
+                best = None
         choices.append(InputChoice(x, [n.name or n.op_type for n in g.consumers], best, errors, route.how, need, why))
     return choices
 
@@ -333,54 +337,71 @@ def _conv_outputs(windows: np.ndarray, node: ir.Node, w: np.ndarray) -> np.ndarr
     return np.matmul(x, wb).transpose(1, 0, 2).reshape(n, -1)
 
 
-def _conv_errors_db(x: np.ndarray, x_ranges: np.ndarray, group, gate, kernels: Kernels, method: str = "minmax",
-                    percentile: float = 99.99) -> dict[str, float]:
-    """For each alpha in CONV_ALPHAS: noise of the consumers' outputs relative to their signal (dB)
+def _conv_errors_db(x: np.ndarray, x_ranges: np.ndarray, group, gate, kernels: Kernels, method: str, percentile: float,
+                    alphas: tuple[float | None, ...]) -> dict[str, float]:
+    """For each of `alphas` (None: no smoothing): noise of the consumers' outputs relative to their signal (dB)
     with the input smoothed by it and every tensor on the way quantized as static int8 does: one
     uint8 range per tensor (by `method`, from the calibration extremes and the windows' centre values:
     with "mse" the clipped range can favour the large channels smoothing just shrank), the weight codes
     encode_weight gives for `kernels`. With a gate (X = a * g * factor, a a Conv output), a / s and the
     gating Mul's output are quantized too, as the int8 model does between the Convs; the gate g itself
     is taken as exact."""
-    x = x.astype(np.float32)
     centre = x.shape[2] // 2  # a window's centre is a uniform sample of the tensor (never padding)
     peak = np.abs(x_ranges).max(axis=0)
     weights = [node.inputs[1].const_value.numpy().astype(np.float32) for node in group.consumers]
-    refs = [_conv_outputs(x, node, w) for node, w in zip(group.consumers, weights)]
     if gate is not None:
         a, a_ranges, factor = gate
-        a = a.astype(np.float32)
         f3 = factor.astype(np.float32)[None, :, None]
-        g = np.divide(x, a * f3, out=np.zeros_like(x), where=np.abs(a) > 1e-12)
         d_ranges = np.sort(np.stack([x_ranges[0] / factor, x_ranges[1] / factor]), axis=0)
 
-    def fq(v: np.ndarray, ranges: np.ndarray, s: np.ndarray) -> np.ndarray:  # one range for the tensor
+    def gated(xs: np.ndarray, as_: np.ndarray) -> np.ndarray:  # the gate g = X / (a * factor), exact
+        return np.divide(xs, as_ * f3, out=np.zeros_like(xs), where=np.abs(as_) > 1e-12)
+
+    def tensor_range(centres: np.ndarray, ranges: np.ndarray, s: np.ndarray) -> tuple[np.float32, np.float32]:
         lo, hi = ranges[0] / s, ranges[1] / s
-        if method != "minmax":
-            hist = TensorHistogram()
-            hist.update(v[:, :, centre])
-            hist.update(np.concatenate([lo, hi]))  # the calibration extremes, which a sample misses
-            lo, hi = (np.asarray(r) for r in clip_range(hist, method, percentile=percentile))
-        return _fake_quant_u8(v, np.float32(lo.min()), np.float32(hi.max())).astype(np.float32)
+        if method == "minmax":
+            return np.float32(lo.min()), np.float32(hi.max())
+        hist = TensorHistogram()
+        hist.update(centres)
+        hist.update(np.concatenate([lo, hi]))  # the calibration extremes, which a sample misses
+        return tuple(np.float32(r) for r in clip_range(hist, method, percentile=percentile))
 
     errors = {}
-    for alpha in CONV_ALPHAS:
+    for alpha in alphas:
         s = np.ones_like(peak) if alpha is None else smoothing_factors(peak, weight_ranges(group), alpha)
         s3 = s.astype(np.float32)[None, :, None]
+        # one range per tensor, from the centre values: every op up to the Conv is elementwise
+        xc = x[:, :, centre:centre + 1].astype(np.float32)
         if gate is None:
-            xq = fq(x / s3, x_ranges, s)
+            r_x = tensor_range(xc / s3, x_ranges, s)
         else:
-            xq = fq(fq(fq(a / s3, a_ranges, s) * g, d_ranges, s) * f3, x_ranges, s)
-        noise = signal = 0.0
+            ac = a[:, :, centre:centre + 1].astype(np.float32)
+            r_a = tensor_range(ac / s3, a_ranges, s)
+            dc = _fake_quant_u8(ac / s3, *r_a) * gated(xc, ac)
+            r_d = tensor_range(dc, d_ranges, s)
+            r_x = tensor_range(_fake_quant_u8(dc, *r_d) * f3, x_ranges, s)
         lo, hi = min(0.0, float((x_ranges[0] / s).min())), max(0.0, float((x_ranges[1] / s).max()))
-        for node, w, ref in zip(group.consumers, weights, refs):
+        codes = []
+        for node, w in zip(group.consumers, weights):
             ws = (_conv_blocks_of(node, w) * s.reshape(-1, 1, w.shape[1], 1)).reshape(w.shape)
             # the codes the quantizer will give it: on `kernels="any"`, scales widened where AVX2 pair sums could saturate
-            wq = encode_weight("Conv", ws, 0, depthwise=node.attributes.get_int("group", 1) == len(peak) and w.shape[1] == 1,
-                               kernels=kernels, x_scale=(hi - lo) / 255.0, x_mean_square=float(np.mean((x / s3) ** 2)))
-            got = _conv_outputs(xq, node, wq.dequantized().astype(np.float32))
-            signal += float(np.sum(ref.astype(np.float64) ** 2))
-            noise += float(np.sum((got - ref).astype(np.float64) ** 2))
+            codes.append(encode_weight(
+                "Conv", ws, 0, depthwise=node.attributes.get_int("group", 1) == len(peak) and w.shape[1] == 1,
+                kernels=kernels, x_scale=(hi - lo) / 255.0, x_mean_square=float(np.mean((xc / s3) ** 2))).dequantized())
+        noise = signal = 0.0
+        for start in range(0, len(x), ERROR_CHUNK):  # in chunks of rows: the temporaries of one input stay small
+            xs = x[start:start + ERROR_CHUNK].astype(np.float32)
+            if gate is None:
+                xq = _fake_quant_u8(xs / s3, *r_x)
+            else:
+                as_ = a[start:start + ERROR_CHUNK].astype(np.float32)
+                dq = _fake_quant_u8(_fake_quant_u8(as_ / s3, *r_a) * gated(xs, as_), *r_d)
+                xq = _fake_quant_u8(dq * f3, *r_x)
+            for node, w, wq in zip(group.consumers, weights, codes):
+                ref = _conv_outputs(xs, node, w)
+                got = _conv_outputs(xq.astype(np.float32), node, wq.astype(np.float32))
+                signal += float(np.sum(ref.astype(np.float64) ** 2))
+                noise += float(np.sum((got - ref).astype(np.float64) ** 2))
         errors[_key(alpha)] = 10 * np.log10(max(noise, 1e-30) / max(signal, 1e-30))
     return errors
 
@@ -441,7 +462,9 @@ def smooth_conv_inputs(
                                  "where": c.where} for c in choices]}
     chosen = sorted((c for c in choices if c.alpha is not None), key=lambda c: -c.gain_db)
     if not chosen:
-        return model, [f"Conv input check: none of {len(choices)} Conv inputs with unequal channel ranges gains from smoothing"], details
+        broken = sum(c.error_db["none"] >= CONV_MAX_NOISE_DB for c in choices)
+        return model, [f"Conv input check: none of {len(choices)} Conv inputs with unequal channel ranges smoothed (modelled "
+                       f"int8 output noise above {CONV_MAX_NOISE_DB:g} dB in {broken} of them, and smoothing gains too little there)"], details
     sub = PassContext(calibration=calibration, input_shapes=input_shapes, model=model)
     smoothed = SmoothQuant(alphas=dict(alphas_of(choices)), samples=samples).run(load(model), sub)
     details["smoothing"] = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
