@@ -239,8 +239,9 @@ def choose_conv_alphas(
     if not groups:
         return []
     limit = min(limit or MAX_SAMPLES, MAX_SAMPLES)
-    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit)  # ranges first: windows
-    wide = []  # only of the inputs that need them
+    # channel ranges first, so that windows are sampled only for the inputs with unequal channels
+    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit)
+    wide = []
     for g, route in groups:
         ch = stats.values.get(g.value.name)
         if ch is not None and ch.maximum is not None and _spread(np.stack([ch.minimum, ch.maximum])) >= CONV_MIN_SPREAD:
