@@ -16,7 +16,8 @@ symmetric (preset "tensorrt"). Activation ranges come from streaming histograms
 
 Beyond ORT: learned weight rounding (`weight_rounding: learned`, opt-in: passes/int8_rounding.py),
 bias correction (on by default), SmoothQuant on MatMul/Gemm inputs first
-(`smooth_alpha`, passes/smooth.py), and a tolerance mode (`max_drop` with `metric`): quantize
+(`smooth_alpha`, passes/smooth.py; with `outliers: auto`, per input with a measured alpha on the
+MatMul inputs of attention models and on Conv inputs with unequal channels), and a tolerance mode (`max_drop` with `metric`): quantize
 everything, measure on calibration samples held out from calibration against the float model this
 pass received (earlier lossy passes are not this pass's to undo, and measuring against the
 pipeline's input would spend the fallback on their loss), and if outside the tolerance keep the
@@ -115,8 +116,9 @@ class QuantizeQDQ(Pass):
     # Not the default: +1.2 dB on EfficientNet-Lite1 but -1.7 dB on PP-OCR cls (measured, 64 photos).
     weight_rounding: Literal["nearest", "learned"] = "nearest"
     smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
-    # "auto": on attention models (a Softmax and a MatMul of two activations), without smooth_alpha, SmoothQuant each MatMul
-    # input with the alpha that measures best on calibration rows (passes/int8_patterns.py)
+    # "auto", without smooth_alpha: SmoothQuant each MatMul input of attention models (a Softmax and a MatMul of two
+    # activations), and each Conv input of any model whose channels' ranges differ by more than 16x and break its
+    # consumers in int8, with the alpha that measures best on calibration samples, or not at all (passes/int8_patterns.py)
     outliers: Literal["auto", "off"] = "auto"
     # Tolerance mode: keep the most sensitive layers in float until `metric` is within `max_drop`
     # (for sqnr: the minimum output SQNR in dB) on calibration samples held out from calibration.
@@ -178,10 +180,15 @@ class QuantizeQDQ(Pass):
             changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
             smoothing = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
         elif self.outliers == "auto":
-            from .int8_patterns import smooth_outliers
+            from .int8_patterns import smooth_conv_inputs, smooth_outliers
 
             model, notes, smoothing = smooth_outliers(model, calibration, ctx.input_shapes, "static", samples=self.samples)
             changes += notes
+            model, notes, conv_smoothing = smooth_conv_inputs(
+                model, calibration, ctx.input_shapes, samples=self.samples, kernels=self.kernels, method=self.method,
+                percentile=self.percentile)
+            changes += notes
+            smoothing = {**smoothing, "conv": conv_smoothing}
         quantizer = _Quantizer(self, model, calibration)
         if smoothing is not None and smoothing.get("applied") and self.method != "minmax":
             from .int8_patterns import pick_range_method
