@@ -120,6 +120,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic_write(Path(path), text.encode())
 
 
+def write_results(out: Path, name: str, data: Any, text: str) -> str:
+    """A benchmark's data as `<out>/<name>.json` and its rendering as `<out>/<name>.md`; returns the text."""
+    write_json(out / f"{name}.json", data)
+    write_text(out / f"{name}.md", text)
+    return text
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
     """A GitHub Markdown table; columns right-aligned where `right` says (default: all but the first)."""
     right = list(right) if right is not None else [i > 0 for i in range(len(headers))]

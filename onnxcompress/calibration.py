@@ -190,6 +190,18 @@ def batch_size_for(model: ir.Model, requested: int) -> int:
     return requested
 
 
+def model_batches(model: ir.Model, data: Calibration, preferred: int = 8) -> list[dict[str, np.ndarray]]:
+    """All of `data` in batches the model runs: its fixed batch size (a partial last batch left out,
+    it would not fit) or else `preferred`."""
+    size = batch_size_for(model, preferred)
+    feeds = list(data.batches(size))
+    if batch_size_for(model, 0):
+        feeds = [f for f in feeds if len(next(iter(f.values()))) == size]
+    if not feeds:
+        raise CalibrationError(f"the model's fixed batch of {size} needs more samples than {data.num_samples} ({data.source})")
+    return feeds
+
+
 def _is_scalar(value: ir.Value) -> bool:
     return value.shape is not None and len(value.shape) == 0
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .tolerance import Tolerance
-from .verify import _log_odds, _looks_like_scores, _rows, _two_class_probabilities
+from .verify import _looks_like_scores, as_compared, output_rows
 
 #: Central interval reported and decided on: its pessimistic end is the 90th percentile of the drop
 #: (the 10th of the SQNR) over resamples.
@@ -45,21 +45,15 @@ def pessimistic(tolerance: Tolerance, interval: tuple[float, float]) -> float:
     return interval[0] if tolerance.metric == "sqnr" else interval[1]
 
 
-def within(tolerance: Tolerance, value: float) -> bool:
-    return value >= tolerance.bound if tolerance.metric == "sqnr" else value <= tolerance.bound
-
-
 def _sample_sums(metric: str, reference, candidate, k: int) -> np.ndarray | None:
     """Per row of output k, the sums its metric is a ratio of: [terms, rows]."""
-    ref = np.concatenate([_rows(s[k]) for s in reference])
-    got = np.concatenate([_rows(s[k]) for s in candidate])
+    ref, got = output_rows(reference, candidate, k)
     if metric == "top1":
         if not _looks_like_scores(reference[0][k]):
             return None
         agree = (np.argmax(ref, axis=1) == np.argmax(got, axis=1)).astype(np.float64)
         return np.stack([agree, np.ones_like(agree)])
-    if _two_class_probabilities(ref):  # as compare(): 2-class probabilities as log-odds
-        ref, got = _log_odds(ref), _log_odds(got)
+    ref, got = as_compared(ref, got)  # as compare(): 2-class probabilities as log-odds
     if metric == "cosine":
         return np.stack([np.sum(ref * got, axis=1), np.sum(ref * ref, axis=1), np.sum(got * got, axis=1)])
     return np.stack([np.sum(ref * ref, axis=1), np.sum((got - ref) ** 2, axis=1)])  # sqnr, mse
@@ -67,13 +61,13 @@ def _sample_sums(metric: str, reference, candidate, k: int) -> np.ndarray | None
 
 def _metric(metric: str, sums: np.ndarray) -> np.ndarray:
     """The metric's value per resample from its weighted sums [resamples, terms]."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if metric == "top1":
-            return 1.0 - sums[:, 0] / sums[:, 1]
+    if metric == "top1":
+        return 1.0 - sums[:, 0] / sums[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero sums are handled by the np.where
         if metric == "cosine":
             denom = np.sqrt(sums[:, 1] * sums[:, 2])
-            return 1.0 - np.where(denom > 0, sums[:, 0] / np.where(denom > 0, denom, 1.0), 1.0)
+            return 1.0 - np.where(denom > 0, sums[:, 0] / denom, 1.0)
         signal, noise = sums[:, 0], sums[:, 1]
         if metric == "mse":
-            return np.where(signal > 0, noise / np.where(signal > 0, signal, 1.0), np.where(noise > 0, np.inf, 0.0))
-        return np.where(noise > 0, 10 * np.log10(np.where(noise > 0, signal, 1.0) / np.where(noise > 0, noise, 1.0)), np.inf)
+            return np.where(signal > 0, noise / signal, np.where(noise > 0, np.inf, 0.0))
+        return np.where(noise > 0, 10 * np.log10(signal / noise), np.inf)

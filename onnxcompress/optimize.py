@@ -250,11 +250,10 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
 
 def _fidelity_on(data: Calibration, source: ir.Model, model: ir.Model):
     """The result against its input on `data`, one batch of up to 8 samples per run."""
-    from .calibration import batch_size_for
+    from .calibration import model_batches
     from .verify import compare, outputs, reference_outputs
 
-    size = batch_size_for(source, 8)
-    feeds = [f for f in data.batches(size) if not batch_size_for(source, 0) or len(next(iter(f.values()))) == size]
+    feeds = model_batches(source, data)
     where = f"{data.source}, {data.num_samples} samples"
     return compare(reference_outputs(source, feeds, data.source), outputs(model, feeds, "the result"), where)
 

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .calibration import Calibration, batch_size_for
+from .calibration import Calibration, model_batches
 from .errors import OnnxCompressError
-from .interval import bootstrap_interval, pessimistic, within
+from .interval import bootstrap_interval, pessimistic
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
 from .report import Fidelity, ModelStats, PassRecord, RunReport
@@ -441,12 +441,7 @@ class _Judge:
     """Measures candidates against the original on the held-out samples."""
 
     def __init__(self, original: ir.Model, held: Calibration, tolerance: Tolerance, evaluate: Evaluate | None):
-        size = batch_size_for(original, 8)
-        self.feeds = list(held.batches(size))
-        if batch_size_for(original, 0):  # a fixed batch: a partial last batch would not fit the model
-            self.feeds = [f for f in self.feeds if len(next(iter(f.values()))) == size]
-        if not self.feeds:
-            raise OnnxCompressError(f"the model's fixed batch needs more judging samples than {held.num_samples} ({held.source})")
+        self.feeds = model_batches(original, held)
         self.source = f"{held.source}, {held.num_samples} samples"
         self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate
@@ -460,7 +455,7 @@ class _Judge:
             return fidelity, drop, drop <= self.tolerance.bound, None
         # the verdict rests on the interval's pessimistic end: a few samples can flatter a candidate
         interval = bootstrap_interval(self.tolerance, self.reference, got)
-        accepted = self.tolerance.accepts(fidelity) and (interval is None or within(self.tolerance, pessimistic(self.tolerance, interval)))
+        accepted = self.tolerance.accepts(fidelity) and (interval is None or self.tolerance.within(pessimistic(self.tolerance, interval)))
         return fidelity, self.tolerance.value(fidelity), accepted, interval
 
 

@@ -72,13 +72,17 @@ class Tolerance:
         v = self.value(fidelity)
         return -v if self.metric == "sqnr" else v
 
+    def within(self, value: float) -> bool:
+        """Whether a value of this metric meets the bound (a minimum for sqnr, a maximum otherwise)."""
+        return value >= self.bound if self.metric == "sqnr" else value <= self.bound
+
     def accepts(self, fidelity: Fidelity) -> bool:
-        v = self.value(fidelity)
-        if self.metric == "sqnr":
-            return v >= self.bound
-        # a drop bound is also the largest share of changed 2-class decisions (top1 counts them itself)
-        flips = fidelity.decisions_changed if self.metric in ("cosine", "mse") else None
-        return v <= self.bound and (flips is None or flips <= self.bound)
+        flips = self._flips(fidelity)
+        return self.within(self.value(fidelity)) and (flips is None or flips <= self.bound)
+
+    def _flips(self, fidelity: Fidelity) -> float | None:
+        """Changed 2-class decisions, which a drop bound also caps (top1 counts them itself)."""
+        return fidelity.decisions_changed if self.metric in ("cosine", "mse") else None
 
     def describe(self) -> str:
         if self.metric == "sqnr":
@@ -89,7 +93,7 @@ class Tolerance:
         v = self.value(fidelity)
         if self.metric == "sqnr":
             return f"SQNR {v:.1f} dB"
-        flips = fidelity.decisions_changed if self.metric in ("cosine", "mse") else None
+        flips = self._flips(fidelity)
         return f"{self.metric} drop {v:.4g}" + (f", 2-class decisions changed on {flips:.1%}" if flips else "")
 
 

@@ -67,16 +67,14 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
     top1: list[float] = []
     flips: list[float] = []
     for k in range(n_outputs):
-        ref = np.concatenate([_rows(sample[k]) for sample in reference])
-        got = np.concatenate([_rows(sample[k]) for sample in candidate])
+        ref, got = output_rows(reference, candidate, k)
         if ref.shape != got.shape:
             raise VerificationError(f"output {k} changed shape: {ref.shape} -> {got.shape}")
         if _looks_like_scores(reference[0][k]):
             top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
             if ref.shape[1] == 2:
                 flips.append(1.0 - top1[-1])
-        if _two_class_probabilities(ref):  # decisions from the rows as given, every other metric on log-odds
-            ref, got = _log_odds(ref), _log_odds(got)
+        ref, got = as_compared(ref, got)  # decisions from the rows as given, every other metric on these
         err = got - ref
         abs_err = float(np.max(np.abs(err))) if err.size else 0.0
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
@@ -106,6 +104,17 @@ def ref_row(array: np.ndarray) -> int:
 
 def _rows(array: np.ndarray) -> np.ndarray:
     return np.asarray(array, dtype=np.float64).reshape(ref_row(array), -1)
+
+
+def output_rows(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Sequence[np.ndarray]],
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output k of every sample, reference and candidate, as float64 rows [samples, values]."""
+    return tuple(np.concatenate([_rows(sample[k]) for sample in side]) for side in (reference, candidate))
+
+
+def as_compared(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows every metric but top-1 compares: 2-class probabilities as log-odds, others as given."""
+    return (_log_odds(ref), _log_odds(got)) if _two_class_probabilities(ref) else (ref, got)
 
 
 #: Probabilities are clipped here before log-odds: a float32 softmax saturates near 1e-7 anyway.

@@ -58,7 +58,7 @@ if str(BENCHMARKS) not in sys.path:
 os.environ.setdefault("NNCF_CI", "1")  # NNCF sends no telemetry (here and in the spawned children)
 
 import numpy as np  # noqa: E402
-from common import CpuMonitor, Stopwatch, markdown_table, write_json, write_text  # noqa: E402
+from common import CpuMonitor, Stopwatch, markdown_table, write_results as write_files  # noqa: E402
 
 from real import corpus  # noqa: E402
 
@@ -882,10 +882,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_results(data: dict[str, Any], out: Path) -> str:
-    text = render(data)
-    write_json(out / f"{NAME}.json", data)
-    write_text(out / f"{NAME}.md", text)
-    return text
+    return write_files(out, NAME, data, render(data))
 
 
 def main(argv: list[str] | None = None) -> int:

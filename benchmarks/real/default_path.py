@@ -49,7 +49,7 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))  # run by path: make `common` and `real.*` importable
 
 import numpy as np  # noqa: E402
-from common import CpuMonitor, markdown_table, write_json, write_text  # noqa: E402
+from common import CpuMonitor, markdown_table, write_results as write_files  # noqa: E402
 
 from real import corpus  # noqa: E402
 from real.compare_int8 import DEFAULT_COUNTS, TEXT, TOP1_KINDS, binary_suffix, fmt_db, latency_shapes, measure, one_line, run_native  # noqa: E402
@@ -479,10 +479,7 @@ def notes(data: dict[str, Any]) -> list[str]:
 
 
 def write_results(data: dict[str, Any], out: Path) -> str:
-    text = render(data)
-    write_json(out / f"{NAME}.json", data)
-    write_text(out / f"{NAME}.md", text)
-    return text
+    return write_files(out, NAME, data, render(data))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
