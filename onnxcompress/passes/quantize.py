@@ -48,6 +48,7 @@ from ..pipeline import Pass, PassContext, PassResult
 from ..report import Fidelity
 from ..tolerance import Tolerance
 from ..verify import compare, outputs
+from .float_guard import guard_float_layers
 from .int8_patterns import OUTLIER_MODES
 from .int8_rounding import ROUNDINGS, Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import KERNELS, MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias, quantize_weight
@@ -856,6 +857,10 @@ def quantize_graph(
     kept = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+    guarded = guard_float_layers(out)  # else ORT gives the float layers per-tensor int8 weights itself
+    if guarded:
+        notes.append(f"{len(guarded)} float layers read int8 activations through a per-axis DequantizeLinear, "
+                     "so ONNX Runtime keeps their weights in float")
     return out, notes
 
 
