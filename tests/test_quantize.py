@@ -533,7 +533,9 @@ def test_zoo_family_quantizes_fuses_and_stays_close(tmp_path_factory, name, avx2
     original, result = _quantize(path, data, name=key)
     proto = _checked(result.model)
     report = fusion_check(result.model)
-    assert report.float_compute == {}, report.summary()
+    # float compute only where mixed precision kept a layer that dominates the int8 noise
+    kept = (result.record.details["mixed_precision"] or {}).get("kept_float", [])
+    assert sum(report.float_compute.values()) == len(kept), report.summary()
     assert report.int8_count >= len(result.record.details["int8_nodes"]) // 2, report.summary()
     assert _sqnr(original, result.model, data, key) >= ZOO_MIN_SQNR[name]
     assert result.record.details["kernel_check"]["ok"]

@@ -50,6 +50,8 @@ from ..tolerance import Tolerance
 from ..verify import compare, outputs
 from .float_guard import guard_float_layers
 from .int8_patterns import OUTLIER_MODES
+from .int8_protect import alone_sqnr, protect
+from .int8_protect import describe as describe_protection
 from .int8_rounding import ROUNDINGS, Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import KERNELS, MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias, quantize_weight
 
@@ -125,6 +127,10 @@ class QuantizeQDQ(Pass):
     # (for sqnr: the minimum output SQNR in dB) on calibration samples held out from calibration.
     max_drop: float | None = None
     metric: Literal["top1", "cosine", "mse", "sqnr"] = "cosine"
+    # Mixed precision where it pays (passes/int8_protect.py): layers that alone make a large share of
+    # the int8 noise stay in float, within this share of the int8 layers' MACs, if that measures
+    # better (EfficientNet-Lite1: stem and first depthwise conv, 2.7% of MACs, +3.3 dB). 0 turns it off.
+    float_budget: float = 0.03
 
     def __post_init__(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -137,6 +143,8 @@ class QuantizeQDQ(Pass):
             raise ValueError("samples must be >= 1 and bins >= 16")
         if self.outliers not in OUTLIER_MODES:
             raise ValueError(f"outliers must be 'auto' or 'off', got {self.outliers!r}")
+        if not 0.0 <= self.float_budget < 1.0:
+            raise ValueError(f"float_budget must be in [0, 1), got {self.float_budget}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         try:
@@ -196,14 +204,14 @@ class QuantizeQDQ(Pass):
 
             quantizer, note = pick_range_method(quantizer, held_feeds, reference, checked.source)
             changes.append(note)
-        variant, fallback, skipped = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
+        variant, fallback, skipped, protection = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
         check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
         kernel_notes = []
         if not check.ok and quantizer.kernels != "any":
             # This CPU's kernels are not the VNNI ones the codes were made for: redo with safe codes.
             kernel_notes.append(f"{check.describe()} with codes for VNNI kernels; redone with codes exact on any CPU")
             quantizer.kernels = "any"
-            variant, fallback, skipped = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
+            variant, fallback, skipped, protection = self._quantize(quantizer, tolerance, held_feeds, reference, checked.source)
             check = check_kernels(load(variant.proto), held_feeds, reference, checked.source)
         if not check.ok:
             skipped.append(f"int8 kernels: {check.describe()}")
@@ -223,6 +231,8 @@ class QuantizeQDQ(Pass):
         if variant.rounding is not None:
             changes.append(variant.rounding.describe())
         changes += kernel_notes + [check.describe()]
+        if protection is not None:
+            changes.append(describe_protection(protection, sum(len(next(iter(f.values()))) for f in held_feeds)))
         if fallback is not None and fallback["kept_float"]:
             changes.append(f"{len(fallback['kept_float'])} sensitive layers kept in float: {fallback['summary']}")
         details = {
@@ -230,7 +240,7 @@ class QuantizeQDQ(Pass):
             "samples": quantizer.seen, "int8_nodes": plan.nodes, "quantized_values": len(plan.values),
             "fused_activations": sorted(plan.fused_activations), "notes": notes + variant.notes,
             "bias_correction": self.bias_correction, "bias_shift_max_abs": variant.shifts,
-            "bias_correction_skipped": variant.uncorrected, "smoothing": smoothing, "tolerance": fallback,
+            "bias_correction_skipped": variant.uncorrected, "smoothing": smoothing, "tolerance": fallback, "mixed_precision": protection,
             "kernels": quantizer.kernels, "weight_forms": {n: e.describe() for n, e in variant.encodings.items()},
             "kernel_check": check.to_dict(), "weight_rounding": self.weight_rounding,
             "learned_rounding": None if variant.rounding is None else variant.rounding.to_dict(),
@@ -243,49 +253,60 @@ class QuantizeQDQ(Pass):
     def _quantize(
         self, quantizer: _Quantizer, tolerance: Tolerance | None, feeds: list[dict[str, np.ndarray]],
         reference: list[list[np.ndarray]], source: str,
-    ) -> tuple[_Variant, dict[str, Any] | None, list[str]]:
-        """Everything in int8, then (tolerance mode) the most sensitive layers back to float."""
+    ) -> tuple[_Variant, dict[str, Any] | None, list[str], dict[str, Any] | None]:
+        """Everything in int8, the layers that dominate its noise back to float where that pays, then
+        (tolerance mode) the most sensitive layers back to float until the tolerance holds."""
+
+        def measure(variant: _Variant) -> Fidelity:
+            got = outputs(load(variant.proto), feeds, f"pass '{self.name}' (tolerance)")
+            return compare(reference, got, source)
+
         variant = quantizer.build()
+        op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
+        anchors = [n for n in variant.plan.nodes if op_of.get(n) in ANCHORS]
+        protected: list[str] = []
+        sensitivity: dict[str, float] | None = None
+        protection = None
+        if self.float_budget > 0 and len(anchors) > 1:
+            shapes = {k: v.shape for k, v in feeds[0].items()}
+            variant, protected, sensitivity, protection = protect(quantizer, variant, anchors, measure,
+                                                                  self.float_budget, shapes)
+        skipped = _requested_float(variant.plan.skipped, protected, "it alone makes a large share of the int8 noise")
         if tolerance is None:
-            return variant, None, list(variant.plan.skipped)
-        return self._fallback(quantizer, variant, tolerance, feeds, reference, source)
+            return variant, None, skipped, protection
+        variant, fallback, skipped = self._fallback(quantizer, variant, anchors, protected, sensitivity, tolerance,
+                                                    measure, skipped)
+        fallback.update(heldout_samples=sum(len(next(iter(f.values()))) for f in feeds), heldout=source)
+        return variant, fallback, skipped, protection
 
     # ------------------------------------------------------------------ tolerance mode
 
     def _fallback(
-        self, quantizer: _Quantizer, first: _Variant, tolerance: Tolerance, feeds: list[dict[str, np.ndarray]],
-        reference: list[list[np.ndarray]], source: str,
+        self, quantizer: _Quantizer, first: _Variant, anchors: list[str], protected: list[str],
+        sensitivity: dict[str, float] | None, tolerance: Tolerance, measure, skipped: list[str],
     ) -> tuple[_Variant, dict[str, Any], list[str]]:
         """Keep the most sensitive int8 layers in float until `tolerance` holds on the held-out feeds.
 
         Sensitivity of an anchor = output SQNR with only that anchor (and the ops joining it) in int8:
         one ORT run per anchor. Output noise from independent layers roughly adds up, so falling back
         the noisiest first is the cheapest way down; the count is then found by bisection."""
-
-        def measure(variant: _Variant) -> Fidelity:
-            got = outputs(load(variant.proto), feeds, f"pass '{self.name}' (tolerance)")
-            return compare(reference, got, source)
-
         measured: dict[int, tuple[_Variant, Fidelity]] = {0: (first, measure(first))}
         record: dict[str, Any] = {
             "metric": tolerance.metric, "bound": tolerance.bound, "target": tolerance.describe(),
-            "reference": "the float model this pass received", "heldout_samples": sum(len(next(iter(f.values()))) for f in feeds),
-            "heldout": source, "before": float(tolerance.value(measured[0][1])), "kept_float": [], "sensitivity_sqnr_db": {},
+            "reference": "the float model this pass received", "before": float(tolerance.value(measured[0][1])),
+            "kept_float": [], "sensitivity_sqnr_db": {},
         }
         if tolerance.accepts(measured[0][1]):
             record.update(after=record["before"], met=True, evaluations=1, summary="none")
-            return first, record, list(first.plan.skipped)
+            return first, record, skipped
         op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
-        anchors = [n for n in first.plan.nodes if op_of.get(n) in ANCHORS]
-        sensitivity = {}
-        for a in anchors:
-            alone = quantizer.build(keep_float=[b for b in anchors if b != a])
-            sensitivity[a] = float(measure(alone).sqnr_db)
-        order = sorted(anchors, key=lambda a: sensitivity[a])  # noisiest (lowest SQNR) first
+        if sensitivity is None:
+            sensitivity = alone_sqnr(quantizer, anchors, measure)
+        order = sorted((a for a in anchors if a not in protected), key=lambda a: sensitivity[a])  # noisiest first
 
         def at(k: int) -> tuple[_Variant, Fidelity]:
             if k not in measured:
-                variant = quantizer.build(keep_float=order[:k])
+                variant = quantizer.build(keep_float=[*protected, *order[:k]])
                 measured[k] = (variant, measure(variant))
             return measured[k]
 
@@ -309,10 +330,7 @@ class QuantizeQDQ(Pass):
             kept_float=[{"node": a, "op": op_of[a], "sqnr_db_alone": sensitivity[a]} for a in kept],
             summary=", ".join(f"{a} ({sensitivity[a]:.1f} dB alone)" for a in kept) or "none",
         )
-        requested = {f"{a}: skipped by request" for a in kept}
-        skipped = [s for s in variant.plan.skipped if s not in requested]
-        skipped += [f"{a}: kept in float for the tolerance ({tolerance.describe()}); alone in int8 the output "
-                    f"SQNR is {sensitivity[a]:.1f} dB" for a in kept]
+        skipped = _requested_float(skipped, kept, f"the tolerance ({tolerance.describe()})", sensitivity)
         if not met:
             skipped.append(f"tolerance not reached ({tolerance.describe()}): best found is "
                            f"{tolerance.format_value(fidelity)} with {k} of {len(order)} layers in float")
@@ -339,6 +357,16 @@ class QuantizeQDQ(Pass):
             lo, hi = clip_range(hist, self.method, percentile=self.percentile, symmetric=symmetric)
             by_root[root] = activation_params(lo, hi, symmetric=symmetric)
         return {v: by_root[plan.groups.get(v, v)] for v in plan.values if plan.groups.get(v, v) in by_root}
+
+
+def _requested_float(
+    skipped: Iterable[str], names: Iterable[str], reason: str, sensitivity: Mapping[str, float] | None = None,
+) -> list[str]:
+    """`skipped` with the layers in `names` kept in float for `reason` instead of "skipped by request"."""
+    names = list(names)
+    requested = {f"{a}: skipped by request" for a in names}
+    alone = (lambda a: f"; alone in int8 the output SQNR is {sensitivity[a]:.1f} dB") if sensitivity else (lambda a: "")
+    return [s for s in skipped if s not in requested] + [f"{a}: kept in float for {reason}{alone(a)}" for a in names]
 
 
 def describe_forms(encodings: Mapping[str, WeightEncoding], kernels: str) -> str:
