@@ -50,7 +50,7 @@ from ..tolerance import Tolerance
 from ..verify import compare, outputs
 from .float_guard import guard_float_layers
 from .int8_patterns import OUTLIER_MODES
-from .int8_protect import alone_sqnr, protect
+from .int8_protect import SENSITIVITY_SAMPLES, alone_sqnr, protect
 from .int8_protect import describe as describe_protection
 from .int8_rounding import ROUNDINGS, Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import KERNELS, MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias, quantize_weight
@@ -257,9 +257,12 @@ class QuantizeQDQ(Pass):
         """Everything in int8, the layers that dominate its noise back to float where that pays, then
         (tolerance mode) the most sensitive layers back to float until the tolerance holds."""
 
-        def measure(variant: _Variant) -> Fidelity:
-            got = outputs(load(variant.proto), feeds, f"pass '{self.name}' (tolerance)")
-            return compare(reference, got, source)
+        few = _first_samples(feeds, SENSITIVITY_SAMPLES)
+
+        def measure(variant: _Variant, sample: bool = False) -> Fidelity:
+            use = few if sample else feeds
+            got = outputs(load(variant.proto), use, f"pass '{self.name}' (tolerance)")
+            return compare(reference[:len(use)], got, source)
 
         variant = quantizer.build()
         op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
@@ -301,7 +304,7 @@ class QuantizeQDQ(Pass):
             return first, record, skipped
         op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
         if sensitivity is None:
-            sensitivity = alone_sqnr(quantizer, anchors, measure)
+            sensitivity = alone_sqnr(quantizer, anchors, lambda v: measure(v, True))
         order = sorted((a for a in anchors if a not in protected), key=lambda a: sensitivity[a])  # noisiest first
 
         def at(k: int) -> tuple[_Variant, Fidelity]:
@@ -357,6 +360,17 @@ class QuantizeQDQ(Pass):
             lo, hi = clip_range(hist, self.method, percentile=self.percentile, symmetric=symmetric)
             by_root[root] = activation_params(lo, hi, symmetric=symmetric)
         return {v: by_root[plan.groups.get(v, v)] for v in plan.values if plan.groups.get(v, v) in by_root}
+
+
+def _first_samples(feeds: list[dict[str, np.ndarray]], count: int) -> list[dict[str, np.ndarray]]:
+    """The leading feeds (batches) that hold at least `count` samples, or all of them."""
+    taken, seen = [], 0
+    for feed in feeds:
+        if seen >= count:
+            break
+        taken.append(feed)
+        seen += len(next(iter(feed.values())))
+    return taken
 
 
 def _requested_float(
