@@ -30,7 +30,7 @@ MIN_NOISE_SHARE = 0.08
 #: every layer makes a large share, and none dominates (Lite1, 65 layers: 12x and 6.5x; the next 2x).
 MIN_DOMINANCE = 4.0
 #: The layers kept in float must raise the measured output SQNR at least this much (dB), or all-int8 stays.
-MIN_GAIN_DB = 1.0
+MIN_GAIN_DB = 0.5
 #: All-int8 at or above this output SQNR (dB) is left alone: no output kind in the real-model corpus
 #: loses a decision there (97% top-1 agreement on the most ambiguous classifier), and the per-layer
 #: measurement is not paid for (a ResNet-50 classifier: 58 dB).
