@@ -285,3 +285,18 @@ def test_evaluation_data_judges_every_candidate_and_calibration_is_all_for_fitti
     assert all("digits test set" in p.fidelity.inputs and "96 samples" in p.fidelity.inputs for p in result.points)
     assert result.report.notes[0] == ("candidates measured on 96 samples of the evaluation data (digits test set); "
                                       "all 160 calibration samples were for fitting")
+
+
+def test_pruned_candidates_reuse_the_level_one_mixed_precision_choice():
+    from onnxcompress.report import PassRecord
+    from onnxcompress.search import _fixed_mixed_precision
+
+    finish = [{"type": "quantize-int8", "method": "mse", "skip_nodes": ["head"]}, {"type": "eliminate-noops"}]
+    kept = {"outcome": "kept", "kept_float": [{"node": "stem"}, {"node": "dw0"}]}
+    records = [PassRecord("fold-constants", False, 0.0), PassRecord("quantize-int8", True, 1.0, details={"mixed_precision": kept})]
+    fixed = _fixed_mixed_precision(finish, records)
+    assert fixed[0] == {"type": "quantize-int8", "method": "mse", "skip_nodes": ["head", "stem", "dw0"], "float_budget": 0.0}
+    assert fixed[1] == finish[1]
+    none_kept = [PassRecord("quantize-int8", True, 1.0, details={"mixed_precision": {"outcome": "not needed", "kept_float": []}})]
+    assert _fixed_mixed_precision(finish, none_kept)[0]["float_budget"] == 0.0
+    assert _fixed_mixed_precision(finish, [PassRecord("quantize-int8", True, 1.0)]) == finish  # nothing decided
