@@ -11,7 +11,7 @@ from onnxcompress import model as M
 from onnxcompress.analysis.cost import analyze_cost
 from onnxcompress.errors import OnnxCompressError, RecipeError
 from onnxcompress.passes import QuantizeWeightOnly
-from onnxcompress.passes.weight_blocks import BlockCodes, pack_matmulnbits, rtn, unpack_matmulnbits
+from onnxcompress.passes.weight_blocks import CLIP_RATIOS, BlockCodes, pack_matmulnbits, rtn, unpack_matmulnbits
 from onnxcompress.pipeline import Pipeline, build_pass
 from onnxcompress.verify import VerifyOptions
 from tests.graphs import attention_block
@@ -49,15 +49,22 @@ def _quantize(proto, calibration=None, **options):
 
 
 def _reference_codes(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric block codes written out block by block, column by column."""
+    """Symmetric block codes written out block by block, column by column: of the scales
+    r * max|w| / (qmax + 1/2), r in CLIP_RATIOS, the one with the least squared error."""
     qmax = 2 ** (bits - 1) - 1
     codes, scales = np.zeros(w.shape, np.int64), np.zeros((-(-w.shape[0] // block), w.shape[1]), np.float32)
     for b in range(scales.shape[0]):
         for n in range(w.shape[1]):
             col = w[b * block:(b + 1) * block, n]
-            s = np.float32(np.abs(col).max() / np.float32(qmax + 0.5))
-            scales[b, n] = s
-            codes[b * block:(b + 1) * block, n] = np.clip(np.round(col / s), -qmax - 1, qmax)
+            best = None
+            for ratio in CLIP_RATIOS:
+                s = np.float32(np.float32(np.abs(col).max() / np.float32(qmax + 0.5)) * np.float32(ratio))
+                q = np.clip(np.round(col / s), -qmax - 1, qmax)
+                err = float(np.sum((q * s - col) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, s, q)
+            scales[b, n] = best[1]
+            codes[b * block:(b + 1) * block, n] = best[2]
     return codes, scales
 
 

@@ -38,7 +38,7 @@ SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8_rtn", "int8 RTN", {"bits": 8, "method": "rtn"}),
     ("int8_gptq", "int8 GPTQ", {"bits": 8, "method": "gptq"}),
     ("int8_rtn_level0", "int8 RTN, accuracy_level 0", {"bits": 8, "method": "rtn", "accuracy_level": 0}),
-    ("int4_gptq_dq", "int4 GPTQ, DequantizeLinear form", {"bits": 4, "method": "gptq", "form": "dequantize-linear"}),
+    ("int4_rtn_dq", "int4 RTN, DequantizeLinear form", {"bits": 4, "method": "rtn", "form": "dequantize-linear"}),
 ]
 #: Settings timed and measured on every model; the rest (latency comparisons) on the first only.
 EVERY_MODEL = ("int4_rtn", "int4_gptq", "int8_rtn", "int8_gptq")

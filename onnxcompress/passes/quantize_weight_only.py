@@ -28,7 +28,7 @@ from ..errors import OnnxCompressError
 from ..pipeline import Pass, PassContext, PassResult
 from .weight_blocks import check_options, rtn
 from .weight_forms import DQ_OPSET, FORMS, MS_DOMAIN, Names, find_targets, rewrite
-from .weight_gptq import BUDGET_BYTES, collect_hessians, gptq, output_error
+from .weight_gptq import BUDGET_BYTES, collect_hessians, gptq, output_error, prepare
 
 METHODS: tuple[str, ...] = ("auto", "rtn", "gptq")
 ACCURACY_LEVELS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -50,7 +50,7 @@ class QuantizeWeightOnly(Pass):
     form: Literal["matmulnbits", "dequantize-linear"] = "matmulnbits"
     accuracy_level: int = 4  # MatMulNBits: 0 float compute, 4 int8 activations (fastest on x86 CPUs)
     skip_nodes: tuple[str, ...] = ()
-    calibration_budget_mb: int = BUDGET_BYTES // 2**20  # GPTQ statistics (Grams or sampled rows) of all layers
+    calibration_budget_mb: int = BUDGET_BYTES // 2**20  # GPTQ's float32 Grams per streaming run over the data
 
     def __post_init__(self) -> None:
         self.block = check_options(self.bits, self.block_size)
@@ -83,12 +83,14 @@ class QuantizeWeightOnly(Pass):
             widths = {t.x.name: t.k for t in targets}
             hessians = collect_hessians(model, widths, ctx.calibration, budget_bytes=self.calibration_budget_mb * 2**20,
                                         mask_names=mask_inputs(model))
-        names, gains, before, after = Names(model), {}, 0, 0
+        names, gains, before, after, prepared = Names(model), {}, 0, 0, {}
         for target in targets:
             codes = rtn(target.weight, self.bits, self.block, self.symmetric)
             h = hessians.get(target.x.name)
             if h is not None:
-                learned = gptq(target.weight, h, codes)
+                if target.x.name not in prepared:  # q, k and v read one input: one inverse
+                    prepared[target.x.name] = prepare(h)
+                learned = gptq(target.weight, prepared[target.x.name], codes)
                 e_rtn = output_error(target.weight, codes.dequantized(), h)
                 e_gptq = output_error(target.weight, learned.dequantized(), h)
                 if e_gptq < e_rtn:  # never worse than nearest on the data it was fitted on

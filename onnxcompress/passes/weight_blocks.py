@@ -3,10 +3,11 @@
 Each column n of W is cut along K into blocks of `block_size` rows; every block has its own scale
 (and, asymmetric, zero point), so one outlier weight costs precision only in its block.
 
-- **symmetric** (default): scale s = max|w| / (qmax + 1/2), codes round(w / s) in [-qmax - 1, qmax]
-  (int4: [-8, 7], int8: [-128, 127]); the largest |w| of a block is off by at most s/2, like every
-  other weight, and s stays positive (TensorRT refuses negative DequantizeLinear scales; ORT's own
-  packer makes s negative to reach -8 instead);
+- **symmetric** (default): scale s = r * max|w| / (qmax + 1/2), codes round(w / s) clipped to
+  [-qmax - 1, qmax] (int4: [-8, 7], int8: [-128, 127]); with r = 1 the largest |w| of a block is
+  off by at most s/2 like every other weight; r (CLIP_RATIOS) is chosen per block for the least
+  squared weight error. s stays positive (ORT's own packer makes s negative to reach -8 with the
+  largest |w|; a positive scale is what every DequantizeLinear consumer accepts);
 - **asymmetric**: s = (max - min) / (2^bits - 1) over the block with 0 included, zero point
   round(-min / s), codes in [0, 2^bits - 1].
 
@@ -32,6 +33,9 @@ BITS: tuple[int, ...] = (4, 8)
 #: weights; int8 has 256 levels and spends fewer bytes on scales with long blocks.
 DEFAULT_BLOCK = {4: 32, 8: 128}
 MIN_BLOCK = 16
+#: Symmetric scales tried per block, as fractions of max|w| / (qmax + 1/2): the one with the least
+#: squared weight error wins (1.0 first, so ties keep the unclipped scale).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 def check_options(bits: int, block_size: int | None) -> int:
@@ -93,12 +97,28 @@ def block_params(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> 
     lo, hi = qrange(bits, symmetric)
     if symmetric:
         scales = np.abs(blocks).max(axis=1) / np.float32(hi + 0.5)
-        return np.where(scales > 0, scales, 1.0).astype(np.float32), None
+        return _best_clip(blocks, np.where(scales > 0, scales, 1.0).astype(np.float32), lo, hi), None
     wmin, wmax = np.minimum(blocks.min(axis=1), 0), np.maximum(blocks.max(axis=1), 0)
     scales = ((wmax - wmin) / np.float32(hi)).astype(np.float32)
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     zero_points = np.clip(np.round(-wmin / scales), lo, hi).astype(np.uint8)
     return scales, zero_points
+
+
+def _best_clip(blocks: np.ndarray, scales: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Per block, the scale among CLIP_RATIOS x `scales` whose nearest codes reconstruct the block
+    with the least squared error (a slightly smaller step clips the largest weight but serves the
+    many small ones better)."""
+    best, best_err = scales, None
+    for ratio in CLIP_RATIOS:
+        s = (scales * np.float32(ratio)).astype(np.float32)
+        err = np.sum((np.clip(np.round(blocks / s[:, None]), lo, hi) * s[:, None] - blocks) ** 2, axis=1)
+        if best_err is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return best.astype(np.float32)
 
 
 def round_to_codes(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int) -> np.ndarray:
@@ -170,6 +190,6 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "BITS", "BlockCodes", "DEFAULT_BLOCK", "MIN_BLOCK", "block_params", "check_options", "pack_matmulnbits", "qrange",
+    "BITS", "BlockCodes", "CLIP_RATIOS", "DEFAULT_BLOCK", "MIN_BLOCK", "block_params", "check_options", "pack_matmulnbits", "qrange",
     "round_to_codes", "rtn", "unpack_matmulnbits",
 ]

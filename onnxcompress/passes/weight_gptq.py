@@ -16,15 +16,18 @@ must not change after some of its codes were chosen. Rows beyond a block's range
 
 The inputs come from one ORT run of the float model over the calibration data
 (analysis/streaming.py), every target MatMul's input fetched as a graph output; rows that are
-padding under an attention mask are left out. Memory is bounded by `budget_bytes`: each distinct
-input gets a share in proportion to its width; where its K x K Gram fits the share it is summed
-exactly, otherwise a uniform sample of its rows is kept (reservoir sampling) and the Gram is taken
-from those.
+padding under an attention mask are left out. Each distinct input's K x K Gram is summed exactly
+(float32, batch by batch), so memory grows with K^2, not with the calibration rows; when the Grams
+of all inputs pass `budget_bytes` they are collected in several runs, each under the budget.
+Measured on all-mpnet-base-v2 int4: Grams from a uniform sample of ~1,000 rows per input (fewer
+than the 3,072 inputs of the FFN's second MatMul) gave cosine 0.977 (min 0.76) against 0.986
+(min 0.94) from all ~7,700 rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -35,85 +38,77 @@ from .weight_blocks import BlockCodes, qrange
 
 DAMPING = 0.1
 LAZY_BATCH = 128
-#: Bytes of calibration statistics kept for all layers together (Grams or sampled rows).
+#: Bytes of float32 Grams summed in one streaming run over the calibration data.
 BUDGET_BYTES = 256 * 2**20
-
-
-class InputStats:
-    """H = 2 X^T X / rows of one input's rows, summed exactly or from a uniform sample of rows."""
-
-    def __init__(self, k: int, share_bytes: int, seed: int = 0) -> None:
-        self.k = k
-        self.exact = k * k * 8 <= share_bytes
-        self.cap = max(1, share_bytes // (4 * k))
-        self.gram = np.zeros((k, k)) if self.exact else None
-        self.sample = None if self.exact else np.zeros((self.cap, k), np.float32)
-        self.rows = 0  # rows seen
-        self.rng = np.random.default_rng(seed)
-
-    def add(self, x: np.ndarray) -> None:
-        x = np.asarray(x, np.float32).reshape(-1, self.k)
-        if not len(x):
-            return
-        if self.exact:
-            self.gram += (x.T @ x).astype(np.float64)
-        else:
-            kept = min(self.rows, self.cap)
-            fill = min(self.cap - kept, len(x))
-            self.sample[kept:kept + fill] = x[:fill]
-            rest = x[fill:]
-            if len(rest):  # reservoir: row t replaces a random kept row with probability cap / (t + 1)
-                seen = self.rows + fill + np.arange(len(rest))
-                slots = (self.rng.random(len(rest)) * (seen + 1)).astype(np.int64)
-                take = slots < self.cap
-                self.sample[slots[take]] = rest[take]
-        self.rows += len(x)
-
-    def hessian(self) -> np.ndarray:
-        if self.exact:
-            return 2 * self.gram / max(self.rows, 1)
-        x = self.sample[: min(self.rows, self.cap)].astype(np.float64)
-        return 2 * (x.T @ x) / max(len(x), 1)
 
 
 def collect_hessians(model: ir.Model, inputs: Mapping[str, int], calibration: Calibration, *,
                      budget_bytes: int = BUDGET_BYTES, mask_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """{value name: H [K, K]} for the named values (name -> K, their last axis), from one streaming
-    run of `model` over the calibration data; positions where a mask input is 0 are left out."""
+    """{value name: H = 2 X^T X / rows [K, K]} for the named values (name -> K, their last axis),
+    exact over the calibration rows; positions where a mask input is 0 are left out. The values
+    are collected in as few streaming runs of `model` as keep their float32 Grams under
+    `budget_bytes` together (one run unless they do not fit)."""
     from ..analysis.streaming import stream_values
 
-    total = max(sum(inputs.values()), 1)
-    stats = {name: InputStats(k, budget_bytes * k // total, seed=i) for i, (name, k) in enumerate(inputs.items())}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, k in inputs.items():
+        if groups[-1] and used + 4 * k * k > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += 4 * k * k
     masks = list(mask_names)
-    for _, values in stream_values(model, [*masks, *inputs], calibration):
-        mask = next((values[m] for m in masks if m in values), None)
-        for name, array in values.items():
-            if name not in stats:
-                continue
-            x = np.asarray(array)
-            if mask is not None and x.ndim == mask.ndim + 1 and x.shape[:-1] == mask.shape:
-                x = x[np.asarray(mask) != 0]
-            stats[name].add(x)
-    return {name: s.hessian() for name, s in stats.items() if s.rows}
+    hessians: dict[str, np.ndarray] = {}
+    for group in groups:
+        grams = {name: np.zeros((inputs[name], inputs[name]), np.float32) for name in group}
+        rows = dict.fromkeys(group, 0)
+        for _, values in stream_values(model, [*masks, *group], calibration):
+            mask = next((values[m] for m in masks if m in values), None)
+            for name, array in values.items():
+                if name not in grams:
+                    continue
+                x = np.asarray(array, np.float32)
+                if mask is not None and x.ndim == mask.ndim + 1 and x.shape[:-1] == mask.shape:
+                    x = x[np.asarray(mask) != 0]
+                x = x.reshape(-1, inputs[name])
+                grams[name] += x.T @ x
+                rows[name] += len(x)
+        for name in group:
+            if rows[name]:
+                hessians[name] = 2 * grams.pop(name).astype(np.float64) / rows[name]
+    return hessians
 
 
-def gptq(w: np.ndarray, h: np.ndarray, start: BlockCodes, *, damping: float = DAMPING, act_order: bool = True
-         ) -> BlockCodes:
-    """Codes for W [K, N] under `start`'s scales and zero points (its codes are not used), chosen by
-    GPTQ on H [K, K] (see the module doc)."""
-    k, n = w.shape
+@dataclass
+class Prepared:
+    """What GPTQ needs from one H, shared by every layer that reads the same input (q, k, v)."""
+
+    order: np.ndarray  # rows in the order they are quantized
+    hinv: np.ndarray  # upper Cholesky factor of the dampened H^-1, in that order
+    dead: np.ndarray  # inputs that never vary: their weight rows do not matter
+
+
+def prepare(h: np.ndarray, *, damping: float = DAMPING, act_order: bool = True) -> Prepared:
     h = np.array(h, dtype=np.float64)
-    w = np.array(w, dtype=np.float64)
-    diag = np.diag(h).copy()
-    dead = diag <= 0
+    k = h.shape[0]
+    dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[dead] = 0.0
     h[np.diag_indices(k)] += damping * np.mean(np.diag(h))
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    return Prepared(order, inverse_cholesky(h[np.ix_(order, order)][None])[0], dead)
+
+
+def gptq(w: np.ndarray, prepared: Prepared, start: BlockCodes) -> BlockCodes:
+    """Codes for W [K, N] under `start`'s scales and zero points (its codes are not used), chosen by
+    GPTQ (see the module doc)."""
+    k, n = w.shape
+    w = np.array(w, dtype=np.float64)
+    w[prepared.dead] = 0.0
+    order, hinv = prepared.order, prepared.hinv
     scales = start.per_row(start.scales).astype(np.float64)[order]
     zps = None if start.zero_points is None else start.per_row(start.zero_points).astype(np.float64)[order]
     lo, hi = qrange(start.bits, zps is None)
-    hinv = inverse_cholesky(h[np.ix_(order, order)][None])[0]  # upper triangular
     ww = w[order]
     q = np.zeros_like(ww)
     for b0 in range(0, k, LAZY_BATCH):
@@ -140,4 +135,4 @@ def output_error(w: np.ndarray, dequantized: np.ndarray, h: np.ndarray) -> float
     return float(np.einsum("kn,kn->", h @ d, d))
 
 
-__all__ = ["BUDGET_BYTES", "DAMPING", "InputStats", "LAZY_BATCH", "collect_hessians", "gptq", "output_error"]
+__all__ = ["BUDGET_BYTES", "DAMPING", "LAZY_BATCH", "Prepared", "collect_hessians", "gptq", "output_error", "prepare"]
