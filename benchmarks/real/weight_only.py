@@ -35,6 +35,7 @@ from real.text_int8 import fidelity, latency, quantize, run  # noqa: E402
 SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("int4_rtn", "int4 RTN", {"bits": 4, "method": "rtn"}),
     ("int4_gptq", "int4 GPTQ", {"bits": 4, "method": "gptq"}),
+    ("int4_gptq_asym", "int4 GPTQ, asymmetric", {"bits": 4, "method": "gptq", "symmetric": False}),
     ("int8_rtn", "int8 RTN", {"bits": 8, "method": "rtn"}),
     ("int8_gptq", "int8 GPTQ", {"bits": 8, "method": "gptq"}),
     ("int8_rtn_level0", "int8 RTN, accuracy_level 0", {"bits": 8, "method": "rtn", "accuracy_level": 0}),
