@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -136,6 +135,8 @@ def rewrite(model: ir.Model, target: Target, codes: BlockCodes, form: str, names
                  "accuracy_level": accuracy_level}
         new = [ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=names(f"{base}_Q{codes.bits}"))]
     else:
+        import ml_dtypes  # onnx's own dependency (int4 arrays)
+
         symmetric = codes.zero_points is None
         signed = {4: ml_dtypes.int4, 8: np.int8} if symmetric else {4: ml_dtypes.uint4, 8: np.uint8}
         dtype = signed[codes.bits]
