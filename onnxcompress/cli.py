@@ -189,7 +189,8 @@ def optimize(
     factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
     factorize_budget: Annotated[Optional[float], typer.Option(help="Low-rank factorize until this fraction of the MACs is left, ranks allocated by least loss per MAC saved.")] = None,
     latency_aware: Annotated[bool, typer.Option("--latency-aware", help="Factorize only layers measured faster on the --target provider at the model's shape.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib) or dynamic (int8 weights, no calibration).")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib), dynamic (int8 weights, no calibration), or weight-only int4 / int8-weight (MatMul/Gemm weights in blocks; GPTQ with --calib, else round-to-nearest; smaller files for transformer models; --target tensorrt writes DequantizeLinear instead of MatMulNBits).")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Weight-only quantization: weights per block along K (a power of 2, at least 16; default 32 for int4, 128 for int8-weight).")] = None,
     calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
@@ -217,7 +218,8 @@ def optimize(
     options = OptimizeOptions(
         recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
         target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
-                                                          factorize_budget, latency_aware, quantize, calib_method, preset, target, smooth, distill),
+                                                          factorize_budget, latency_aware, quantize, calib_method, preset, target, smooth, distill,
+                                                          block_size),
         prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
         verify=verify, bench_runs=bench_runs, threads=threads, batch=batch,
     )
@@ -275,6 +277,10 @@ def optimize(
         raise typer.Exit(code)
 
 
+#: --quantize values of weight-only quantization -> bits.
+WEIGHT_ONLY = {"int4": 4, "int8-weight": 8}
+
+
 def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | None):
     """The tolerance the flags ask for, or None (then optimize uses its default with --calib)."""
     from .tolerance import Tolerance
@@ -293,7 +299,7 @@ def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | Non
 
 
 def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factorize_budget, latency_aware, quantize,
-                calib_method, preset, target, smooth=None, distill=None) -> list[dict]:
+                calib_method, preset, target, smooth=None, distill=None, block_size=None) -> list[dict]:
     """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
     specs: list[dict] = []
     if prune is not None:
@@ -313,13 +319,24 @@ def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factor
         from .passes.distill import parse_budget
 
         specs.append({"type": "distill", **parse_budget(distill)})
-    if quantize == "dynamic":
+    if block_size is not None and quantize not in WEIGHT_ONLY:
+        raise OnnxCompressError("--block-size applies to weight-only quantization: add --quantize int4 or int8-weight")
+    if quantize in WEIGHT_ONLY:
+        if calib_method is not None or preset is not None or smooth is not None:
+            raise OnnxCompressError(f"--calib-method, --preset and --smooth apply to --quantize int8, not {quantize}")
+        spec = {"type": "quantize-weight-only", "bits": WEIGHT_ONLY[quantize]}
+        if block_size is not None:
+            spec["block_size"] = block_size
+        if target == "tensorrt":  # no com.microsoft MatMulNBits there: standard blocked DequantizeLinear
+            spec["form"] = "dequantize-linear"
+        specs.append(spec)
+    elif quantize == "dynamic":
         if calib_method is not None or preset is not None or smooth is not None:
             raise OnnxCompressError("--calib-method, --preset and --smooth apply to --quantize int8, not dynamic")
         specs.append({"type": "quantize-dynamic"})
     elif quantize is not None or calib_method is not None or preset is not None or smooth is not None:
         if quantize not in (None, "int8"):
-            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib) or dynamic")
+            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib), dynamic, int4 or int8-weight")
         from .optimize import CPU_TARGETS, int8_kernels
 
         if preset is None and target == "tensorrt":

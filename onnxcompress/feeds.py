@@ -125,6 +125,15 @@ def synthetic_feeds(
     return feeds
 
 
+def mask_inputs(model: ir.Model) -> list[str]:
+    """Names of the graph inputs named like an attention mask (`*mask*`, integer, bool or float):
+    0 marks padding positions."""
+    from .model import graph_inputs
+
+    return [v.name for v in graph_inputs(model) if _MASK.search(v.name)
+            and v.dtype is not None and (v.dtype.is_integer() or v.dtype.is_floating_point() or v.dtype == ir.DataType.BOOL)]
+
+
 def _synthetic(value: ir.Value, dtype: np.dtype, shape: tuple[int, ...], shapes: Mapping[str, Sequence[int]],
                rng: np.random.Generator) -> np.ndarray:
     name = value.name
@@ -209,4 +218,4 @@ def _longest_other_dim(name: str, shapes: Mapping[str, Sequence[int]]) -> int:
 
 
 __all__ = ["DEFAULT_SAMPLE_RATE", "InputValueError", "NonNumericInputError", "check_input_values", "describe_source",
-           "parse_input_values", "synthetic_feeds"]
+           "mask_inputs", "parse_input_values", "synthetic_feeds"]

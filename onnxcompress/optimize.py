@@ -300,7 +300,8 @@ def provider_for(target: str) -> str:
 
 #: Where each pass belongs in a pipeline: structure first, then weights, then number formats.
 ORDER = ("fold-constants", "fold-batchnorm", "eliminate-noops", "prune-blocks", "prune-channels", "factorize",
-         "distill", "equalize", "smooth-quant", "quantize-int8", "quantize-dynamic", "weight-share")
+         "distill", "equalize", "smooth-quant", "quantize-int8", "quantize-dynamic", "quantize-weight-only",
+         "weight-share")
 
 
 def _ordered(specs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -219,7 +219,12 @@ def search(
         final, _, _ = models[-1]
         gain = timed(cleaned.model, final)
         closing["speedup_over_float"] = gain
-        if gain is not None and gain < 1.0:
+        for_size = sorted({str(s.get("type")) for s in finish} & SIZE_PASSES)
+        if gain is not None and gain < 1.0 and for_size:  # their purpose is a smaller model, not a faster one
+            closing["outcome"] = "kept: measured slower than float, but it is there for size"
+            notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
+                         f"slower than float on ORT CPU at this shape; kept: {', '.join(for_size)} is there for size")
+        elif gain is not None and gain < 1.0:
             closing["outcome"] = "dropped: measured slower than float"
             notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
                          "slower than float on ORT CPU at this shape, so they were dropped")
@@ -383,6 +388,10 @@ SPEED_TIE = 0.03
 #: EfficientNet-Lite1 calibrated on 5 photos, a prune to 0.976 of the MACs measured 23 dB on held-out
 #: crops and 10 dB on other photos), so it must buy a speedup that timing noise cannot fake.
 PRUNE_MIN_GAIN = 0.10
+
+
+#: Closing passes whose purpose is a smaller model: never dropped for measuring slower than float.
+SIZE_PASSES = frozenset({"quantize-weight-only"})
 
 
 def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Callable[[ir.Model], float],

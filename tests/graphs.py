@@ -113,3 +113,45 @@ def cancelling_gemm_bn(*, features: int = 16, channels: int = 8, offset: float =
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, channels])], inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def attention_block(d: int = 32, ff: int = 64, seq: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[N, S, D], attention_mask[N, S] (int64, 0 = padding) -> LayerNorm -> q/k/v MatMuls ->
+    softmax(q k^T / sqrt(D) + mask bias) v -> output MatMul -> FFN (MatMul, x * sigmoid(x),
+    Gemm with transB on the flattened rows) -> y[N * S, D]: a transformer layer in miniature."""
+    rng = np.random.default_rng(seed)
+    arrays = {"gamma": rng.uniform(0.5, 1.5, d), "beta": rng.normal(0, 0.1, d), "scale": np.array(1 / np.sqrt(d)),
+              "one": np.array(1.0), "neg": np.array(-1e4), "rows": np.array([-1, ff], np.int64)}
+    for name, shape in (("wq", (d, d)), ("wk", (d, d)), ("wv", (d, d)), ("wo", (d, d)), ("w1", (d, ff)), ("w2t", (d, ff))):
+        arrays[name] = rng.normal(0, 1.0 / np.sqrt(shape[0]), shape)
+    arrays["b2"] = rng.normal(0, 0.1, d)
+    inits = [_init(n, np.asarray(a, dtype=np.int64 if n == "rows" else np.float32)) for n, a in arrays.items()]
+    n = helper.make_node
+    nodes = [
+        n("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1),
+        n("MatMul", ["ln", "wq"], ["q"], name="q"), n("MatMul", ["ln", "wk"], ["k"], name="k"),
+        n("MatMul", ["ln", "wv"], ["v"], name="v"),
+        n("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        n("MatMul", ["q", "kt"], ["qk"], name="scores"),
+        n("Mul", ["qk", "scale"], ["scaled"], name="scaled"),
+        n("Cast", ["attention_mask"], ["maskf"], name="mask_cast", to=TensorProto.FLOAT),
+        n("Sub", ["one", "maskf"], ["masked"], name="mask_invert"),
+        n("Mul", ["masked", "neg"], ["bias2d"], name="mask_bias"),
+        n("Unsqueeze", ["bias2d", "axis1"], ["bias3d"], name="mask_unsqueeze"),
+        n("Add", ["scaled", "bias3d"], ["scores_masked"], name="mask_add"),
+        n("Softmax", ["scores_masked"], ["probs"], name="softmax", axis=-1),
+        n("MatMul", ["probs", "v"], ["ctx"], name="context"),
+        n("MatMul", ["ctx", "wo"], ["att"], name="o"),
+        n("MatMul", ["att", "w1"], ["h"], name="fc1"),
+        n("Sigmoid", ["h"], ["sig"], name="sigmoid"),
+        n("Mul", ["h", "sig"], ["act"], name="gate"),
+        n("Reshape", ["act", "rows"], ["flat"], name="flatten"),
+        n("Gemm", ["flat", "w2t", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits.append(_init("axis1", np.array([1], np.int64)))
+    graph = helper.make_graph(
+        nodes, "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, d]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", seq])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

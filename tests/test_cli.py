@@ -202,7 +202,7 @@ def test_quantize_flags_add_the_int8_pass_after_pruning(capsys, tmp_path, model_
     from onnxcompress.analysis.int8_kernels import host_has_vnni
 
     assert details["kernels"] == ("vnni" if host_has_vnni() else "any") and details["samples"] == 12
-    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q2.onnx", "--quantize", "int4")
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q2.onnx", "--quantize", "int3")
     assert code == 2 and "choose int8" in err
     code, _, err = run_cli(capsys, "optimize", model_path, "-o", tmp_path / "q3.onnx", "--quantize", "int8")
     assert code == 2 and "needs calibration data" in err

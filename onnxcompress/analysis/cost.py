@@ -3,7 +3,8 @@
 Conventions
 -----------
 - **MAC**: one multiply-accumulate of a Conv, ConvTranspose, Gemm, MatMul, Einsum contraction or
-  one of their integer forms (ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul).
+  one of their integer forms (ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul, and
+  com.microsoft MatMulNBits: K x N per input row, whatever the weight's bit width).
   Bias additions are not MACs. Every other op has 0 MACs.
 - **FLOPs** = 2 x MACs, plus for the same layers one add per output element when a bias is
   present (and 3 per output element to requantize for QLinearConv/QLinearMatMul), plus for
@@ -33,7 +34,8 @@ Conventions
   indices, axes, pads, scales or zero points (Reshape's shape, Slice's starts, Resize's scales,
   QuantizeLinear's scale and zero point, ...), and one-element operands of elementwise ops
   (epsilons, exponents, constant factors; PRelu's slope is the exception: it is learned).
-  Quantizing a model therefore leaves its params unchanged.
+  Quantizing a model therefore leaves its params unchanged (a MatMulNBits weight counts K x N,
+  however its codes are packed; its scales and zero points are not weights).
 - **weight_bytes**: bytes of every initializer and Constant node tensor (per node: those it
   consumes first; the model total also counts unused initializers).
 - **activation_bytes**: bytes of node outputs, Constant nodes excluded (their outputs are weights).
@@ -395,6 +397,7 @@ def _describe(tensor: ir.TensorProtocol) -> _Constant:
     return _Constant(numel=tensor.size, nbytes=tensor.nbytes, dtype=tensor.dtype)
 
 
+_MS = "com.microsoft"
 #: Input positions that hold shapes, indices, axes, pads, scales or zero points, not weights.
 _NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
     op: frozenset(slots)
@@ -427,6 +430,7 @@ _NON_WEIGHT_INPUTS: dict[str, frozenset[int]] = {
         "QLinearMatMul": {1, 2, 4, 5, 6, 7},
         "MatMulInteger": {2, 3},
         "ConvInteger": {2, 3},
+        f"{_MS}::MatMulNBits": {2, 3, 4},
         **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                               "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")},
     }.items()
@@ -513,7 +517,7 @@ def _node_cost(
         if value is None or value not in constants:
             continue
         if weight_owner.get(value) is node:
-            params += constants[value].numel
+            params += _weight_numel(op_name, node, value, constants[value])
         if byte_owner.setdefault(value, node) is node:
             weight_bytes += constants[value].nbytes
     activation_bytes = 0 if op_name == "Constant" else sum(
@@ -543,6 +547,14 @@ def _node_cost(
         known=known,
         reason=reason,
     )
+
+
+def _weight_numel(op_name: str, node: ir.Node, value: ir.Value, constant: _Constant) -> int:
+    """Weights a constant holds: its elements, or K x N for MatMulNBits' packed B."""
+    if op_name == f"{_MS}::MatMulNBits" and len(node.inputs) > 1 and value is node.inputs[1]:
+        k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+        return k * n if k and n else constant.numel
+    return constant.numel
 
 
 def _op_name(node: ir.Node) -> str:
@@ -585,6 +597,14 @@ def _matmul(op: _Op, requantize: int = 0) -> Cost:
     out = op.output_numel()
     macs = out * depth
     return macs, 2 * macs + requantize * out
+
+
+def _matmul_nbits(op: _Op) -> Cost:
+    # A [..., K] times a block-quantized B [K, N]: K multiply-adds per output element (and a bias)
+    depth = int(op.attr("K", 0)) or op.input_shape(0)[-1]
+    out = op.output_numel()
+    macs = out * depth
+    return macs, 2 * macs + _bias_flops(op, 5, out)
 
 
 def _bias_flops(op: _Op, slot: int | None, out: int) -> int:
@@ -712,6 +732,7 @@ _RULES: dict[str, Rule] = {
     "MatMul": _matmul,
     "MatMulInteger": _matmul,
     "QLinearMatMul": lambda op: _matmul(op, requantize=3),
+    f"{_MS}::MatMulNBits": _matmul_nbits,
     "Einsum": _einsum,
     # quantization
     "QuantizeLinear": _per_output(3),

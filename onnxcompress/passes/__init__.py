@@ -8,7 +8,8 @@ from .prune import PruneChannels
 from .prune_blocks import PruneBlocks
 from .quantize import QuantizeQDQ
 from .quantize_dynamic import QuantizeDynamic
+from .quantize_weight_only import QuantizeWeightOnly
 from .smooth import SmoothQuant
 from .weight_share import WeightShare
 
-__all__ = ["Distill", "EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "FusePadIntoConv", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "SmoothQuant", "WeightShare"]
+__all__ = ["Distill", "EliminateNoOps", "Equalize", "Factorize", "FoldBatchNorm", "FoldConstants", "FusePadIntoConv", "PruneBlocks", "PruneChannels", "QuantizeDynamic", "QuantizeQDQ", "QuantizeWeightOnly", "SmoothQuant", "WeightShare"]

@@ -202,7 +202,7 @@ def gptq_codes(target: np.ndarray, nearest: np.ndarray, h: np.ndarray, paired: b
     h [G, K, K]), each within one step of `nearest`, by GPTQ's column-wise error feedback (see the
     module doc). `paired`: keep every kernel pair (k, k+1), k even, within PAIR_CODE_LIMIT."""
     g, r, k = target.shape
-    hinv = _inverse_cholesky(h)  # [G, K, K] upper triangular
+    hinv = inverse_cholesky(h)  # [G, K, K] upper triangular
     w = target.astype(np.float64).copy()
     q = nearest.astype(np.float64).copy()
     lo = np.clip(nearest - 1, -WEIGHT_QMAX, WEIGHT_QMAX)
@@ -233,7 +233,7 @@ def damped(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper Cholesky factor of h^-1 per group (GPTQ's numerically stable form of the updates)."""
     inv = np.linalg.inv(h)
     inv = (inv + inv.transpose(0, 2, 1)) / 2
@@ -291,5 +291,5 @@ def _from_rows(op_type: str, rows: np.ndarray, shape: tuple[int, ...], trans_b: 
 
 __all__ = [
     "BLOCK", "DAMPING", "Gram", "ROUNDINGS", "ROWS_PER_SAMPLE", "RoundingReport", "collect_grams", "conv_patches",
-    "conv_geometry", "damped", "gptq_codes", "learn_codes", "output_errors",
+    "conv_geometry", "damped", "gptq_codes", "inverse_cholesky", "learn_codes", "output_errors",
 ]
