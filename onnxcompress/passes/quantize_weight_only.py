@@ -47,7 +47,9 @@ class QuantizeWeightOnly(Pass):
     bits: int = 4
     block_size: int | None = None  # None: 32 for int4, 128 for int8; a power of 2, at least 16
     method: Literal["auto", "rtn", "gptq"] = "auto"  # auto: gptq with calibration data, else rtn
-    symmetric: bool = True
+    # None: asymmetric int4 blocks (zero points; all-mpnet-base-v2 GPTQ cosine 0.992 against 0.988 symmetric),
+    # symmetric int8 (0.9994 already)
+    symmetric: bool | None = None
     form: Literal["matmulnbits", "dequantize-linear"] = "matmulnbits"
     accuracy_level: int = 4  # MatMulNBits: 0 float compute, 4 int8 activations (fastest on x86 CPUs)
     skip_nodes: tuple[str, ...] = ()
@@ -55,6 +57,7 @@ class QuantizeWeightOnly(Pass):
 
     def __post_init__(self) -> None:
         self.block = check_options(self.bits, self.block_size)
+        self.is_symmetric = self.bits == 8 if self.symmetric is None else self.symmetric
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.form not in FORMS:
@@ -86,7 +89,7 @@ class QuantizeWeightOnly(Pass):
                                         mask_names=mask_inputs(model))
         names, gains, before, after, prepared = Names(model), {}, 0, 0, {}
         for target in targets:
-            codes = rtn(target.weight, self.bits, self.block, self.symmetric)
+            codes = rtn(target.weight, self.bits, self.block, self.is_symmetric)
             h = hessians.get(target.x.name)
             if h is not None:
                 if target.x.name not in prepared:  # q, k and v read one input: one inverse
@@ -98,7 +101,7 @@ class QuantizeWeightOnly(Pass):
                     codes = learned
                 gains[target.node.name] = float(10 * np.log10(max(e_rtn, 1e-30) / max(min(e_gptq, e_rtn), 1e-30)))
             before += target.weight.nbytes
-            after += _quantized_bytes(target.k, target.n, self.bits, self.block, self.symmetric)
+            after += _quantized_bytes(target.k, target.n, self.bits, self.block, self.is_symmetric)
             rewrite(model, target, codes, self.form, names, self.accuracy_level)
         if method == "gptq":
             seconds = time.perf_counter() - start
@@ -108,7 +111,7 @@ class QuantizeWeightOnly(Pass):
                   if self.form == "matmulnbits" else f"DequantizeLinear (opset {DQ_OPSET}, blocked) + MatMul")
         changes = [*notes,
                    f"{len(targets)} MatMul/Gemm weights to int{self.bits} in blocks of {self.block} along K "
-                   f"({'symmetric' if self.symmetric else 'asymmetric'}, {method}): {kernel}",
+                   f"({'symmetric' if self.is_symmetric else 'asymmetric'}, {method}): {kernel}",
                    f"quantized weights {_size(before)} -> {_size(after)} ({before / max(after, 1):.1f}x smaller)"]
         if gains:
             changes.append(f"GPTQ on {len(gains)} layers: layer output error {np.mean(list(gains.values())):.1f} dB below "
@@ -117,7 +120,7 @@ class QuantizeWeightOnly(Pass):
                            details=self._details(method, len(targets), before, after, gains, seconds))
 
     def _details(self, method: str, layers: int, before: int, after: int, gains: dict, seconds: float) -> dict:
-        return {"bits": self.bits, "block_size": self.block, "method": method, "symmetric": self.symmetric,
+        return {"bits": self.bits, "block_size": self.block, "method": method, "symmetric": self.is_symmetric,
                 "form": self.form, "accuracy_level": self.accuracy_level if self.form == "matmulnbits" else None,
                 "layers": layers, "weight_bytes_before": before, "weight_bytes_after": after,
                 "gptq_gain_db": gains, "gptq_seconds": seconds}
