@@ -48,3 +48,24 @@ def test_histograms_do_not_depend_on_the_budget():
     for name in names:
         assert small[name].minimum == tiny[name].minimum and small[name].maximum == tiny[name].maximum
         assert np.array_equal(small[name].counts, tiny[name].counts)
+
+
+def test_channel_statistics_of_token_activations_leave_padding_out():
+    """Padded positions compute on pad tokens: channel importance measured over them describes
+    padding (62% of the rows of a batch of real sentences padded to the longest)."""
+    from onnxcompress.analysis.activations import collect
+    from tests.graphs import attention_block
+
+    model = load(attention_block())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
+    mask = np.ones((6, 8), np.int64)
+    mask[:, 5:] = 0
+    padded = x.copy()
+    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    stats = [collect(model, {"h": 2, "x": 2}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}), batch_size=4)
+             for a in (x, padded)]
+    for name in ("h", "x"):
+        np.testing.assert_allclose(stats[0].values[name].mean_abs, stats[1].values[name].mean_abs, rtol=1e-6)
+        assert stats[0].values[name].count == 6 * 5  # real positions only
+    np.testing.assert_allclose(stats[0].values["x"].mean_abs, np.abs(x[:, :5].astype(np.float64)).mean(axis=(0, 1)), rtol=1e-9)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..calibration import Calibration
+from ..feeds import feed_mask, mask_inputs, token_rows
 from .streaming import stream_values
 
 
@@ -29,8 +30,10 @@ class ChannelStats:
     minimum: np.ndarray | None = None
     maximum: np.ndarray | None = None
 
-    def update(self, array: np.ndarray) -> None:
-        x = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, 0).reshape(array.shape[self.axis], -1)
+    def update(self, array: np.ndarray, *, rows: bool = False) -> None:
+        """Add `array`'s values (`rows`: already [positions, channels])."""
+        array = np.asarray(array, dtype=np.float64)
+        x = array.T if rows else np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
         sums = (x.sum(1), np.abs(x).sum(1), (x == 0).sum(1), x.min(1), x.max(1))
         if self.total is None:
             self.total, self.total_abs, self.zeros, self.minimum, self.maximum = sums
@@ -72,12 +75,22 @@ def collect(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ActivationStats:
-    """Per-channel statistics of the values named in `axes` (value name -> channel axis)."""
+    """Per-channel statistics of the values named in `axes` (value name -> channel axis); token
+    activations ([batch, sequence, channels]) only at the positions an attention mask input keeps."""
     stats = ActivationStats({}, 0, calibration.source)
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
-    for count, values in stream_values(model, list(axes), calibration, batch_size=batch_size, limit=limit):
+    masks = [m for m in mask_inputs(model) if m not in axes]
+    mask = None
+    for count, values in stream_values(model, [*axes, *masks], calibration, batch_size=batch_size, limit=limit):
+        mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
         for name, array in values.items():
-            stats.values.setdefault(name, ChannelStats(axes[name])).update(array)
+            if name not in axes:
+                continue
+            channel = stats.values.setdefault(name, ChannelStats(axes[name]))
+            if mask is not None and axes[name] % array.ndim == array.ndim - 1 and array.shape[:-1] == mask.shape:
+                channel.update(token_rows(array, mask), rows=True)
+            else:
+                channel.update(array)
         stats.samples += count
         if progress and count:
             progress(stats.samples, total)
