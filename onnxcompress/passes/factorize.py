@@ -53,6 +53,7 @@ from .. import runtime
 from ..analysis.layer_timing import PairTiming, time_pair
 from ..analysis.shapes import infer_shapes
 from ..calibration import Calibration, batch_size_for
+from ..feeds import feed_mask, mask_inputs, token_rows
 from ..model import load
 from ..pipeline import Pass, PassContext, PassResult
 from .linear import matmul_bias_add
@@ -555,18 +556,21 @@ def collect_moments(model: ir.Model, layers: list[Layer], calibration: Calibrati
     sess = runtime.session(probe) if fetch else None
     rng = np.random.default_rng(seed)
     moments = {l.node.name: _Moments() for l in wanted}
+    masks = mask_inputs(model)  # token rows under an attention mask's padding are left out
     for feeds in calibration.batches(batch_size_for(model, 8), limit=samples):
         values = dict(zip(fetch, sess.run(fetch, feeds))) if sess else {}
         values.update({k: v for k, v in feeds.items()})
+        mask = feed_mask(feeds, masks)
         for layer in wanted:
             x = values[layer.node.inputs[0].name]
-            moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng))
+            moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng, mask))
     return moments
 
 
-def _input_rows(layer: Layer, x: np.ndarray, positions: int, rng: np.random.Generator) -> np.ndarray:
+def _input_rows(layer: Layer, x: np.ndarray, positions: int, rng: np.random.Generator,
+                mask: np.ndarray | None = None) -> np.ndarray:
     if layer.kind != "Conv":
-        return x.reshape(-1, x.shape[-1])
+        return token_rows(x, mask)
     return im2col(x, layer, positions, rng)
 
 
