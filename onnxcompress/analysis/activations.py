@@ -26,6 +26,7 @@ class ChannelStats:
     count: int = 0  # elements per channel seen so far
     total: np.ndarray | None = None
     total_abs: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
     zeros: np.ndarray | None = None
     minimum: np.ndarray | None = None
     maximum: np.ndarray | None = None
@@ -34,12 +35,13 @@ class ChannelStats:
         """Add `array`'s values (`rows`: already [positions, channels])."""
         array = np.asarray(array, dtype=np.float64)
         x = array.T if rows else np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
-        sums = (x.sum(1), np.abs(x).sum(1), (x == 0).sum(1), x.min(1), x.max(1))
+        sums = (x.sum(1), np.abs(x).sum(1), (x == 0).sum(1), x.min(1), x.max(1), np.einsum("ij,ij->i", x, x))
         if self.total is None:
-            self.total, self.total_abs, self.zeros, self.minimum, self.maximum = sums
+            self.total, self.total_abs, self.zeros, self.minimum, self.maximum, self.total_sq = sums
         else:
             self.total = self.total + sums[0]
             self.total_abs = self.total_abs + sums[1]
+            self.total_sq = self.total_sq + sums[5]
             self.zeros = self.zeros + sums[2]
             self.minimum = np.minimum(self.minimum, sums[3])
             self.maximum = np.maximum(self.maximum, sums[4])
@@ -52,6 +54,10 @@ class ChannelStats:
     @property
     def mean_abs(self) -> np.ndarray:
         return self.total_abs / max(self.count, 1)
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.total_sq / max(self.count, 1))
 
     @property
     def apoz(self) -> np.ndarray:
