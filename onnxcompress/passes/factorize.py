@@ -52,6 +52,7 @@ import scipy.linalg
 from .. import runtime
 from ..analysis.layer_timing import PairTiming, time_pair
 from ..analysis.shapes import infer_shapes
+from ..analysis.streaming import stream_values
 from ..calibration import Calibration, batch_size_for
 from ..feeds import feed_mask, mask_inputs, token_rows
 from ..model import load
@@ -542,28 +543,17 @@ def collect_moments(model: ir.Model, layers: list[Layer], calibration: Calibrati
     wanted = [l for l in layers if l.input_features() <= max_features]
     if not wanted:
         return {}
-    probe = load(model)
-    produced = {v.name: v for n in probe.graph for v in n.outputs}
-    graph_inputs = {v.name for v in probe.graph.inputs}
-    present = {v.name for v in probe.graph.outputs}
-    fetch = []
-    for name in dict.fromkeys(l.node.inputs[0].name for l in wanted):
-        if name in graph_inputs:
-            continue
-        if name not in present:
-            probe.graph.outputs.append(produced[name])
-        fetch.append(name)
-    sess = runtime.session(probe) if fetch else None
     rng = np.random.default_rng(seed)
     moments = {l.node.name: _Moments() for l in wanted}
     masks = mask_inputs(model)  # token rows under an attention mask's padding are left out
-    for feeds in calibration.batches(batch_size_for(model, 8), limit=samples):
-        values = dict(zip(fetch, sess.run(fetch, feeds))) if sess else {}
-        values.update({k: v for k, v in feeds.items()})
-        mask = feed_mask(feeds, masks)
+    names = list(dict.fromkeys(l.node.inputs[0].name for l in wanted))
+    mask = None
+    for count, values in stream_values(model, [*names, *masks], calibration, batch_size=batch_size_for(model, 8), limit=samples):
+        mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
         for layer in wanted:
-            x = values[layer.node.inputs[0].name]
-            moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng, mask))
+            x = values.get(layer.node.inputs[0].name)
+            if x is not None:
+                moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng, mask))
     return moments
 
 
