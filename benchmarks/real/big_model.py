@@ -5,10 +5,12 @@
 No package on PyPI ships >= 1B float weights of a model (the package lists searched have quantized
 GGUF parts of a 7B model only), so the model is synthetic: all-mpnet-base-v2 widened --width times
 (synthetic_mpnet.py says exactly how: it computes the real model's embeddings, with weights that
-have the statistics of a layer that much wider), float32, saved with external data. Every step runs in a child process whose wall time and peak RSS (the kernel's
-ru_maxrss) are recorded, with the peak of its anonymous and file-backed resident memory sampled
-from /proc every 0.1 s (memory-mapped weights are file-backed: the kernel can drop them under
-pressure, anonymous memory it cannot):
+have the statistics of a layer that much wider), float32, saved with external data.
+
+Every step runs in a child process whose wall time and peak RSS (the kernel's ru_maxrss) are
+recorded, with the peaks of its anonymous and file-backed resident memory sampled from /proc every
+0.1 s (memory-mapped weights are file-backed: the kernel can drop them under pressure, anonymous
+memory it cannot):
 
 1. build: draw and write the model tensor by tensor (`onnxcompress.save`, external data);
 2. `onnxcompress analyze`;
@@ -63,7 +65,8 @@ def measure(name: str, command: list[str], log: Path) -> dict[str, Any]:
     start = time.perf_counter()
     with open(log, "w") as out:
         # The package of this checkout, whatever `pip install -e` points at.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))}
+        paths = [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         done = threading.Event()
 
@@ -182,7 +185,8 @@ def render(data: dict[str, Any]) -> str:
         f"Machine: {m['cpu']} ({', '.join(k for k, v in m['cpu_flags'].items() if v)}), {m['logical_cores']} cores, "
         f"{m['memory_gib']:.0f} GiB RAM shared with other jobs, no swap; onnxruntime {m['onnxruntime']}, "
         f"onnx {m['onnx']}, python {m['python']}; onnxcompress at {m['onnxcompress_commit']}.", "",
-        f"Model: all-mpnet-base-v2 widened {c['width']}x (`benchmarks/real/synthetic_mpnet.py`): MPNet's graph at hidden "
+        f"Model: all-mpnet-base-v2 widened {c['width']}x (`benchmarks/real/synthetic_mpnet.py`): MPNet's graph "
+        f"at hidden "
         f"{c['hidden']}, {c['heads']} heads, FFN {c['intermediate']}, {c['layers']} layers, opset 17; weights drawn "
         f"tensor by tensor from the real model's so that it computes the real embeddings (each MatMul weight is the "
         f"real one spread over {c['width']} copies of its input channels plus zero-sum noise resampled from the real "
