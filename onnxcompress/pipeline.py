@@ -149,7 +149,9 @@ class Pipeline:
         before = before_cost.stats
 
         feeds, feed_source = self._verification_feeds(original, ctx)
-        reference = reference_outputs(original, feeds, feed_source) if self.verify.enabled else []
+        # From the input's own file where there is one: a model loaded from a path is not copied to run it.
+        runnable = model if isinstance(model, (str, Path)) else original
+        reference = reference_outputs(runnable, feeds, feed_source) if self.verify.enabled else []
         # An exact pass is held to the outputs of the model it starts from (after a lossy pass, not the input's)
         expected, noise, noise_of_before = reference, None, False
 
