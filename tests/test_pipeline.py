@@ -118,6 +118,17 @@ def test_lossy_pass_is_measured_not_rejected():
     assert scaled.max_rel_error > 0.05 and scaled.sqnr_db < 40
 
 
+def test_fidelity_is_measured_on_sources_no_pass_fitted():
+    from onnxcompress.calibration import SAMPLE_SOURCE_KEY
+
+    model = M.load(conv_bn_relu_gemm())
+    x = np.random.default_rng(1).normal(size=(20, 3, 8, 8)).astype(np.float32)
+    labels = np.array(["a", "b", "c", "d", "e"] * 4)
+    calib = Calibration.from_arrays(model, {"x": x, SAMPLE_SOURCE_KEY: labels})
+    fidelity = Pipeline([_LossyScale(factor=1.5)]).run(model, calibration=calib).report.fidelity
+    assert "1 source never fitted" in fidelity.inputs and fidelity.samples == 4  # source "e", held out whole
+
+
 def test_broken_model_fails_the_checker_with_pass_name():
     with pytest.raises(VerificationError, match="pass 'test-scale-output'"):
         Pipeline([_ScaleOutput(mode="break")]).run(conv_bn_relu_gemm())

@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - BLAS keeps its default threads
     threadpool_limits = None
 
 #: Fraction of the calibration samples held out to choose the ridge strength and report fidelity.
-HOLDOUT = 0.2
+HOLDOUT = 0.2  # pipeline.FITTING_HOLDOUT: verification feeds come from this part
 #: Below this many samples a refit of wide layers is underdetermined or noisy: warn.
 SMALL_CALIBRATION = 64
 #: Ridge strengths tried, relative to the mean diagonal of X^T X, from the largest down until the held-out
