@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from .cost import subgraphs
+from .control_flow import subgraphs
 from .shapes import infer_shapes
 
 # ------------------------------------------------------------------------------ union-find
