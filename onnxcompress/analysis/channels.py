@@ -177,7 +177,6 @@ class ChannelGraph(ChannelTracker):
             if not keep.all():
                 yield s, keep
 
-
     def kept(self, atoms: np.ndarray, removed: set[int]) -> np.ndarray:
         roots = self.class_of(atoms)
         return ~np.isin(roots, np.fromiter(removed, np.int64, len(removed))) if removed else np.ones(roots.shape, bool)
@@ -407,6 +406,6 @@ def prepare(model: ir.Model) -> ir.Model:
 
 
 __all__ = [
-    "ChannelGraph", "Contraction", "Entry", "Group", "GroupAttr", "Layout", "Sink", "Slice", "SliceBounds", "SplitSizes",
-    "UNSHARE_MAX_BYTES", "prepare",
+    "ChannelGraph", "Contraction", "Entry", "Group", "GroupAttr", "Layout", "Sink", "Slice", "SliceBounds",
+    "SplitSizes", "UNSHARE_MAX_BYTES", "prepare",
 ]

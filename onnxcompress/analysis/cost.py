@@ -46,7 +46,6 @@ from .cost_weights import ConstantInfo, model_constants, weight_numel, weight_ow
 from .shapes import ScopedShapes, ShapeInfo, infer_scoped_shapes
 
 
-
 @dataclass(frozen=True)
 class NodeCost:
     name: str  # qualified for nodes inside subgraphs: "<node>/<attribute>/<inner node>"

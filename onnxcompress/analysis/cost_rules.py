@@ -95,7 +95,6 @@ class Op:
         return info.shape
 
 
-
 def op_cost(node: ir.Node, shapes: Mapping[str, ShapeInfo]) -> tuple[int, int, str | None]:
     """(MACs, FLOPs, None) of `node`, or (0, 0, why) when its cost is unknown."""
     name = op_name(node)

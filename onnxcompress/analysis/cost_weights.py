@@ -24,6 +24,7 @@ import onnx_ir as ir
 from .control_flow import subgraphs
 from .cost_rules import ELEMENTWISE_OPS, MS, op_name
 
+
 @dataclass(frozen=True)
 class ConstantInfo:
     """Size and type of one constant tensor (initializer or Constant node output)."""

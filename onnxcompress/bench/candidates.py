@@ -53,7 +53,6 @@ class Candidate:
     layers: tuple[LayerTime, ...] = ()
 
 
-
 def prepare(label: str, model: ir.Model, batch: int, options: BenchOptions, stack: contextlib.ExitStack) -> Candidate:
     shapes, to_rewrite = _batch_shapes(model, batch, options.input_shapes)  # InputShapeError: the user's to fix
     cand = Candidate(label, model, shapes, rewritten=bool(to_rewrite))

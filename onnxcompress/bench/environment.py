@@ -38,7 +38,6 @@ def environment(provider: str, requested: Sequence[str], threads: int) -> BenchE
     )
 
 
-
 def session_providers(provider: str) -> tuple[str, ...]:
     """The ORT provider list for `provider`, or ProviderUnavailableError saying what there is."""
     return tuple(provider_chain(provider))

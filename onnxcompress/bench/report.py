@@ -14,6 +14,7 @@ import numpy as np
 from ..report import to_jsonable
 from .options import BenchOptions
 
+
 @dataclass(frozen=True)
 class Timing:
     """Latency statistics of one model at one batch size, in milliseconds."""

@@ -110,7 +110,6 @@ def _default_label(source: Any, model: ir.Model, index: int) -> str:
     return model.graph.name or f"model{index}"
 
 
-
 def _bench_batch(
     labelled: Sequence[tuple[str, ir.Model]],
     batch: int,

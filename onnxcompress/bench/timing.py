@@ -27,7 +27,6 @@ class Tracker:
         self.total -= runs
 
 
-
 def ort_session(source: bytes | str, providers: Sequence[str], threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
 

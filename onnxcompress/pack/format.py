@@ -30,7 +30,6 @@ class PackCorruptError(PackError):
     """A checksum, size or structure check failed: the file is damaged or truncated."""
 
 
-
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for sparse in graph.sparse_initializer:

@@ -18,7 +18,17 @@ import onnx_ir as ir
 from ..errors import OnnxCompressError
 from ..model import EXTERNAL_DATA_THRESHOLD
 from .compression import decode, decompress
-from .format import FORMAT_VERSION, HEADER, MAGIC, MIN_SECTION_BYTES, PackCorruptError, PackError, PackFormatError, model_tensors
+from .format import (
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    MIN_SECTION_BYTES,
+    PackCorruptError,
+    PackError,
+    PackFormatError,
+    model_tensors,
+)
+
 
 def read_index(path: str | os.PathLike) -> dict[str, Any]:
     """The index of an .occ file (mode, sections, lossy fidelity), checked but with no section decoded."""

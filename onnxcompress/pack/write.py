@@ -42,7 +42,6 @@ class Section:
                 "crc32": zlib.crc32(self.payload), **self.meta}
 
 
-
 def source_proto(model: ModelLike) -> onnx.ModelProto:
     """The model as a ModelProto with all tensor data inline: what lossless packing reproduces.
 

@@ -21,7 +21,6 @@ def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-
 def torch_pad_order(begin: Sequence[int], end: Sequence[int]) -> list[int]:
     """ONNX (begin..., end...) for trailing dims -> F.pad's (last_begin, last_end, ...)."""
     order: list[int] = []

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .common import Attrs, Handler, Tensor, axes_of, ints, normalize_axis, torch_pad_order
 from .errors import UnsupportedGraphError
 
+
 def _shape(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     dims = list(x[0].shape)
     start, end = a.get("start", 0), a.get("end", None)
@@ -48,7 +49,6 @@ def _flatten(a: Attrs, x: list, opset: int, n: int) -> Tensor:
 def _transpose(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     perm = a.get("perm") or list(reversed(range(x[0].dim())))
     return x[0].permute(*perm)
-
 
 
 def _squeeze(a: Attrs, x: list, opset: int, n: int) -> Tensor:
@@ -141,7 +141,6 @@ def _range(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     return torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)
 
 
-
 def _pad(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     inp = x[0]
     rank = inp.dim()
@@ -202,7 +201,6 @@ def _resize(a: Attrs, x: list, opset: int, n: int) -> Tensor:
         raise UnsupportedGraphError("Resize of the batch or channel axis is not supported by the torch executor")
     return F.interpolate(inp, scale_factor=factors[2:], mode=torch_mode, align_corners=align,
                          recompute_scale_factor=False)
-
 
 
 DATA_MOVEMENT_OPS: dict[str, Handler] = {

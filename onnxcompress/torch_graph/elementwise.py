@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .common import Attrs, Handler, Tensor, axes_of, normalize_axis
 from .errors import UnsupportedGraphError
 
+
 def _torch_dtype(onnx_type: int) -> torch.dtype:
     try:
         np_dtype = ir.DataType(onnx_type).numpy()
@@ -109,7 +110,6 @@ def _where(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     return torch.where(x[0].to(torch.bool), x[1], x[2])
 
 
-
 def _reduce(kind: str, axes_input_since: int = 18) -> Handler:
     def run(a: Attrs, x: list, opset: int, n: int) -> Tensor:
         inp = x[0]
@@ -152,7 +152,6 @@ def _arg(fn: Callable[..., Tensor]) -> Handler:
             return inp.shape[axis] - 1 - fn(inp.flip(axis), dim=axis, keepdim=keep)
         return fn(inp, dim=axis, keepdim=keep)
     return run
-
 
 
 ELEMENTWISE_OPS: dict[str, Handler] = {

@@ -13,6 +13,7 @@ from .common import Attrs, Handler, Tensor, normalize_axis, torch_pad_order
 from .elementwise import binary
 from .errors import UnsupportedGraphError
 
+
 def _spatial_pads(a: Attrs, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
                   dilations: Sequence[int]) -> tuple[list[int], list[int]]:
     """(begin, end) padding per spatial dim from `pads` or `auto_pad` (SAME_UPPER/SAME_LOWER/VALID)."""
@@ -30,7 +31,6 @@ def _spatial_pads(a: Attrs, spatial: Sequence[int], kernel: Sequence[int], strid
         return [0] * nd, [0] * nd
     pads = list(a.get("pads", [0] * (2 * nd)))
     return pads[:nd], pads[nd:]
-
 
 
 def _conv(a: Attrs, x: list, opset: int, n: int) -> Tensor:
@@ -179,10 +179,8 @@ def _lrn(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     return inp / (bias + alpha / size * window) ** beta
 
 
-
 def _einsum(a: Attrs, x: list, opset: int, n: int) -> Tensor:
     return torch.einsum(a["equation"], *x)
-
 
 
 LAYER_OPS: dict[str, Handler] = {

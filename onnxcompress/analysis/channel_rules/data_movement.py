@@ -13,6 +13,7 @@ from ..channel_tracking import ChannelTracker, Entry, Layout, SliceBounds, Split
 from .common import Rule, attr_int, const_data, normalize_axis
 from .elementwise import coupler
 
+
 def _along(layout: Layout, axis: int) -> np.ndarray:
     """Atoms along one axis of a layout (index 0 on the others)."""
     pos = layout.axes.index(axis)
@@ -302,7 +303,6 @@ def _resize(g: ChannelTracker, node: ir.Node) -> None:
         if not _add_entries(g, node, layout, sizes, axes_atoms):
             return
     g.set(node.outputs[0], layout)
-
 
 
 def _gather(g: ChannelTracker, node: ir.Node) -> None:

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from ..channel_tracking import ChannelTracker, Layout
 from .common import Rule, attr_int, const_data, normalize_axis
 
+
 def _passthrough(g: ChannelTracker, node: ir.Node) -> None:
     """Elementwise on the first input (Relu, Sigmoid, Cast, pooling, ...): channels unchanged."""
     layout = g.layout(node.inputs[0]) if node.inputs else None
@@ -28,7 +29,6 @@ def _spatial(g: ChannelTracker, node: ir.Node) -> None:
         g.block(layout.atoms, f"{node.op_type} at node {node.name} pools over a channel axis")
         return
     _passthrough(g, node)
-
 
 
 def _aligned(layout: Layout, rank: int, out_rank: int) -> Layout:
@@ -74,7 +74,6 @@ def coupler(g: ChannelTracker, node: ir.Node) -> None:
             return
         g.slice(v, base.axes[0] - offset, base.atoms, "param", node)
     g.set(node.outputs[0], base)
-
 
 
 def _softmax(g: ChannelTracker, node: ir.Node) -> None:
@@ -128,7 +127,6 @@ def _batchnorm(g: ChannelTracker, node: ir.Node) -> None:
     g.set(node.outputs[0], layout)
 
 
-
 def _pad(g: ChannelTracker, node: ir.Node) -> None:
     layout, shape = g.layout(node.inputs[0]), g.shape(node.inputs[0])
     if layout is None:
@@ -172,7 +170,6 @@ def _reduce(g: ChannelTracker, node: ir.Node) -> None:
         g.set(node.outputs[0], layout)
     else:
         g.set(node.outputs[0], layout.moved([a - sum(1 for r in axes if r < a) for a in layout.axes]))
-
 
 
 def _qdq(g: ChannelTracker, node: ir.Node) -> None:

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from ..channel_tracking import ChannelTracker, Contraction, GroupAttr, Layout
 from .common import Rule, attr_int, const_data
 
+
 def _conv(g: ChannelTracker, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
