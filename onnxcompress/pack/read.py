@@ -18,16 +18,8 @@ import onnx_ir as ir
 from ..errors import OnnxCompressError
 from ..model import EXTERNAL_DATA_THRESHOLD
 from .compression import decode, decompress
-from .format import (
-    FORMAT_VERSION,
-    HEADER,
-    MAGIC,
-    MIN_SECTION_BYTES,
-    PackCorruptError,
-    PackError,
-    PackFormatError,
-    model_tensors,
-)
+from .format import FORMAT_VERSION, HEADER, MAGIC, MIN_SECTION_BYTES, model_tensors
+from .format import PackCorruptError, PackError, PackFormatError
 
 
 def read_index(path: str | os.PathLike) -> dict[str, Any]:
