@@ -87,7 +87,7 @@ def saturated(proto: onnx.ModelProto, cal: Calibration) -> bool:
 def baselines(data: bytes) -> dict[str, int]:
     sizes = {"onnx": len(data), "gzip -9": len(gzip.compress(data, 9, mtime=0)),
              "xz -9": len(lzma.compress(data, preset=9))}
-    zstandard = pack._zstd()
+    zstandard = pack.compression.zstd_module()
     if zstandard is not None:
         sizes["zstd -19"] = len(zstandard.ZstdCompressor(level=19).compress(data))
     return sizes
@@ -209,7 +209,7 @@ def measure(args, work: Path) -> None:
     share = monitor.share()
     zstd_note = (".occ used its default, the standard library codecs only (zstd is tried only when asked for with "
                  "`--codecs`), so any Python can unpack it")
-    codec_headers = ["gzip -9", "xz -9", *(("zstd -19",) if pack._zstd() is not None else ())]
+    codec_headers = ["gzip -9", "xz -9", *(("zstd -19",) if pack.compression.zstd_module() is not None else ())]
     text = "\n".join([
         "## Deep Compression storage: `.occ` sizes",
         "",

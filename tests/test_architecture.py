@@ -93,7 +93,7 @@ def test_every_path_named_exists():
     named = set(re.findall(r"\b((?:onnxcompress|tests|benchmarks)/[\w/]+\.(?:py|md|yaml|json))\b", _text()))
     assert named
     assert not [p for p in sorted(named) if not (ROOT / p).exists()]
-    # short forms: `passes/prune.py`, `analysis/cost.py` (inside the package) and bare `bench.py`
+    # short forms: `passes/prune.py`, `analysis/cost.py` (inside the package) and bare `model.py`
     inner = set(re.findall(r"(?<![\w/])((?:analysis|passes)/\w+\.py)\b", _text()))
     assert not [p for p in sorted(inner) if not (ROOT / "onnxcompress" / p).is_file()]
     files = {p.name for d in ("onnxcompress", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")}

@@ -25,8 +25,6 @@ from onnxcompress.bench import (
     BenchOptions,
     BenchProgress,
     KernelTime,
-    _random_feeds,
-    _with_symbolic_batch,
     benchmark,
     kernel_times,
     map_layers,
@@ -35,6 +33,7 @@ from onnxcompress.bench import (
     render,
     render_table,
 )
+from onnxcompress.bench.candidates import random_feeds, with_symbolic_batch
 from onnxcompress.errors import InputShapeError, OnnxCompressError, ProviderUnavailableError
 from onnxcompress.model import load
 from onnxcompress.plots import plot_speedups
@@ -276,7 +275,7 @@ def test_static_batch_is_rewritten_and_costed_at_the_new_batch():
 
 def test_batch_rewrite_computes_the_same_outputs_per_sample():
     model = load(conv_net(8, batch=1))
-    rewritten, batched_outputs = _with_symbolic_batch(model, ["x"])
+    rewritten, batched_outputs = with_symbolic_batch(model, ["x"])
     assert batched_outputs == {"y"}
     from onnxcompress.model import to_proto
 
@@ -337,11 +336,11 @@ def test_incomplete_costs_give_no_theoretical_speedup():
 
 def test_integer_inputs_are_small_non_negative_and_seeded():
     model = load(embedding_net(rows=INT_INPUT_HIGH))
-    feeds = _random_feeds(model, {"ids": (3, 5)}, seed=5, batch=3)
+    feeds = random_feeds(model, {"ids": (3, 5)}, seed=5, batch=3)
     ids = feeds["ids"]
     assert ids.dtype == np.int64 and ids.shape == (3, 5)
     assert ids.min() >= 0 and ids.max() < INT_INPUT_HIGH
-    np.testing.assert_array_equal(ids, _random_feeds(model, {"ids": (3, 5)}, seed=5, batch=3)["ids"])
+    np.testing.assert_array_equal(ids, random_feeds(model, {"ids": (3, 5)}, seed=5, batch=3)["ids"])
     # Values fit the smallest table they could index, so such a model runs.
     report = benchmark([embedding_net(rows=INT_INPUT_HIGH)], BenchOptions(runs=RUNS, batch_sizes=(2,)))
     assert report.rows[0].supported

@@ -187,3 +187,32 @@ def test_a_rule_that_fails_blocks_only_its_node(monkeypatch):
     g = ChannelGraph.build(_model(nodes, i1 + i2 + ih))
     assert next(iter(_group_of(g, "c1").frozen.values())) == "Relu at node relu1: not analyzable (TypeError)"
     assert not _group_of(g, "c2").frozen
+
+
+def test_register_rule_adds_a_rule_and_guards_the_built_in_ones():
+    from onnxcompress.analysis import channel_rules
+
+    rng = np.random.default_rng(9)
+    c1, i1 = _conv("c1", "x", 4, 8, rng)
+    c2, i2 = _conv("c2", "n1", 8, 8, rng)
+    head, ih = _head("c2", 8, rng)
+    nodes = [c1, helper.make_node("LpNormalization", ["c1"], ["n1"], name="norm"), c2, *head]
+    model = _model(nodes, i1 + i2 + ih)
+    assert "is not handled" in next(iter(_group_of(ChannelGraph.build(model), "c1").frozen.values()))
+
+    def same_channels(g, node):  # LpNormalization over the last (spatial) axis keeps channel i as i
+        g.set(node.outputs[0], g.layout(node.inputs[0]))
+
+    saved = dict(channel_rules.RULES)
+    try:
+        channel_rules.register_rule("LpNormalization", same_channels)
+        assert not _group_of(ChannelGraph.build(model), "c1").frozen
+        with pytest.raises(ValueError, match="already has a channel rule"):
+            channel_rules.register_rule("Relu", same_channels)
+        with pytest.raises(TypeError, match="callable"):
+            channel_rules.register_rule("Softsign", "not a rule")
+        channel_rules.register_rule("LpNormalization", channel_rules.blocker("kept whole"), replace=True)
+        assert "kept whole" in next(iter(_group_of(ChannelGraph.build(model), "c1").frozen.values()))
+    finally:  # the table is global: leave it as it was
+        channel_rules.RULES.clear()
+        channel_rules.RULES.update(saved)

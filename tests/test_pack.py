@@ -307,7 +307,7 @@ def test_consistent_but_wrong_index_is_caught_by_the_content_checksum(tmp_path):
     offset, entry = index["sections"][0]["size"], index["sections"][1]
     old_size = entry["size"]
     stored = data[first + offset : first + offset + old_size]
-    stream = bytearray(pack._decompress(entry["codec"], stored, entry["raw_size"]))
+    stream = bytearray(pack.compression.decompress(entry["codec"], stored, entry["raw_size"]))
     stream[-1] ^= 0x01
     entry.update(codec="none", size=len(stream), crc32=zlib.crc32(stream))
     body = data[first : first + offset] + bytes(stream) + data[first + offset + old_size :]
@@ -331,12 +331,12 @@ def test_zstd_files_name_the_missing_package(tmp_path, monkeypatch):
     pytest.importorskip("zstandard")
     pack_model(conv_bn_relu_gemm(channels=16), tmp_path / "z.occ", codecs=["zstd"])
     assert {s["codec"] for s in read_index(tmp_path / "z.occ")["sections"]} <= {"zstd", "none"}
-    monkeypatch.setattr(pack, "_zstd", lambda: None)
+    monkeypatch.setattr(pack.compression, "zstd_module", lambda: None)
     assert "pip install zstandard" in str(_error(tmp_path / "z.occ"))
 
 
 def test_without_zstandard_only_stdlib_codecs_are_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(pack, "_zstd", lambda: None)
+    monkeypatch.setattr(pack.compression, "zstd_module", lambda: None)
     pack_model(conv_bn_relu_gemm(channels=32), tmp_path / "s.occ")
     assert {s["codec"] for s in read_index(tmp_path / "s.occ")["sections"]} <= {"none", "zlib", "bz2", "lzma"}
     with pytest.raises(OnnxCompressError, match="codec 'zstd' is not available"):

@@ -8,8 +8,11 @@ ties position i of both operands; a depthwise Conv ties its input and output cha
 ties a head's Q, K and V channels). Union-find classes of atoms are the prunable units; connected
 sets of classes sharing a source are the *groups* that ratios and importance are computed over.
 
-Anything a rule does not understand *blocks* the atoms it touches, with a reason; a blocked class is
-never pruned, and nothing unknown is assumed elementwise. Values reaching a graph output are blocked.
+The rules live in analysis/channel_rules/ (one per op type; `register_rule` adds one); what they
+read and write is `ChannelTracker` (analysis/channel_tracking.py), which ChannelGraph extends with
+groups, importance, pruning and masking. Anything a rule does not understand *blocks* the atoms it
+touches, with a reason; a blocked class is never pruned, and nothing unknown is assumed
+elementwise. Values reaching a graph output are blocked.
 
 `ChannelGraph.prune(removed)` physically slices every member (weights, biases, normalization and
 per-channel constants, Reshape/Split/Slice/Resize constants, `group` attributes) so that the pruned
@@ -19,125 +22,26 @@ model equals the original with the removed channels' consumers masked (`ChannelG
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from .cost import subgraphs
+from .channel_rules import RULES, unknown
+from .channel_tracking import (
+    ChannelTracker,
+    Contraction,
+    Entry,
+    GroupAttr,
+    Layout,
+    Slice,
+    SliceBounds,
+    SplitSizes,
+    UnionFind,
+)
+from .control_flow import subgraphs
 from .shapes import infer_shapes
-
-# ------------------------------------------------------------------------------ union-find
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def new(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(np.ravel(a), np.ravel(b)):
-            self.union(x, y)
-
-    def union_all(self, atoms: np.ndarray) -> None:
-        flat = np.ravel(atoms)
-        for x in flat[1:]:
-            self.union(flat[0], x)
-
-    def roots(self, atoms: np.ndarray) -> np.ndarray:
-        return np.vectorize(self.find, otypes=[np.int64])(atoms) if np.size(atoms) else np.asarray(atoms, np.int64)
-
-
-# ------------------------------------------------------------------------------ layouts and members
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The axes of a value that carry channels (ascending) and the atom at each position along them."""
-
-    axes: tuple[int, ...]
-    atoms: np.ndarray  # shape = the value's sizes along `axes`
-
-    def moved(self, axes: Sequence[int]) -> Layout:
-        """The same atoms on other axes (given in the order of self.axes), re-sorted ascending."""
-        order = np.argsort(axes)
-        return Layout(tuple(int(axes[i]) for i in order), np.transpose(self.atoms, order))
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Slice `value` (an initializer) along `axis`, keeping the positions whose atom is kept.
-
-    role: "out" for a source's output channels, "in" for a consumer's input channels (masked by
-    zeroing in `ChannelGraph.mask`), "param" for per-channel parameters (bias, BN, constants)."""
-
-    value: ir.Value
-    axis: int
-    atoms: np.ndarray  # 1-D, one atom per position along `axis`
-    role: str
-    node: str
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Entry `index` of 1-D int constant `value` becomes the kept count of an axis (Reshape/Resize/Expand)."""
-
-    value: ir.Value
-    index: int
-    atoms: np.ndarray  # positions along the axis x channel atoms there: kept if any is kept
-    node: str
-
-
-@dataclass(frozen=True)
-class GroupAttr:
-    """Conv `group` attribute: the number of kept groups (each group's atoms are one class)."""
-
-    node: ir.Node
-    atoms: np.ndarray  # [groups, channels per group]
-
-
-@dataclass(frozen=True)
-class SplitSizes:
-    node: ir.Node
-    atoms: tuple[np.ndarray, ...]  # per output
-
-
-@dataclass(frozen=True)
-class SliceBounds:
-    node: ir.Node
-    position: int  # which entry of starts/ends/axes
-    atoms: np.ndarray  # the input's atoms along the sliced axis
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class Contraction:
-    """A MatMul between two activations summing over channels: masked by a Mul in `mask`."""
-
-    node: ir.Node
-    input_index: int
-    axes: tuple[int, ...]  # the operand's channel axes (its whole layout, so per-head masks stay per head)
-    atoms: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -170,21 +74,10 @@ class Group:
 
 
 @dataclass
-class ChannelGraph:
-    model: ir.Model
-    uf: _UnionFind = field(default_factory=_UnionFind)
-    layouts: dict[str, Layout] = field(default_factory=dict)
-    slices: list[Slice] = field(default_factory=list)
-    entries: list[Entry] = field(default_factory=list)
-    group_attrs: list[GroupAttr] = field(default_factory=list)
-    splits: list[SplitSizes] = field(default_factory=list)
-    slice_bounds: list[SliceBounds] = field(default_factory=list)
-    contractions: list[Contraction] = field(default_factory=list)
-    sources: list[tuple[str, np.ndarray]] = field(default_factory=list)
-    blocked: dict[int, str] = field(default_factory=dict)  # atom -> first reason
-    shapes: dict = field(default_factory=dict)
+class ChannelGraph(ChannelTracker):
+    """A model's channel groups: built by `build`, then ranked (`importance`), pruned or masked."""
+
     groups: list[Group] = field(default_factory=list)
-    _slice_index: dict = field(default_factory=dict)
 
     # ---------------------------------------------------------------- building
 
@@ -193,7 +86,6 @@ class ChannelGraph:
         """Analyze `model` (not modified). Shapes are inferred at a batch of 2 for symbolic batch dims,
         so a batch axis is never mistaken for one that can merge with channels."""
         from ..model import graph_inputs
-        from .channel_rules import RULES, unknown
 
         given = dict(input_shapes or {})
         for value in graph_inputs(model):
@@ -206,14 +98,14 @@ class ChannelGraph:
         g.shapes = infer_shapes(model, given)
         for node in model.graph:
             if node.domain not in ("", "ai.onnx"):
-                g._block_inputs(node, f"{node.domain}::{node.op_type} at node {node.name} is not handled")
+                g.block_inputs(node, f"{node.domain}::{node.op_type} at node {node.name} is not handled")
             elif any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
                 g._block_captured(node)
             else:
                 try:
                     RULES.get(node.op_type, unknown)(g, node)
                 except Exception as exc:  # a rule that trips on an odd node blocks that node, not the run
-                    g._block_inputs(node, f"{node.op_type} at node {node.name}: not analyzable ({type(exc).__name__})")
+                    g.block_inputs(node, f"{node.op_type} at node {node.name}: not analyzable ({type(exc).__name__})")
         for value in model.graph.outputs:
             layout = g.layouts.get(value.name)
             if layout is not None:
@@ -221,53 +113,9 @@ class ChannelGraph:
         g._finish()
         return g
 
-    def shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
-        if value is None:
-            return None
-        info = self.shapes.get(value.name)
-        return None if info is None else info.shape
-
-    def layout(self, value: ir.Value | None) -> Layout | None:
-        return None if value is None else self.layouts.get(value.name)
-
-    def set(self, value: ir.Value, layout: Layout | None) -> None:
-        if layout is not None and np.size(layout.atoms):
-            self.layouts[value.name] = layout
-
-    def block(self, atoms: np.ndarray, reason: str) -> None:
-        for a in np.unique(np.ravel(atoms)):
-            self.blocked.setdefault(int(a), reason)
-
-    def source(self, node: ir.Node, n: int) -> np.ndarray:
-        atoms = self.uf.new(n)
-        self.sources.append((node.name, atoms))
-        return atoms
-
-    def slice(self, value: ir.Value, axis: int, atoms: np.ndarray, role: str, node: ir.Node) -> None:
-        """Register a tensor axis to slice; a tensor shared by several nodes is one channel space."""
-        atoms = np.ravel(atoms)
-        key = (value.name, axis)
-        if key in self._slice_index:
-            existing = self.slices[self._slice_index[key]]
-            if len(existing.atoms) != len(atoms):
-                self.block(np.concatenate([existing.atoms, atoms]), f"tensor '{value.name}' is shared by mismatched layers")
-                return
-            self.uf.union_arrays(existing.atoms, atoms)
-            if existing.role != "in" and role == "in":  # keep masking its consumer columns
-                self.slices.append(Slice(value, axis, atoms, role, node.name))
-            return
-        self._slice_index[key] = len(self.slices)
-        self.slices.append(Slice(value, axis, atoms, role, node.name))
-
-    def _block_inputs(self, node: ir.Node, reason: str) -> None:
-        for v in node.inputs:
-            layout = self.layout(v)
-            if layout is not None:
-                self.block(layout.atoms, reason)
-
     def _block_captured(self, node: ir.Node) -> None:
         reason = f"{node.op_type} at node {node.name} has subgraphs"
-        self._block_inputs(node, reason)
+        self.block_inputs(node, reason)
         for _, sub in subgraphs(node):  # graph attributes only (a Scan's num_scan_inputs is an int)
             for inner in ir.traversal.RecursiveGraphIterator(sub):
                 for v in inner.inputs:
@@ -282,7 +130,7 @@ class ChannelGraph:
         for atom, reason in self.blocked.items():
             self.blocked_classes.setdefault(self.uf.find(atom), reason)
         # Classes that share a source are one group.
-        group_uf = _UnionFind()
+        group_uf = UnionFind()
         class_ids: dict[int, int] = {}
 
         def cid(root: int) -> int:
@@ -328,9 +176,6 @@ class ChannelGraph:
             keep = self.kept(s.atoms, removed)
             if not keep.all():
                 yield s, keep
-
-    def class_of(self, atoms: np.ndarray) -> np.ndarray:
-        return self.uf.roots(np.asarray(atoms))
 
     def kept(self, atoms: np.ndarray, removed: set[int]) -> np.ndarray:
         roots = self.class_of(atoms)
@@ -564,3 +409,9 @@ def prepare(model: ir.Model) -> ir.Model:
             model.graph.register_initializer(copy)
             user.replace_input_with(index, copy)
     return model
+
+
+__all__ = [
+    "ChannelGraph", "Contraction", "Entry", "Group", "GroupAttr", "Layout", "Sink", "Slice", "SliceBounds",
+    "SplitSizes", "UNSHARE_MAX_BYTES", "prepare",
+]

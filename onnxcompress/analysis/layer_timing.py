@@ -1,6 +1,6 @@
 """Time two small models against each other on ONNX Runtime: a layer and its replacement.
 
-The protocol is bench.py's (ARCHITECTURE.md, "Measuring") scaled down to single layers: one session per
+The protocol is the benchmark's (ARCHITECTURE.md, "Measuring") scaled down to single layers: one session per
 model with fixed intra-op threads (the physical cores by default, as in the benchmarks), one
 inter-op thread, ORT_ENABLE_ALL, intra-op spinning off (interleaved sessions starve each other
 otherwise), warm-up runs, then timed runs interleaved A B A B ... and the ratio of the medians.
@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import runtime
+from ..host import physical_cores
 from ..model import resolve_input_shapes
 
 #: Fewer timed runs give medians too noisy to compare two layers by (bench.MIN_RUNS).
@@ -65,8 +66,6 @@ def time_pair(
     min_seconds: float = MIN_SECONDS,
 ) -> PairTiming:
     """Time `baseline` and `candidate` (same inputs) interleaved; medians in milliseconds."""
-    from ..bench import physical_cores
-
     options = runtime.session_options(threads=threads or physical_cores(), spinning=False)
     sessions = [runtime.session(m, provider=provider, options=options) for m in (baseline, candidate)]
     feeds = dict(feeds) if feeds is not None else random_feeds(baseline)

@@ -3,7 +3,7 @@
 Per tensor, optional unstructured magnitude pruning first (the smallest |w| set to exactly zero),
 then 1-D k-means on the remaining weights; every weight is replaced by its centroid. The model
 stays a plain float ONNX model (same ops, same dtypes), so it runs anywhere; the gain comes when
-the `.occ` container (onnxcompress/pack.py) stores such tensors as small indices plus a codebook
+the `.occ` container (onnxcompress/pack/) stores such tensors as small indices plus a codebook
 and entropy-codes the indices.
 
 Exact zeros (pruned or already there) are a centroid of their own, so sparsity survives clustering.
