@@ -277,6 +277,33 @@ def test_candidates_are_judged_on_sources_no_pass_fitted(digits, monkeypatch):
     assert any("overstate fidelity on other data" in note for note in unlabelled.report.notes)
 
 
+@pytest.mark.parametrize("closing, kept", [("quantize-weight-only", True), ("quantize-dynamic", False)])
+def test_a_closing_pass_for_size_is_kept_when_slower_and_one_for_speed_is_dropped(monkeypatch, closing, kept):
+    """Weight-only int4 exists to make the file smaller: measured slower than float it stays (and the
+    report says so); int8 that only exists to be faster is dropped."""
+    import sys
+
+    from tests.graphs import attention_block
+
+    monkeypatch.setattr(sys.modules["onnxcompress.search"], "_speedup", lambda *a, **k: 0.5)  # any closing pass: 2x slower
+    model = load(attention_block(d=64, ff=128))
+    rng = np.random.default_rng(0)
+    calibration = Calibration.from_arrays(model, {"x": rng.standard_normal((32, 8, 64)).astype(np.float32),
+                                                  "attention_mask": np.ones((32, 8), np.int64)})
+    options = SearchOptions(tolerance=Tolerance("cosine", 0.5), levels=(), refine_steps=0, finish=[{"type": closing}],
+                            finish_must_be_faster=True)
+    result = search(model, calibration, options)
+    closing_record = result.report.search["closing"]
+    ops = {n.domain + "::" + n.op_type for n in result.model.graph}
+    if kept:
+        assert closing_record["outcome"].startswith("kept: measured slower than float")
+        assert closing_record["speedup_over_float"] == 0.5
+        assert any(o.endswith("MatMulNBits") or o.endswith("DequantizeLinear") for o in ops)
+    else:
+        assert closing_record["outcome"] == "dropped: measured slower than float"
+        assert not any("Integer" in o or "Quantize" in o for o in ops)
+
+
 def test_pruning_that_removes_too_few_macs_is_not_timed_nor_chosen(digits, monkeypatch):
     """A candidate that removes 3% of the MACs cannot run 10% faster: a timing that says so is noise
     (on a busy machine EfficientNet-Lite0 pruned to 0.972 of the MACs was timed 1.1x faster than
