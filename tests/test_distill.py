@@ -3,6 +3,8 @@ inputs it never trained on improves over the undistilled student, and a seed mak
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 
 import numpy as np
@@ -72,6 +74,17 @@ def test_loss_decreases(distilled):
     assert curve[-1]["train_loss"] < curve[1]["train_loss"]
     assert details["heldout_loss"]["after"] < details["heldout_loss"]["before"]
     assert details["steps"] == STEPS and details["fit_samples"] + details["heldout_samples"] == 256
+
+
+def test_heldout_samples_are_whole_sources_when_labelled(digits, pruned):
+    """Early stopping on crops of the photos it trains on would keep overfitting steps."""
+    model, calibration = digits
+    labelled = dataclasses.replace(calibration, sources=tuple(f"writer {i % 5}" for i in range(calibration.num_samples)))
+    result = distill(pruned, model, labelled, steps=2, **FAST)
+    details = result.record.details
+    assert details["heldout_samples"] == sum(1 for i in range(calibration.num_samples) if i % 5 == 4)  # writer 4, whole
+    assert details["fit_samples"] + details["heldout_samples"] == calibration.num_samples
+    assert "1 source never fitted" in details["heldout_fidelity"]["before"]["inputs"]
 
 
 def test_interface_kept_only_weights_change(pruned, distilled):

@@ -213,8 +213,13 @@ class _Trainer:
         cut = n - n_hold
         self.fit = {k: np.asarray(v[:cut]) for k, v in data.arrays.items()}
         self.held = {k: np.asarray(v[cut:]) for k, v in data.arrays.items()} if n_hold else self.fit
-        self.n_fit, self.n_held = cut, n_hold
         self.heldout_source = f"{data.source}: last {n_hold} samples, held out from distillation"
+        if n_hold and (getattr(data, "source_count", None) or 0) >= 2:  # whole sources: early stopping on other photos
+            fit, held = data.split(opts.holdout)
+            self.fit, self.held = dict(fit.arrays), dict(held.arrays)
+            cut, n_hold = fit.num_samples, held.num_samples
+            self.heldout_source = f"{held.source}, held out from distillation"
+        self.n_fit, self.n_held = cut, n_hold
         if not n_hold:
             self.heldout_source = f"{data.source}: the training samples (holdout 0)"
             self.notes.append("holdout 0: early stopping and fidelity use the training samples themselves")
