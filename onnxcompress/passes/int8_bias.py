@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .int8_graph import FreshNames, QuantParams, weight_encodings
-from .int8_placement import Plan, ProtoGraph, constant_weight_anchors, ensure_node_names, node_attr
+from .int8_graph import QuantParams, editable_copy, weight_encodings
+from .int8_placement import Plan, ProtoGraph, constant_weight_anchors, node_attr
 from .int8_weights import WeightEncoding, quantize_weight
 
 
@@ -73,12 +73,8 @@ def correct_biases(
     (model, {node: max |shift|}, ["node: why not corrected"])."""
     if encodings is None:
         encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, g, names = editable_copy(proto)
     graph = out.graph
-    ensure_node_names(graph)
-    g = ProtoGraph(graph)
-    names = FreshNames(graph)
     shifts: dict[str, float] = {}
     skipped: list[str] = []
 

@@ -74,6 +74,14 @@ class FreshNames:
         return name
 
 
+def editable_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, ProtoGraph, FreshNames]:
+    """A copy of `proto` to rewrite, every node named, with its producer/consumer maps and its fresh names."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    ensure_node_names(out.graph)
+    return out, ProtoGraph(out.graph), FreshNames(out.graph)
+
+
 def _weight_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "Conv":
         return 0
@@ -120,12 +128,8 @@ def quantize_graph(
     (`encodings` from weight_encodings; computed here for any kernels when not given)."""
     if encodings is None:
         encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out, g, names = editable_copy(proto)
     graph = out.graph
-    ensure_node_names(graph)
-    g = ProtoGraph(graph)
-    names = FreshNames(graph)
     notes: list[str] = []
     dropped = _dropped_activations(g, plan, params, drop_relus)
     qdq, renamed = _activation_pairs(g, plan, params, dropped, names)
