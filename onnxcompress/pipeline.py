@@ -216,7 +216,7 @@ class Pipeline:
         return feeds, describe_source(seed, ctx.input_values)
 
 
-#: The share of the calibration samples recovery holds out (passes/recover.py HOLDOUT): verification
+#: The share of the calibration samples recovery holds out (passes/recover/ HOLDOUT): verification
 #: feeds come from it, so the reported fidelity is not measured on samples a pass fitted to.
 FITTING_HOLDOUT = 0.2
 

@@ -485,10 +485,10 @@ def pick_range_method(quantizer, feeds, reference, source: str):
 
     from ..model import load as load_model
     from ..verify import compare, outputs
-    from .quantize import _Quantizer
+    from .int8_variants import Quantizer
 
     own = quantizer.options.method
-    alt = _Quantizer(dataclasses.replace(quantizer.options, method="minmax"), quantizer.model, quantizer.calibration)
+    alt = Quantizer(dataclasses.replace(quantizer.options, method="minmax"), quantizer.model, quantizer.calibration)
     alt.kernels = quantizer.kernels
     for name in ("hists", "means", "asked", "asked_means"):  # the same data: collect it once
         setattr(alt, name, getattr(quantizer, name))
