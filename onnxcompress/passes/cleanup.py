@@ -16,6 +16,7 @@ import onnxscript.optimizer as onnxscript_optimizer
 from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule
 
+from ..names import fresh_name
 from ..pipeline import Pass, PassContext, PassResult
 
 # Ops that are constant given constant inputs but that onnxscript keeps by default (they can create
@@ -271,7 +272,7 @@ def _fold(
     b_new = b.reshape(-1) * s + t
     weight.const_value = ir.tensor(w_new.astype(w.dtype), name=weight.name)
     if bias is None:
-        name = _fresh_name(model, f"{weight.name}_bias")
+        name = fresh_name(model, f"{weight.name}_bias")
         bias = ir.Value(name=name, const_value=ir.tensor(b_new.astype(w.dtype), name=name))
         model.graph.register_initializer(bias)
         producer.resize_inputs(3)
@@ -284,10 +285,3 @@ def _fold(
     return None
 
 
-def _fresh_name(model: ir.Model, base: str) -> str:
-    taken = set(model.graph.initializers) | {v.name for n in model.graph for v in n.outputs}
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name

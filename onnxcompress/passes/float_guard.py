@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..names import NameAllocator
+
 #: The ops ORT's WeightBiasQuantization rewrites.
 GUARDED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
@@ -45,16 +47,7 @@ def guard_float_layers(proto: onnx.ModelProto) -> list[str]:
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    taken = {v for n in graph.node for v in (n.name, *n.input, *n.output)} | set(inits)
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in taken:
-            k += 1
-            name = f"{base}_{k}"
-        taken.add(name)
-        return name
-
+    fresh = NameAllocator(graph)
     guarded: list[str] = []
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:

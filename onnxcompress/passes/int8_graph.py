@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..names import NameAllocator
 from .float_guard import guard_float_layers
 from .int8_placement import Plan, ProtoGraph, clamp_bounds, constant_weight_anchors, ensure_node_names, node_attr
 from .int8_weights import MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias
@@ -51,21 +52,12 @@ def quantization_clamps_to(p: QuantParams, lower: float, upper: float) -> bool:
     return (lower == -np.inf or code(lower) == info.min) and (upper == np.inf or code(upper) == info.max)
 
 
-class FreshNames:
+class FreshNames(NameAllocator):
     """Names not yet used in one graph (base, base_1, base_2, ...), and the initializers added under them."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.taken = ({v for n in graph.node for v in (*n.input, *n.output)} | {t.name for t in graph.initializer}
-                      | {i.name for i in graph.input})
+        super().__init__(graph)
         self.initializers: list[onnx.TensorProto] = []
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
 
     def const(self, base: str, array: np.ndarray) -> str:
         """A new initializer holding `array`, kept in `initializers` until the caller adds them."""

@@ -50,6 +50,7 @@ import onnx_ir as ir
 
 from ..analysis.activations import collect
 from ..errors import OnnxCompressError
+from ..names import NameAllocator
 from ..pipeline import Pass, PassContext, PassResult, cost_analysis
 
 DENSE = frozenset({"MatMul", "Gemm"})
@@ -238,21 +239,12 @@ def weight_ranges(group: _Group) -> np.ndarray:
 # ---------------------------------------------------------------------------- rewriting
 
 
-class _NameSource:
+class _NameSource(NameAllocator):
     """Unique value names for new initializers and the inserted Mul."""
 
     def __init__(self, model: ir.Model) -> None:
-        self.taken = {v.name for n in model.graph for v in (*n.inputs, *n.outputs) if v is not None}
-        self.taken |= {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+        super().__init__(model)
         self.graph = model.graph
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.taken:
-            k += 1
-            name = f"{base}_{k}"
-        self.taken.add(name)
-        return name
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.fresh(base)

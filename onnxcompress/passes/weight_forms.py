@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ..names import NameAllocator
 from .weight_blocks import BlockCodes, pack_matmulnbits
 
 FORMS: tuple[str, ...] = ("matmulnbits", "dequantize-linear")
@@ -114,19 +115,7 @@ def _target(model: ir.Model, node: ir.Node) -> tuple[str, Target | None]:
     return "", Target(node, x, (k, n), transposed, alpha, bias)
 
 
-class Names:
-    """Fresh value and node names."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken = set(model.graph.initializers) | {v.name for v in model.graph.inputs}
-        self.taken |= {v.name for n in model.graph for v in n.outputs} | {n.name for n in model.graph if n.name}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+Names = NameAllocator  # fresh value and node names: names(base)
 
 
 def _constant(model: ir.Model, names: Names, base: str, array: np.ndarray, dtype: ir.DataType | None = None

@@ -7,24 +7,13 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from ...names import NameAllocator
 from .candidates import Candidate, factors_with_source
 from .forms import io_matrix, params_per_rank, unmatrix
 from .layers import Layer
 
 
-class Names:
-    """Fresh unique names for new values and nodes."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken = set(model.graph.initializers) | {v.name for v in model.graph.inputs}
-        self.taken |= {v.name for n in model.graph for v in n.outputs} | {n.name for n in model.graph}
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+Names = NameAllocator  # fresh unique names for new values and nodes: names(base)
 
 
 def add_initializer(model: ir.Model, names: Names, base: str, array: np.ndarray) -> ir.Value:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ...names import fresh_name
 from .layers import Layer, attr_int, bias_add
 
 
@@ -58,20 +59,13 @@ def _set_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, su
 
 
 def _new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    name = _unique_name(model, base)
+    name = fresh_name(model, base)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(np.ascontiguousarray(array), name=name))
     model.graph.register_initializer(value)
     return value
 
 
-def _unique_name(model: ir.Model, base: str) -> str:
-    taken = set(model.graph.initializers) | {v.name for v in model.graph.inputs}
-    taken |= {v.name for n in model.graph for v in n.outputs}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
 
 
 def _insert_bias_add(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
@@ -80,7 +74,7 @@ def _insert_bias_add(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
     y = node.outputs[0]
     name = y.name
     const = _new_initializer(model, f"{node.name}_bias", bias)
-    add = ir.node("Add", [y, const], name=_unique_name(model, f"{node.name}_bias_add"))
+    add = ir.node("Add", [y, const], name=fresh_name(model, f"{node.name}_bias_add"))
     out = add.outputs[0]
     out.type, out.shape = y.type, y.shape
     for user, index in list(y.uses()):
@@ -90,5 +84,5 @@ def _insert_bias_add(model: ir.Model, node: ir.Node, bias: np.ndarray) -> None:
         if value is y:
             model.graph.outputs[i] = out
     model.graph.insert_after(node, add)
-    y.name = _unique_name(model, f"{name}_unbiased")
+    y.name = fresh_name(model, f"{name}_unbiased")
     out.name = name
