@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +29,9 @@ class Calibration:
     is_random: bool = False
     # Rank-0 model inputs (a sample rate): one value for every sample, fed as a scalar, never split.
     scalars: frozenset[str] = frozenset()
+    # Where streaming statistics are reduced (analysis/streaming.reduce_values): None in this process,
+    # or an engine with the same results, such as distributed.RayEngine. Every part of this data keeps it.
+    engine: Any = None
 
     def __post_init__(self) -> None:
         counts = {len(a) for a in self.arrays.values()}
@@ -70,7 +74,7 @@ class Calibration:
     def samples(self, start: int, stop: int | None = None, source: str | None = None) -> Calibration:
         """Samples `start` .. `stop` as a Calibration of their own (same source unless given)."""
         arrays = {k: v[start:stop] for k, v in self.arrays.items()}
-        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars)
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, self.engine)
 
     def split(self, holdout: float) -> tuple[Calibration, Calibration]:
         """(fit, held-out) parts, the held-out part taken from the end so results stay reproducible."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..calibration import Calibration
-from .streaming import stream_values
+from .streaming import reduce_values, stream_values
 
 
 @dataclass
@@ -28,19 +28,46 @@ class ChannelStats:
     zeros: np.ndarray | None = None
     minimum: np.ndarray | None = None
     maximum: np.ndarray | None = None
+    # Float addition is not associative: a shard that starts after the first batch keeps each batch's
+    # (sum, |sum|) in order, and `merge` adds them after the sums of the batches before it, as one loop
+    # over all batches would. None: the batches are added as they come (the first shard, or no shards).
+    deferred: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def update(self, array: np.ndarray) -> None:
         x = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, 0).reshape(array.shape[self.axis], -1)
-        sums = (x.sum(1), np.abs(x).sum(1), (x == 0).sum(1), x.min(1), x.max(1))
-        if self.total is None:
-            self.total, self.total_abs, self.zeros, self.minimum, self.maximum = sums
+        self._extrema((x == 0).sum(1), x.min(1), x.max(1), x.shape[1])
+        self._add(x.sum(1), np.abs(x).sum(1))
+
+    def merge(self, later: ChannelStats) -> ChannelStats:
+        """These statistics followed by `later`'s batches (a deferred shard, or an empty one)."""
+        if later.count and later.deferred is None:
+            raise ValueError("merge needs the later part's batch sums (ChannelStats(deferred=[]))")
+        merged = ChannelStats(self.axis, self.count, self.total, self.total_abs, self.zeros, self.minimum,
+                              self.maximum, None if self.deferred is None else list(self.deferred))
+        if later.count:
+            merged._extrema(later.zeros, later.minimum, later.maximum, later.count)
+            for sums in later.deferred:
+                merged._add(*sums)
+        return merged
+
+    def _add(self, total: np.ndarray, total_abs: np.ndarray) -> None:
+        if self.deferred is not None:
+            self.deferred.append((total, total_abs))
+        elif self.total is None:
+            self.total, self.total_abs = total, total_abs
         else:
-            self.total = self.total + sums[0]
-            self.total_abs = self.total_abs + sums[1]
-            self.zeros = self.zeros + sums[2]
-            self.minimum = np.minimum(self.minimum, sums[3])
-            self.maximum = np.maximum(self.maximum, sums[4])
-        self.count += x.shape[1]
+            self.total = self.total + total
+            self.total_abs = self.total_abs + total_abs
+
+    def _extrema(self, zeros: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, count: int) -> None:
+        """Zero counts, minima and maxima: exact in any order."""
+        if self.zeros is None:
+            self.zeros, self.minimum, self.maximum = zeros, minimum, maximum
+        else:
+            self.zeros = self.zeros + zeros
+            self.minimum = np.minimum(self.minimum, minimum)
+            self.maximum = np.maximum(self.maximum, maximum)
+        self.count += count
 
     @property
     def mean(self) -> np.ndarray:
@@ -58,9 +85,29 @@ class ChannelStats:
 
 @dataclass
 class ActivationStats:
+    """Channel statistics per value over a stream of batches (a streaming.Reducer)."""
+
     values: dict[str, ChannelStats] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
+    axes: Mapping[str, int] = field(default_factory=dict)  # value name -> channel axis
+    deferred: bool = False  # a shard after the first batch: see ChannelStats.deferred
+
+    def add(self, count: int, values: Mapping[str, np.ndarray]) -> None:
+        for name, array in values.items():
+            if name not in self.values:
+                self.values[name] = ChannelStats(self.axes[name], deferred=[] if self.deferred else None)
+            self.values[name].update(array)
+        self.samples += count
+
+    def merge(self, later: ActivationStats) -> ActivationStats:
+        merged = dict(self.values)
+        for name, stats in later.values.items():
+            merged[name] = merged[name].merge(stats) if name in merged else ChannelStats(stats.axis).merge(stats)
+        return ActivationStats(merged, self.samples + later.samples, self.source, self.axes, self.deferred)
+
+    def fresh(self) -> ActivationStats:
+        return ActivationStats(source=self.source, axes=self.axes, deferred=True)
 
 
 def collect(
@@ -73,12 +120,15 @@ def collect(
     progress: Callable[[int, int], None] | None = None,
 ) -> ActivationStats:
     """Per-channel statistics of the values named in `axes` (value name -> channel axis)."""
-    stats = ActivationStats({}, 0, calibration.source)
+    stats = ActivationStats(source=calibration.source, axes=dict(axes))
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
+    if calibration.engine is not None:  # shards elsewhere: progress when they are merged
+        stats = reduce_values(model, list(axes), calibration, stats, batch_size=batch_size, limit=limit)
+        if progress:
+            progress(stats.samples, total)
+        return stats
     for count, values in stream_values(model, list(axes), calibration, batch_size=batch_size, limit=limit):
-        for name, array in values.items():
-            stats.values.setdefault(name, ChannelStats(axes[name])).update(array)
-        stats.samples += count
+        stats.add(count, values)
         if progress and count:
             progress(stats.samples, total)
     return stats
