@@ -180,6 +180,10 @@ def command(models: Sequence[Path], output_dir: Path, *, sets: Sequence[str], sw
     jobs = plan_jobs(models, settings_from(sets, sweep), output_dir, shlex.split(common or ""))
     check_flags(jobs)
     check_output_folder("--output-dir", output_dir, create=True)
+    if address:
+        from .distributed import connect
+
+        connect(address, workers)  # Ray missing or unreachable: said before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"optimize-many: {len(jobs)} jobs {f'on Ray ({address})' if address else 'serially'}", highlight=False)
     start = time.perf_counter()
@@ -223,14 +227,19 @@ def describe(result: JobResult) -> str:
 
 def render(console, results: Sequence[JobResult]) -> None:
     """One table, a row per job; the errors of failed jobs below it, one line each."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
     from .report import human
 
-    table = Table(title="optimize-many", title_justify="left")
-    for column in ("#", "model", "setting", "exit", "MACs left", "file", "SQNR dB", "s", "result"):
-        table.add_column(column, justify="left" if column in ("model", "setting", "result") else "right")
+    table = Table(title="optimize-many (MACs: share left; SQNR in dB against the input model)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    names = [Path(r.model).name for r in results]
+    for column in ("#", "model", "setting", "exit", "MACs", "file", "SQNR", "s", "result"):
+        left = column in ("model", "setting", "result")
+        table.add_column(column, justify="left" if left else "right",
+                         min_width=max(map(len, names)) if column == "model" else None)
     for r in results:
         s = r.summary
         macs = f"{s['macs'][1] / s['macs'][0]:.1%}" if s.get("macs") and s["macs"][0] else "-"

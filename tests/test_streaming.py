@@ -48,3 +48,47 @@ def test_histograms_do_not_depend_on_the_budget():
     for name in names:
         assert small[name].minimum == tiny[name].minimum and small[name].maximum == tiny[name].maximum
         assert np.array_equal(small[name].counts, tiny[name].counts)
+
+
+
+def _sharded(model, names, calibration, reducer, batch: int, shards: int):
+    """What distributed.RayEngine does, in this process: the first run here, then shards cut on run
+    boundaries, each reduced into `reducer.fresh()` on its own, merged in sample order."""
+    from onnxcompress.analysis.streaming import FETCH_BUDGET_BYTES, Fetcher, opening
+    from onnxcompress.distributed import shard_bounds
+
+    fetcher = Fetcher(model, names)
+    for count, values in fetcher.probe(opening(model, calibration, calibration.num_samples)):
+        reducer.add(count, values)
+    plan = fetcher.plan(1, batch, FETCH_BUDGET_BYTES)
+    bounds = shard_bounds(1, calibration.num_samples, plan.batch, shards)
+    assert len(bounds) == shards and all((b - a) > plan.batch for a, b in bounds)  # several runs per shard
+    for start, stop in bounds:
+        part = reducer.fresh()
+        for count, values in Fetcher(model, names).stream(calibration.samples(start, stop), plan):
+            part.add(count, values)
+        reducer = reducer.merge(part)
+    return reducer
+
+
+def test_shards_merged_in_sample_order_give_the_statistics_of_one_pass():
+    from onnxcompress.analysis.activations import ActivationStats, collect
+    from onnxcompress.analysis.histograms import Histograms
+
+    model, _, names = _setup()
+    rng = np.random.default_rng(1)  # magnitudes over 12 decades: float64 sums of them round, so order shows
+    data = (rng.normal(size=(41, 3, 8, 8)) * 10.0 ** rng.uniform(-8, 4, (41, 3, 8, 8))).astype(np.float32)
+    calibration = Calibration.from_arrays(model, {model.graph.inputs[0].name: data})
+    axes = {"x": 1, **{n: 1 for n in names if n != "y"}}  # channel axis 1 (y: the Gemm's [N, classes])
+    whole = collect(model, axes, calibration, batch_size=4)
+    merged = _sharded(model, list(axes), calibration, ActivationStats(axes=axes), batch=4, shards=3)
+    assert merged.samples == whole.samples == 41 and merged.values.keys() == whole.values.keys()
+    for name, stats in whole.values.items():
+        for part in ("total", "total_abs", "zeros", "minimum", "maximum"):
+            assert np.array_equal(getattr(stats, part), getattr(merged.values[name], part)), (name, part)
+    hists, _ = collect_histograms(model, names, calibration, batch_size=4)
+    merged = _sharded(model, names, calibration, Histograms(), batch=4, shards=3)
+    for name, hist in hists.items():
+        got = merged.values[name]
+        assert (got.count, got.minimum, got.maximum, got.start) == (hist.count, hist.minimum, hist.maximum, hist.start)
+        assert np.array_equal(got.counts, hist.counts), name
