@@ -196,7 +196,7 @@ def optimize(
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
     distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
     input_value: InputValues = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Compute the calibration statistics (activation histograms and ranges, channel means) on Ray, bit-identical to a run without it: 'local' starts Ray on this machine, 'auto' joins the cluster this machine is part of, or a ray://HOST:PORT address; needs the ray extra.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Compute the calibration statistics (activation histograms and ranges, channel means) on Ray, bit-identical to a run without it: 'local' starts Ray on this machine, 'auto' joins the cluster this machine is part of, or a cluster's HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="With --ray: calibration shards, one Ray task each (default: the cluster's CPUs).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
@@ -287,7 +287,7 @@ def optimize_many(
     sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="FLAGS", help="One setting: optimize flags, e.g. '--quantize int8 --calib-method mse' (repeatable: a sweep).")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Settings from a YAML/JSON list of mappings of optimize options, e.g. [{name: q8, quantize: int8}, {prune: 0.3}].")] = None,
     common: Annotated[Optional[str], typer.Option(metavar="FLAGS", help="optimize flags for every job, e.g. '--calib data.npz --bench-runs 0'.")] = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks (a dead worker's job is retried): 'local', 'auto' or ray://HOST:PORT; needs the ray extra.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks (a dead worker's job is retried): 'local', 'auto', HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="With --ray local: jobs at a time (default: the CPUs).")] = None,
     json_out: JsonFlag = False,
 ) -> None:

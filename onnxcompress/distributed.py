@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,8 @@ from .errors import OnnxCompressError
 INSTALL_HINT = "pip install onnxcompress[ray]"
 #: Retries of a shard whose worker died (Ray's own default for Ray Data tasks is unbounded).
 MAX_RETRIES = 3
+#: Seconds a cluster address has to answer before Ray is asked to join it.
+CONNECT_TIMEOUT_S = 5
 #: protobuf's limit: the model goes to the workers serialized.
 MAX_MODEL_BYTES = 2**31 - 1
 
@@ -54,9 +57,16 @@ def connect(address: str | None = None, workers: int | None = None) -> Any:
     """Ray, initialised once per process: the cluster at `address` ("auto": the one this machine
     runs), or a local Ray with `workers` CPUs (default: all) when `address` is None or "local"."""
     ray = require_ray()
-    if ray.is_initialized():
-        return ray
+    if not ray.is_initialized():
+        _start(ray, address, workers)
+    _quiet_data(ray)
+    return ray
+
+
+def _start(ray: Any, address: str | None, workers: int | None) -> None:
     local = address in (None, "local")
+    if not local and address != "auto":
+        _check_reachable(address)
     # Workers of a local Ray import the same onnxcompress as this process (a source checkout too).
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -65,8 +75,17 @@ def connect(address: str | None = None, workers: int | None = None) -> Any:
                  logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}} if local else None)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RayUnavailableError(f"cannot start or reach Ray at {address or 'local'}: {_first_line(exc)}") from None
-    _quiet_data(ray)
-    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """HOST:PORT (or ray://HOST:PORT) answers a TCP connection: ray.init would otherwise retry for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except ValueError:
+        raise RayUnavailableError(f"--ray {address}: expected local, auto, HOST:PORT or ray://HOST:PORT") from None
+    except OSError as exc:
+        raise RayUnavailableError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
 
 
 def cpus(ray: Any) -> int:
@@ -126,7 +145,9 @@ class RayEngine:
                                  max_retries=self.max_retries)
             try:
                 done = mapped.take_all()
-            except ray.exceptions.RayError as exc:  # a shard failed on every try
+            except ray.exceptions.RayError as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError):
+                    raise  # the shard's own code failed: not a worker lost, and retrying would not help
                 raise RayUnavailableError(f"Ray calibration shards failed after {self.max_retries} retries: "
                                           f"{_first_line(exc)}") from None
         return [pickle.loads(r["state"]) for r in sorted(done, key=lambda r: r["shard"])]

@@ -144,3 +144,14 @@ def test_the_package_imports_without_ray():
             "import onnxcompress, onnxcompress.cli, onnxcompress.distributed, onnxcompress.fleet\n"
             "assert onnxcompress.distributed.RayEngine().workers is None")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_unreachable_ray_addresses_are_one_line_errors_before_work(capsys, tmp_path, fleet):
+    pytest.importorskip("ray")
+    good, _, calib = fleet
+    for address, fragment in (("nonsense", "expected local, auto, HOST:PORT"), ("127.0.0.1:9", "cannot reach Ray at 127.0.0.1:9")):
+        code, stdout, err = run_cli(capsys, "optimize", good, "-o", tmp_path / "o.onnx", "--calib", calib, "--ray", address)
+        assert_one_line_error(code, stdout, err, BAD_INPUT, fragment)
+        code, stdout, err = run_cli(capsys, "optimize-many", good, "-o", tmp_path / "out", "--ray", address)
+        assert_one_line_error(code, stdout, err, BAD_INPUT, fragment)
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "out").exists()
