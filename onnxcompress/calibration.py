@@ -7,7 +7,7 @@ and is labelled as such wherever it is reported.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,12 @@ class CalibrationError(OnnxCompressError):
     """Calibration data that is missing, unreadable or does not fit the model."""
 
 
+#: The .npz key (or from_arrays key) of an optional label per sample naming its source: the photo,
+#: document or recording it was cut from. Held-out samples are then whole sources: crops of a photo
+#: the fitting saw overstate fidelity on other photos.
+SAMPLE_SOURCE_KEY = "__source__"
+
+
 @dataclass(frozen=True)
 class Calibration:
     arrays: Mapping[str, np.ndarray]  # input name -> samples stacked on axis 0
@@ -29,6 +35,8 @@ class Calibration:
     is_random: bool = False
     # Rank-0 model inputs (a sample rate): one value for every sample, fed as a scalar, never split.
     scalars: frozenset[str] = frozenset()
+    # The source of every sample (SAMPLE_SOURCE_KEY; an image folder: the file names), None when unknown.
+    sources: tuple[str, ...] | None = field(default=None, compare=False)
     # Where streaming statistics are reduced (analysis/streaming.reduce_values): None in this process,
     # or an engine with the same results, such as distributed.RayEngine. Every part of this data keeps it.
     engine: Any = None
@@ -37,6 +45,13 @@ class Calibration:
         counts = {len(a) for a in self.arrays.values()}
         if len(counts) != 1:
             raise CalibrationError(f"calibration inputs have different sample counts: {sorted(counts)}")
+        if self.sources is not None and len(self.sources) != self.num_samples:
+            raise CalibrationError(f"{self.source}: {len(self.sources)} source labels for {self.num_samples} samples")
+
+    @property
+    def source_count(self) -> int | None:
+        """How many distinct sources the samples come from (None when unknown)."""
+        return None if self.sources is None else len(set(self.sources))
 
     @property
     def num_samples(self) -> int:
@@ -73,23 +88,58 @@ class Calibration:
 
     def samples(self, start: int, stop: int | None = None, source: str | None = None) -> Calibration:
         """Samples `start` .. `stop` as a Calibration of their own (same source unless given)."""
-        arrays = {k: v[start:stop] for k, v in self.arrays.items()}
-        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, self.engine)
+        arrays = {k: v[start:stop] for k, v in self.arrays.items()}  # views, no copies
+        sources = None if self.sources is None else self.sources[start:stop]
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources,
+                           self.engine)
+
+    def take(self, indices: Sequence[int] | np.ndarray, source: str | None = None) -> Calibration:
+        """The samples at `indices`, in that order, as a Calibration of their own."""
+        indices = np.asarray(indices, dtype=np.int64)
+        arrays = {k: v[indices] for k, v in self.arrays.items()}
+        sources = None if self.sources is None else tuple(self.sources[i] for i in indices)
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources,
+                           self.engine)
 
     def split(self, holdout: float) -> tuple[Calibration, Calibration]:
-        """(fit, held-out) parts, the held-out part taken from the end so results stay reproducible."""
+        """(fit, held-out) parts: with two or more known sources, whole sources (the last ones,
+        as close to `holdout` of the samples as they come, at least one); else samples from the
+        end. Deterministic, so results stay reproducible."""
         n_hold = max(1, int(round(self.num_samples * holdout)))
         if n_hold >= self.num_samples:
             raise CalibrationError(f"cannot hold out {n_hold} of {self.num_samples} calibration samples")
+        if (self.source_count or 0) >= 2:
+            return self._split_by_source(n_hold)
         cut = self.num_samples - n_hold
-        return self.samples(0, cut), self.samples(cut, None, f"{self.source} (held out)")
+        same = " of the fitting samples' one source" if self.source_count == 1 else ""
+        return self.samples(0, cut), self.samples(cut, None, f"{self.source} (held out{same})")
+
+    def _split_by_source(self, n_hold: int) -> tuple[Calibration, Calibration]:
+        labels = np.asarray(self.sources, dtype=object)
+        order = list(dict.fromkeys(self.sources))  # by first appearance
+        held: list[str] = []
+        count = 0
+        for name in reversed(order[1:]):  # the first source always stays for fitting
+            size = int(np.sum(labels == name))
+            if held and abs(count + size - n_hold) >= abs(count - n_hold):
+                break
+            held.append(name)
+            count += size
+        mask = np.isin(labels, held)
+        note = f"{self.source} (held out: {count} samples of {len(held)} source{'s' if len(held) > 1 else ''} never fitted)"
+        return self.take(np.flatnonzero(~mask)), self.take(np.flatnonzero(mask), note)
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_arrays(cls, model: ir.Model, arrays: Mapping[str, np.ndarray] | np.ndarray, source: str = "arrays") -> Calibration:
-        """From arrays keyed by input name (or one bare array for a single-input model), checked against the model."""
+    def from_arrays(cls, model: ir.Model, arrays: Mapping[str, np.ndarray] | np.ndarray, source: str = "arrays",
+                    sources: Sequence[str] | None = None) -> Calibration:
+        """From arrays keyed by input name (or one bare array for a single-input model), checked against
+        the model; each sample's source from `sources` or an array under SAMPLE_SOURCE_KEY."""
         inputs = graph_inputs(model)
+        if not isinstance(arrays, np.ndarray) and SAMPLE_SOURCE_KEY in arrays:
+            arrays = dict(arrays)
+            sources = _source_labels(arrays.pop(SAMPLE_SOURCE_KEY), source)
         if isinstance(arrays, np.ndarray):
             if len(inputs) != 1:
                 names = ", ".join(v.name for v in inputs)
@@ -106,7 +156,8 @@ class Calibration:
             raise CalibrationError(f"{source}: every calibration value is zero; ranges, channel importance and fidelity "
                                    "measured on it mean nothing: give real input samples")
         scalars = frozenset(v.name for v in inputs if _is_scalar(v))
-        return cls(_broadcast_scalars(checked, scalars, source), source, scalars=scalars)
+        return cls(_broadcast_scalars(checked, scalars, source), source, scalars=scalars,
+                   sources=None if sources is None else tuple(str(s) for s in sources))
 
     @classmethod
     def from_path(
@@ -147,7 +198,7 @@ class Calibration:
     ) -> Calibration:
         """A folder of images (sorted by name) for a model with one image input. The preprocessing is
         required: it must be the model's own, and no default can know it."""
-        from .images import load_images, parse_preprocessing
+        from .images import image_files, load_images, parse_preprocessing
 
         folder = Path(folder)
         if not preprocessing:
@@ -162,7 +213,8 @@ class Calibration:
         dims = list(given) if given is not None else [d if isinstance(d, int) else None for d in (value.shape.dims if value.shape else ())]
         prep = parse_preprocessing(preprocessing)
         images = load_images(folder, dims, prep, limit=limit)
-        return cls.from_arrays(model, images, source=f"{folder.name}/ ({len(images)} images; {prep.describe()})")
+        names = [str(path.relative_to(folder)) for path in image_files(folder)[: len(images)]]  # each file a source
+        return cls.from_arrays(model, images, source=f"{folder.name}/ ({len(images)} images; {prep.describe()})", sources=names)
 
     @classmethod
     def from_samples(cls, model: ir.Model, samples: Iterable[Mapping[str, np.ndarray]], source: str = "iterator") -> Calibration:
@@ -204,6 +256,14 @@ def model_batches(model: ir.Model, data: Calibration, preferred: int = 8) -> lis
     if not feeds:
         raise CalibrationError(f"the model's fixed batch of {size} needs more samples than {data.num_samples} ({data.source})")
     return feeds
+
+
+def _source_labels(array: np.ndarray, source: str) -> tuple[str, ...]:
+    array = np.asarray(array)
+    if array.ndim != 1 or not (array.dtype.kind in "iuUS"):
+        raise CalibrationError(f"{source}: '{SAMPLE_SOURCE_KEY}' must be one label (int or string) per sample, "
+                               f"got {array.dtype} shaped {array.shape}")
+    return tuple(str(v) for v in array.tolist())
 
 
 def _is_scalar(value: ir.Value) -> bool:
@@ -274,4 +334,4 @@ def _check_finite(name: str, array: np.ndarray, source: str) -> None:
                                f"(first in sample {first}); calibration data must be finite")
 
 
-__all__ = ["Calibration", "CalibrationError", "InputShapeError"]
+__all__ = ["SAMPLE_SOURCE_KEY", "Calibration", "CalibrationError", "InputShapeError"]

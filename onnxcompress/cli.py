@@ -183,7 +183,7 @@ def optimize(
     threads: Annotated[Optional[int], typer.Option(help="ORT intra-op threads for every timing, as deployed (default: the physical cores).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size for every timing, as deployed (default: the analysed shape's, usually 1).")] = None,
     prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (a fixed recipe: no search).")] = None,
-    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, apoz (the last two need --calib) or random.")] = None,
+    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, output (rms activation x the reading weights), apoz (the last three need --calib) or random.")] = None,
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
     factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
     factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,

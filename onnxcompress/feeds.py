@@ -134,6 +134,21 @@ def mask_inputs(model: ir.Model) -> list[str]:
             and v.dtype is not None and (v.dtype.is_integer() or v.dtype.is_floating_point() or v.dtype == ir.DataType.BOOL)]
 
 
+def token_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The [..., features] rows of `x` at the positions where `mask` (an attention mask fed to the
+    model, [batch, sequence]) is non-zero, as [rows, features]; all rows when there is no mask or
+    `x` is not shaped [*mask.shape, features]. Padded positions compute on pad tokens the model
+    never uses: statistics and fits over them describe padding, not text."""
+    if mask is not None and x.ndim == mask.ndim + 1 and x.shape[:-1] == mask.shape:
+        return x[np.asarray(mask) != 0]
+    return x.reshape(-1, x.shape[-1])
+
+
+def feed_mask(feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray | None:
+    """The first of the mask inputs `names` (see mask_inputs) present in `feeds`, else None."""
+    return next((np.asarray(feeds[m]) for m in names if m in feeds), None)
+
+
 def _synthetic(value: ir.Value, dtype: np.dtype, shape: tuple[int, ...], shapes: Mapping[str, Sequence[int]],
                rng: np.random.Generator) -> np.ndarray:
     name = value.name
@@ -218,4 +233,4 @@ def _longest_other_dim(name: str, shapes: Mapping[str, Sequence[int]]) -> int:
 
 
 __all__ = ["DEFAULT_SAMPLE_RATE", "InputValueError", "NonNumericInputError", "check_input_values", "describe_source",
-           "mask_inputs", "parse_input_values", "synthetic_feeds"]
+           "mask_inputs", "parse_input_values", "synthetic_feeds", "token_rows", "feed_mask"]

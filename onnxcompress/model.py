@@ -178,6 +178,16 @@ def tensor_in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.Tensor(tensor.numpy(), name=tensor.name, dtype=tensor.dtype)
 
 
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap an external tensor's file, so the pages it read leave this process's memory (it maps
+    them again if read later); kept mapped while an array still points into it."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
+
+
 def _in_memory(model: ir.Model, *, limit: float = math.inf) -> ir.Model:
     """A clone whose external tensor attributes, and external initializers of at most `limit`
     bytes, are in memory.

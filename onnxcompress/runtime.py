@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,6 +83,24 @@ def session(
         with temporary_path(model, external_data=True) as path:
             return ort.InferenceSession(str(path), options, providers=providers)
     return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=providers)
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def free_memory() -> None:
+    """Hand memory freed by ended sessions back to the system. ORT frees a session's weights into
+    glibc's heap, which otherwise keeps it: the next session on a large model would come on top."""
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from . import runtime
 from .errors import ProviderUnavailableError, UnsupportedModelError, VerificationError
-from .model import graph_inputs, input_dtype, load, temporary_path
+from .model import graph_inputs, input_dtype, needs_file, release, temporary_path
 from .report import Fidelity
 
 Feeds = Mapping[str, np.ndarray]
@@ -147,6 +147,9 @@ def outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], where: str) ->
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise VerificationError(f"{where}: the model fails to run in ONNX Runtime ({first})") from None
+    finally:
+        del sess
+        runtime.free_memory()
 
 
 #: An exact pass may move an output by this many times the float noise of the input model itself.
@@ -165,19 +168,18 @@ def float_noise(model: ir.Model, feeds: Sequence[Feeds], reference: Sequence[Seq
     equally valid float32 evaluations of the same model: graph optimizations off (ORT's own fusions
     reassociate), and every float weight moved by one rounding step (what an exact rewrite of the
     weights moves them by)."""
-    rng = np.random.default_rng(seed)
-    nudged = load(model)
-    for value in nudged.graph.initializers.values():
+    nudged = model.clone()  # shares the weights; the nudged ones replace them in the clone only
+    for index, value in enumerate(nudged.graph.initializers.values()):
         if value.const_value is not None and value.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) \
                 and not _sets_a_shape(value):
-            w = value.const_value.numpy()
-            step = np.where(rng.random(w.shape) < 0.5, -WEIGHT_ULP, WEIGHT_ULP).astype(w.dtype)
-            value.const_value = ir.tensor(w + w * step, name=value.name)
+            value.const_value = _nudged(value.const_value, (seed, index))
     runs = [(model, runtime.session_options(spinning=False, optimize=False)), (nudged, None)]
+    on_disk = needs_file(model)
     noise = [0.0] * (len(reference[0]) if reference else 0)
     for variant, options in runs:
         try:
-            got = runtime.run_batches(runtime.session(variant, options=options), feeds)
+            got = runtime.run_batches(_session(variant, options, on_disk), feeds)
+            runtime.free_memory()  # the session and its weights go before the next one loads
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise VerificationError(f"{where}: the model fails to run in ONNX Runtime ({first})") from None
@@ -186,6 +188,32 @@ def float_noise(model: ir.Model, feeds: Sequence[Feeds], reference: Sequence[Seq
                 diff = np.abs(np.asarray(ref, np.float64) - np.asarray(other, np.float64))
                 noise[k] = max(noise[k], float(np.max(diff, initial=0.0)))
     return noise
+
+
+def _nudged(tensor: ir.TensorProtocol, seed: tuple[int, int]) -> ir.LazyTensor:
+    """`tensor` with every element moved by one float32 rounding step of random sign, computed when
+    read: saving the nudged model holds one weight in memory at a time, not a second model."""
+
+    def nudge() -> ir.Tensor:
+        w = tensor.numpy()
+        up = np.random.default_rng(seed).integers(0, 2, w.shape, dtype=np.uint8).astype(bool)
+        nudged = np.where(up, w.dtype.type(WEIGHT_ULP), w.dtype.type(-WEIGHT_ULP))  # in w's dtype: 5 bytes a weight
+        nudged *= w
+        nudged += w
+        del w, up
+        release(tensor)  # the source weight's pages: one weight at a time in memory
+        return ir.Tensor(nudged, name=tensor.name)
+
+    return ir.LazyTensor(nudge, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+
+
+def _session(model: ir.Model, options, on_disk: bool):
+    """A session on `model`, through a file with external data when `on_disk` (a model read from
+    one: serialized bytes would hold all its weights in memory, twice)."""
+    if not on_disk:
+        return runtime.session(model, options=options)
+    with temporary_path(model, external_data=True) as path:
+        return runtime.session(path, options=options)
 
 
 # Float inputs that decide an output's shape, not its values: Resize's roi/scales (a scale one step
@@ -230,6 +258,9 @@ def reference_outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], sour
         shapes = ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in (feeds[0] if feeds else {}).items())
         raise UnsupportedModelError(f"ONNX Runtime cannot run the input model on {source} inputs ({shapes}): "
                                     f"{_first_line(exc)}") from None
+    finally:
+        del sess
+        runtime.free_memory()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -107,6 +107,22 @@ def test_fold_batchnorm_skips_shared_conv_output_with_reason():
     assert _max_rel_error(original, result.model) < FOLD_RTOL
 
 
+def test_division_by_a_constant_with_zeros_is_not_folded(recwarn):
+    """x / 0 is inf or nan, not a per-channel scale (a real sentence encoder's export divides by a
+    masked zero): the Div stays, and no numpy warning leaks to the user."""
+    rng = np.random.default_rng(0)
+    divisor = np.array([2.0, 0.0, 4.0], np.float32).reshape(1, 3, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), helper.make_node("Div", ["h", "d"], ["y"], name="div")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [numpy_helper.from_array(rng.normal(size=(3, 2, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(divisor, "d")])
+    model = M.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]))
+    result = _run(FoldBatchNorm(), model)
+    assert _ops(result.model) == Counter({"Conv": 1, "Div": 1}) and not result.record.changes
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_eliminate_noops_removes_identity_and_inference_dropout():
     proto = conv_bn_relu_gemm()
     proto.graph.node.insert(3, helper.make_node("Dropout", ["r1"], ["r1d"], name="drop"))

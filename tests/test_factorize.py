@@ -500,3 +500,24 @@ def test_latency_options_from_yaml_and_bad_values():
         build_pass({"type": "factorize", "latency_aware": True, "provider": "nope"})
     with pytest.raises(OnnxCompressError, match="min_speedup"):
         build_pass({"type": "factorize", "min_speedup": 0})
+
+
+def test_input_moments_of_token_layers_leave_padding_out():
+    """Whitening from padded positions would fit the truncation to pad tokens."""
+    from tests.graphs import attention_block
+
+    model = M.load(attention_block())
+    layers, _ = F.find_layers(model, infer_shapes(model, {"x": (1, 8, 32), "attention_mask": (1, 8)}))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
+    mask = np.ones((6, 8), np.int64)
+    mask[:, 6:] = 0
+    padded = x.copy()
+    padded[:, 6:] = 50.0  # what padding positions hold must not matter
+    moments = [F.collect_moments(model, layers, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
+                                 samples=6, max_features=4096, positions=64) for a in (x, padded)]
+    token_layers = [l.node.name for l in layers if l.node.op_type == "MatMul" and l.node.name in moments[0]]
+    assert token_layers
+    for name in token_layers:
+        np.testing.assert_allclose(moments[0][name].covariance(False), moments[1][name].covariance(False), rtol=1e-6, atol=1e-9)
+        assert moments[0][name].count == 6 * 6  # real positions only

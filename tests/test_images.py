@@ -51,6 +51,7 @@ def test_solid_images_give_exact_normalised_values_in_name_order(model, folder):
     blue = (np.array(BLUE) / 255.0 - mean) / std
     np.testing.assert_allclose(x[2].mean(axis=(1, 2)), blue, atol=0.05)
     assert "3 images" in calibration.source and "mean 0.485/0.456/0.406" in calibration.source
+    assert calibration.sources == ("a_gray.png", "b_red.png", "sub/c_blue.jpg")  # every file a source of its own
 
 
 def test_layout_channel_order_and_scale(folder):

@@ -118,6 +118,17 @@ def test_lossy_pass_is_measured_not_rejected():
     assert scaled.max_rel_error > 0.05 and scaled.sqnr_db < 40
 
 
+def test_fidelity_is_measured_on_sources_no_pass_fitted():
+    from onnxcompress.calibration import SAMPLE_SOURCE_KEY
+
+    model = M.load(conv_bn_relu_gemm())
+    x = np.random.default_rng(1).normal(size=(20, 3, 8, 8)).astype(np.float32)
+    labels = np.array(["a", "b", "c", "d", "e"] * 4)
+    calib = Calibration.from_arrays(model, {"x": x, SAMPLE_SOURCE_KEY: labels})
+    fidelity = Pipeline([_LossyScale(factor=1.5)]).run(model, calibration=calib).report.fidelity
+    assert "1 source never fitted" in fidelity.inputs and fidelity.samples == 4  # source "e", held out whole
+
+
 def test_broken_model_fails_the_checker_with_pass_name():
     with pytest.raises(VerificationError, match="pass 'test-scale-output'"):
         Pipeline([_ScaleOutput(mode="break")]).run(conv_bn_relu_gemm())
@@ -168,6 +179,32 @@ def test_calibration_split_and_batches():
     np.testing.assert_array_equal(held.arrays["x"], calib.arrays["x"][8:])
     sizes = [len(b["x"]) for b in calib.batches(4)]
     assert sizes == [4, 4, 2]
+
+
+def test_held_out_samples_are_whole_sources_when_sources_are_labelled(tmp_path):
+    """Crops of a fitted photo overstate fidelity on other photos: labelled sources are held out whole."""
+    from onnxcompress.calibration import SAMPLE_SOURCE_KEY
+
+    model = M.load(conv_bn_relu_gemm())
+    x = np.random.default_rng(0).normal(size=(20, 3, 8, 8)).astype(np.float32)
+    labels = np.array(["a", "b", "c", "d", "e"] * 4)  # interleaved, as crops of 5 photos often are
+    np.savez(tmp_path / "calib.npz", x=x, **{SAMPLE_SOURCE_KEY: labels})
+    calib = Calibration.from_path(model, tmp_path / "calib.npz")
+    assert calib.source_count == 5 and calib.num_samples == 20
+    fit, held = calib.split(0.25)  # 5 samples asked: one source of 4 is closest
+    assert (fit.num_samples, held.num_samples) == (16, 4)
+    assert set(held.sources) == {"e"} and "e" not in set(fit.sources)
+    np.testing.assert_array_equal(held.arrays["x"], x[labels == "e"])
+    np.testing.assert_array_equal(fit.arrays["x"], x[labels != "e"])
+    assert "1 source never fitted" in held.source
+    fit, held = calib.split(0.45)  # 9 asked: two sources (8) are closer than one (4) or three (12)
+    assert set(held.sources) == {"d", "e"} and held.num_samples == 8
+    fit, held = Calibration.from_arrays(model, {"x": x, SAMPLE_SOURCE_KEY: np.zeros(20, int)}).split(0.2)
+    assert held.num_samples == 4 and "one source" in held.source  # one source: samples from the end, said so
+    with pytest.raises(CalibrationError, match="one label"):
+        Calibration.from_arrays(model, {"x": x, SAMPLE_SOURCE_KEY: np.zeros((20, 2))})
+    with pytest.raises(CalibrationError, match="19 source labels for 20 samples"):
+        Calibration.from_arrays(model, {"x": x, SAMPLE_SOURCE_KEY: labels[:19]})
 
 
 def test_context_caches_analyses_until_invalidated():

@@ -160,6 +160,26 @@ def test_activation_importance_removes_dead_channels(importance):
     assert group["removed"] == dead
 
 
+def test_output_importance_weighs_activations_by_the_weights_that_read_them():
+    """A strong channel that the next layer reads with near-zero weights adds nothing to its output:
+    "output" importance removes it first, where mean |activation| keeps it."""
+    from onnxcompress.calibration import Calibration
+
+    quiet = [2, 7, 11, 13]
+    removed = {}
+    for importance in ("output", "activation"):
+        model = _wide_model(16)
+        w2 = model.graph.initializers["w2"].const_value.numpy().copy()
+        w2[:, quiet] *= 1e-4  # conv2 barely reads these input channels
+        model.graph.initializers["w2"].const_value = ir.tensor(w2, name="w2")
+        calib = Calibration.random(model, {"x": (1, 3, 6, 6)}, count=16, seed=2)
+        p = PruneChannels(ratio=0.25, round_to=1, importance=importance)
+        result = p.run(model, PassContext(model=model, calibration=calib, input_shapes={"x": (1, 3, 6, 6)}))
+        removed[importance] = next(g for g in result.record.details["groups"] if g["sources"] == ["conv1"])["removed"]
+    assert removed["output"] == quiet
+    assert removed["activation"] != quiet
+
+
 def test_activation_importance_needs_calibration():
     from onnxcompress.errors import OnnxCompressError
 

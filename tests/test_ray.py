@@ -117,7 +117,7 @@ def test_ray_channel_sums_are_bit_identical(local_ray):
     there = collect(model, axes, dataclasses.replace(calibration, engine=RayEngine(workers=WORKERS)))
     assert there.samples == here.samples == SAMPLES and there.values.keys() == here.values.keys() == axes.keys()
     for name, stats in here.values.items():
-        for part in ("total", "total_abs", "zeros", "minimum", "maximum"):
+        for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
             assert np.array_equal(getattr(stats, part), getattr(there.values[name], part)), (name, part)
         assert stats.count == there.values[name].count
 

@@ -50,6 +50,26 @@ def test_histograms_do_not_depend_on_the_budget():
         assert np.array_equal(small[name].counts, tiny[name].counts)
 
 
+def test_channel_statistics_of_token_activations_leave_padding_out():
+    """Padded positions compute on pad tokens: channel importance measured over them describes
+    padding (62% of the rows of a batch of real sentences padded to the longest)."""
+    from onnxcompress.analysis.activations import collect
+    from tests.graphs import attention_block
+
+    model = load(attention_block())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
+    mask = np.ones((6, 8), np.int64)
+    mask[:, 5:] = 0
+    padded = x.copy()
+    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    stats = [collect(model, {"h": 2, "x": 2}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}), batch_size=4)
+             for a in (x, padded)]
+    for name in ("h", "x"):
+        np.testing.assert_allclose(stats[0].values[name].mean_abs, stats[1].values[name].mean_abs, rtol=1e-6)
+        assert stats[0].values[name].count == 6 * 5  # real positions only
+    np.testing.assert_allclose(stats[0].values["x"].mean_abs, np.abs(x[:, :5].astype(np.float64)).mean(axis=(0, 1)), rtol=1e-9)
+
 
 def _sharded(model, names, calibration, reducer, batch: int, shards: int):
     """What distributed.RayEngine does, in this process: the first run here, then shards cut on run
@@ -84,7 +104,7 @@ def test_shards_merged_in_sample_order_give_the_statistics_of_one_pass():
     merged = _sharded(model, list(axes), calibration, ActivationStats(axes=axes), batch=4, shards=3)
     assert merged.samples == whole.samples == 41 and merged.values.keys() == whole.values.keys()
     for name, stats in whole.values.items():
-        for part in ("total", "total_abs", "zeros", "minimum", "maximum"):
+        for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
             assert np.array_equal(getattr(stats, part), getattr(merged.values[name], part)), (name, part)
     hists, _ = collect_histograms(model, names, calibration, batch_size=4)
     merged = _sharded(model, names, calibration, Histograms(), batch=4, shards=3)
@@ -92,3 +112,24 @@ def test_shards_merged_in_sample_order_give_the_statistics_of_one_pass():
         got = merged.values[name]
         assert (got.count, got.minimum, got.maximum, got.start) == (hist.count, hist.minimum, hist.maximum, hist.start)
         assert np.array_equal(got.counts, hist.counts), name
+
+
+def test_shards_keep_each_batch_s_attention_mask():
+    """Token statistics under a mask: a shard's batches carry their own mask into their later parts."""
+    from onnxcompress.analysis.activations import ActivationStats, collect
+    from tests.graphs import attention_block
+
+    model = load(attention_block())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((25, 8, 32)).astype(np.float32)
+    mask = (rng.random((25, 8)) < 0.7).astype(np.int64)
+    calibration = Calibration.from_arrays(model, {"x": x, "attention_mask": mask})
+    axes = {"h": 2, "x": 2}
+    whole = collect(model, axes, calibration, batch_size=4)
+    stats = ActivationStats(axes=axes, masks=("attention_mask",))
+    merged = _sharded(model, ["h", "x", "attention_mask"], calibration, stats, batch=4, shards=2)
+    assert whole.values["x"].count == int(mask.sum())  # only kept positions
+    for name in axes:
+        for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
+            assert np.array_equal(getattr(whole.values[name], part), getattr(merged.values[name], part)), (name, part)
+        assert whole.values[name].count == merged.values[name].count

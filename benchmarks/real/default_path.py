@@ -7,7 +7,8 @@ For every corpus model (default: DEFAULT_MODELS, the CNNs and minilm):
 
 1. The first --calib samples of the corpus calibration split, stacked on axis 0 (text right-padded
    with attention mask 0, as compare_int8 feeds every quantizer), go to a temporary CALIB.npz keyed
-   by input name.
+   by input name, with `__source__` naming each sample's photo or page where the corpus records it
+   (so the tool holds out whole sources; the sentences of the text encoders are unlabelled).
 2. `python -m onnxcompress optimize MODEL -o OUT.onnx --calib CALIB.npz --json --report REPORT.json
    [--extra ARGS]` runs as a subprocess, stdout and stderr redirected to files (stderr is a file, as
    the issue asks: the progress lines are the non-TTY ones). Recorded: wall time, exit code, and the
@@ -226,7 +227,11 @@ def run_model(entry: corpus.Entry, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"default-path-{entry.name}-") as tmp:
         folder = Path(tmp)
         calib = folder / "calib.npz"
-        np.savez(calib, **corpus.stack(corpus.calibration(entry.name, n_calib), corpus.pad_id(entry.name)))
+        arrays = corpus.stack(corpus.calibration(entry.name, n_calib), corpus.pad_id(entry.name))
+        labels = [p.get("source") for p in corpus.provenance(entry.name, "calibration", n_calib)]
+        if all(labels):  # the photo or page each sample was cut from: the tool holds out whole sources
+            arrays["__source__"] = np.array(labels)
+        np.savez(calib, **arrays)
         output, report_path = folder / "out.onnx", folder / "report.json"
         cmd = [sys.executable, "-m", "onnxcompress", "optimize", str(entry.path), "-o", str(output),
                "--calib", str(calib), "--json", "--report", str(report_path), *args.extra]

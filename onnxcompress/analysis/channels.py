@@ -384,8 +384,10 @@ class ChannelGraph:
         return sorted(found, key=lambda k: order[k.node])
 
     def activation_importance(self, stats, kind: str = "mean_abs") -> dict[int, float]:
-        """Per class, from statistics of the sink inputs: mean |x| ("mean_abs") or 1 - APoZ ("apoz"),
-        each sink's vector divided by its mean, summed over the sinks that read the class."""
+        """Per class, from statistics of the sink inputs: mean |x| ("mean_abs"), 1 - APoZ ("apoz"), or
+        what the channel adds to the sink's output, rms(x) times the norm of the sink's weights for
+        it ("output": a large activation read by small weights matters little), each sink's vector
+        divided by its mean, summed over the sinks that read the class."""
         nodes = {n.name: n for n in self.model.graph}
         scores: dict[int, float] = defaultdict(float)
         for s in self.slices:
@@ -394,7 +396,11 @@ class ChannelGraph:
             channel = stats.values.get(nodes[s.node].inputs[0].name)
             if channel is None or len(channel.total) != len(s.atoms):
                 continue
-            per = channel.mean_abs if kind == "mean_abs" else 1.0 - channel.apoz
+            per = {"mean_abs": channel.mean_abs, "apoz": 1.0 - channel.apoz}.get(kind)
+            if per is None:  # "output": the sink's weights for each input channel, as in importance()
+                w = s.value.const_value
+                w = np.moveaxis(w.numpy().astype(np.float64), s.axis, 0).reshape(len(s.atoms), -1) if w is not None else 1.0
+                per = channel.rms * np.sqrt(np.sum(np.square(w), axis=-1))
             mean = float(per.mean())
             if mean <= 0:
                 continue

@@ -208,6 +208,8 @@ def _as_channel_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray, bool] | N
     if const is None:
         return None
     c = const.numpy().astype(np.float64)
+    if op == "Div" and not np.all(c):  # x / 0 is inf or nan, not a scale to fold
+        return None
     ones, zeros = np.ones_like(c), np.zeros_like(c)
     scale, shift = {"Mul": (c, zeros), "Add": (ones, c), "Sub": (ones, -c), "Div": (1.0 / c, zeros)}[op]
     return scale, shift, False

@@ -52,7 +52,9 @@ import scipy.linalg
 from .. import runtime
 from ..analysis.layer_timing import PairTiming, time_pair
 from ..analysis.shapes import infer_shapes
+from ..analysis.streaming import stream_values
 from ..calibration import Calibration, batch_size_for
+from ..feeds import feed_mask, mask_inputs, token_rows
 from ..model import load
 from ..pipeline import Pass, PassContext, PassResult
 from .linear import matmul_bias_add
@@ -541,32 +543,24 @@ def collect_moments(model: ir.Model, layers: list[Layer], calibration: Calibrati
     wanted = [l for l in layers if l.input_features() <= max_features]
     if not wanted:
         return {}
-    probe = load(model)
-    produced = {v.name: v for n in probe.graph for v in n.outputs}
-    graph_inputs = {v.name for v in probe.graph.inputs}
-    present = {v.name for v in probe.graph.outputs}
-    fetch = []
-    for name in dict.fromkeys(l.node.inputs[0].name for l in wanted):
-        if name in graph_inputs:
-            continue
-        if name not in present:
-            probe.graph.outputs.append(produced[name])
-        fetch.append(name)
-    sess = runtime.session(probe) if fetch else None
     rng = np.random.default_rng(seed)
     moments = {l.node.name: _Moments() for l in wanted}
-    for feeds in calibration.batches(batch_size_for(model, 8), limit=samples):
-        values = dict(zip(fetch, sess.run(fetch, feeds))) if sess else {}
-        values.update({k: v for k, v in feeds.items()})
+    masks = mask_inputs(model)  # token rows under an attention mask's padding are left out
+    names = list(dict.fromkeys(l.node.inputs[0].name for l in wanted))
+    mask = None
+    for count, values in stream_values(model, [*names, *masks], calibration, batch_size=batch_size_for(model, 8), limit=samples):
+        mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
         for layer in wanted:
-            x = values[layer.node.inputs[0].name]
-            moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng))
+            x = values.get(layer.node.inputs[0].name)
+            if x is not None:
+                moments[layer.node.name].update(_input_rows(layer, np.asarray(x), positions, rng, mask))
     return moments
 
 
-def _input_rows(layer: Layer, x: np.ndarray, positions: int, rng: np.random.Generator) -> np.ndarray:
+def _input_rows(layer: Layer, x: np.ndarray, positions: int, rng: np.random.Generator,
+                mask: np.ndarray | None = None) -> np.ndarray:
     if layer.kind != "Conv":
-        return x.reshape(-1, x.shape[-1])
+        return token_rows(x, mask)
     return im2col(x, layer, positions, rng)
 
 

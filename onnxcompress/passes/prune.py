@@ -31,7 +31,7 @@ class PruneChannels(Pass):
 
     ratio: float = 0.3  # fraction of each group's channels to remove (or of all channels, global)
     allocation: Literal["uniform", "global"] = "uniform"
-    importance: Literal["l2", "l1", "bn", "activation", "apoz", "random"] = "l2"
+    importance: Literal["l2", "l1", "bn", "activation", "output", "apoz", "random"] = "l2"
     target_macs: float | None = None  # keep this fraction of the MACs; overrides `ratio`
     max_group_ratio: float = 0.8  # never remove more than this fraction of one group
     round_to: int = 8  # kept channel counts are multiples of this (ORT CPU kernels pad to blocks)
@@ -58,7 +58,7 @@ class PruneChannels(Pass):
         graph = ChannelGraph.build(model, ctx.input_shapes)
         notes: list[str] = []
         stats = None
-        if self.importance in ("activation", "apoz"):
+        if self.importance in ("activation", "output", "apoz"):
             if ctx.calibration is None:
                 raise OnnxCompressError(f"importance '{self.importance}' needs calibration data (--calib)")
             from ..analysis.activations import collect
@@ -111,7 +111,7 @@ class PruneChannels(Pass):
 
     def _scores(self, graph: ChannelGraph, stats=None) -> dict[int, float]:
         if stats is not None:
-            return graph.activation_importance(stats, "mean_abs" if self.importance == "activation" else "apoz")
+            return graph.activation_importance(stats, {"activation": "mean_abs"}.get(self.importance, self.importance))
         if self.importance == "random":
             rng = np.random.default_rng(self.seed)
             return {c: float(rng.random()) for g in graph.groups for c in g.classes}

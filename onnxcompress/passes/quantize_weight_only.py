@@ -88,20 +88,23 @@ class QuantizeWeightOnly(Pass):
             hessians = collect_hessians(model, widths, ctx.calibration, budget_bytes=self.calibration_budget_mb * 2**20,
                                         mask_names=mask_inputs(model))
         names, gains, before, after, prepared = Names(model), {}, 0, 0, {}
-        for target in targets:
-            codes = rtn(target.weight, self.bits, self.block, self.is_symmetric)
+        for target in targets:  # one weight in memory at a time
+            weight = target.load_weight()
+            codes = rtn(weight, self.bits, self.block, self.is_symmetric)
             h = hessians.get(target.x.name)
             if h is not None:
                 if target.x.name not in prepared:  # q, k and v read one input: one inverse
                     prepared[target.x.name] = prepare(h)
-                learned = gptq(target.weight, prepared[target.x.name], codes)
-                e_rtn = output_error(target.weight, codes.dequantized(), h)
-                e_gptq = output_error(target.weight, learned.dequantized(), h)
+                learned = gptq(weight, prepared[target.x.name], codes)
+                e_rtn = output_error(weight, codes.dequantized(), h)
+                e_gptq = output_error(weight, learned.dequantized(), h)
                 if e_gptq < e_rtn:  # never worse than nearest on the data it was fitted on
                     codes = learned
                 gains[target.node.name] = float(10 * np.log10(max(e_rtn, 1e-30) / max(min(e_gptq, e_rtn), 1e-30)))
-            before += target.weight.nbytes
+            before += weight.nbytes
             after += _quantized_bytes(target.k, target.n, self.bits, self.block, self.is_symmetric)
+            del weight
+            target.release()
             rewrite(model, target, codes, self.form, names, self.accuracy_level)
         if method == "gptq":
             seconds = time.perf_counter() - start

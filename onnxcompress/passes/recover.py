@@ -38,6 +38,7 @@ from .. import runtime
 from ..analysis.activations import collect
 from ..analysis.channels import Sink
 from ..calibration import Calibration, batch_size_for
+from ..feeds import feed_mask, mask_inputs, token_rows
 from ..model import EXTERNAL_DATA_THRESHOLD, tensor_in_memory
 from ..report import to_jsonable
 from ..verify import compare, outputs
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - BLAS keeps its default threads
     threadpool_limits = None
 
 #: Fraction of the calibration samples held out to choose the ridge strength and report fidelity.
-HOLDOUT = 0.2
+HOLDOUT = 0.2  # pipeline.FITTING_HOLDOUT: verification feeds come from this part
 #: Below this many samples a refit of wide layers is underdetermined or noisy: warn.
 SMALL_CALIBRATION = 64
 #: Ridge strengths tried, relative to the mean diagonal of X^T X, from the largest down until the held-out
@@ -435,6 +436,7 @@ def _refit(original: ir.Model, model: ir.Model, layers: list[_Layer], fit: Calib
         todo.append(layer)
     stages = _stages(model, todo)
     batches = [("fit", f) for f in fit.batches(batch)] + [("held", f) for f in held.batches(batch)]
+    masks = mask_inputs(model)  # token rows under an attention mask's padding are left out
     pruned = _Stream(batches, [sorted({l.sink.input for l in st}) for st in stages], cache_bytes)
     targets = _Stream(batches, [sorted({l.target for l in st}) for st in stages], cache_bytes)
     forward = accumulate = solve = 0.0
@@ -443,12 +445,13 @@ def _refit(original: ir.Model, model: ir.Model, layers: list[_Layer], fit: Calib
         normals = {(split, l.sink.node): _Normal.empty(l.inputs, l.outputs) for split in ("fit", "held") for l in stage}
         t0 = time.perf_counter()
         inputs, outputs_ = pruned.stage(model, number), targets.stage(original, number)
-        for split, _ in batches:
+        for split, feeds in batches:
             xs, ys = next(inputs), next(outputs_)
             t1 = time.perf_counter()
             forward += t1 - t0
+            mask = feed_mask(feeds, masks)
             for l in stage:
-                x, y = _rows(l, xs[l.sink.input], ys[l.target], rng, positions)
+                x, y = _rows(l, xs[l.sink.input], ys[l.target], rng, positions, mask)
                 normals[split, l.sink.node].add(x, y)
             t0 = time.perf_counter()
             accumulate += t0 - t1
@@ -591,14 +594,15 @@ def _segment_session(model: ir.Model, nodes: list[ir.Node], outputs_: list[str],
     return session, [i.name for i in session.get_inputs()]
 
 
-def _rows(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, positions: int
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _rows(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, positions: int,
+          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Matching rows of the pruned layer's input (im2col for Conv) and the original layer's kept outputs,
-    at up to `positions` randomly chosen output positions per sample."""
+    at up to `positions` randomly chosen output positions per sample (token positions under an
+    attention `mask`'s padding left out)."""
     if layer.node.op_type == "Conv":
         return _conv_rows(layer.node, x, y[:, layer.keep_out], rng, positions)
-    x2 = x.reshape(-1, x.shape[-1])
-    y2 = y.reshape(-1, y.shape[-1])[:, layer.keep_out]
+    x2 = token_rows(x, mask)
+    y2 = token_rows(y, mask)[:, layer.keep_out]
     if x.ndim > 2 and len(x2) > positions * len(x):  # [batch, positions..., features]: sample positions
         pick = np.sort(rng.choice(len(x2), positions * len(x), replace=False))
         x2, y2 = x2[pick], y2[pick]

@@ -32,20 +32,37 @@ DQ_OPSET = 21
 
 @dataclass
 class Target:
-    """One MatMul/Gemm to quantize: its node, input, weight as [K, N] (float32) and Gemm extras."""
+    """One MatMul/Gemm to quantize: its node, input, weight shape as [K, N] and Gemm extras. The
+    weight is read when asked (`load_weight`), so a model's weights need not all be in memory at once."""
 
     node: ir.Node
     x: ir.Value
-    weight: np.ndarray
+    shape: tuple[int, int]  # [K, N], after a Gemm's transB
+    transposed: bool = False  # a Gemm's transB: the stored weight is [N, K]
+    alpha: float = 1.0  # a Gemm's alpha, folded into the weight
     bias: np.ndarray | None = None  # beta * C of a Gemm
 
     @property
     def k(self) -> int:
-        return self.weight.shape[0]
+        return self.shape[0]
 
     @property
     def n(self) -> int:
-        return self.weight.shape[1]
+        return self.shape[1]
+
+    def load_weight(self) -> np.ndarray:
+        """The weight as a float32 [K, N] array of its own (alpha folded in)."""
+        w = self.node.inputs[1].const_value.numpy().astype(np.float32)
+        w = w.T if self.transposed else w
+        if self.alpha != 1.0:
+            w = w * np.float32(self.alpha)
+        return np.ascontiguousarray(w)
+
+    def release(self) -> None:
+        """Unmap a weight read from an external data file (model.release)."""
+        from ..model import release
+
+        release(self.node.inputs[1].const_value)
 
 
 def find_targets(model: ir.Model, skip_nodes: tuple[str, ...] = ()) -> tuple[list[Target], list[str]]:
@@ -72,30 +89,29 @@ def _target(model: ir.Model, node: ir.Node) -> tuple[str, Target | None]:
     x, b = node.inputs[0], node.inputs[1]
     if b.name not in model.graph.initializers or b.const_value is None:
         return "the weight is not a constant initializer (two activations, or computed)", None
-    if b.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-        return f"weight of type {b.dtype.name} (float weights only)", None
-    w = b.const_value.numpy().astype(np.float32)
-    if w.ndim != 2:
-        return f"weight of rank {w.ndim} (2-D weights only)", None
+    tensor = b.const_value
+    if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return f"weight of type {tensor.dtype.name} (float weights only)", None
+    if len(tensor.shape) != 2:
+        return f"weight of rank {len(tensor.shape)} (2-D weights only)", None
     if x.shape is not None and len(x.shape) < 2:
         return "1-D input", None
-    bias = None
+    k, n = (int(d) for d in tensor.shape)
+    transposed, alpha, bias = False, 1.0, None
     if node.op_type == "Gemm":
         attrs = node.attributes
         if attrs.get_int("transA", 0):
             return "Gemm with transA", None
-        if attrs.get_int("transB", 0):
-            w = w.T
-        w = w * np.float32(attrs.get_float("alpha", 1.0))
+        transposed, alpha = bool(attrs.get_int("transB", 0)), attrs.get_float("alpha", 1.0)
+        k, n = (n, k) if transposed else (k, n)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             c = node.inputs[2]
             if c.const_value is None:
                 return "Gemm bias is not a constant", None
             bias = (c.const_value.numpy().astype(np.float32) * np.float32(attrs.get_float("beta", 1.0)))
-    k, n = w.shape
     if min(k, n) < MIN_FEATURES:
         return f"weight {k}x{n} is smaller than {MIN_FEATURES} on a side", None
-    return "", Target(node, x, np.ascontiguousarray(w), bias)
+    return "", Target(node, x, (k, n), transposed, alpha, bias)
 
 
 class Names:

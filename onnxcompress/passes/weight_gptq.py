@@ -49,6 +49,7 @@ def collect_hessians(model: ir.Model, inputs: Mapping[str, int], calibration: Ca
     are collected in as few streaming runs of `model` as keep their float32 Grams under
     `budget_bytes` together (one run unless they do not fit)."""
     from ..analysis.streaming import stream_values
+    from ..feeds import feed_mask, token_rows
 
     groups: list[list[str]] = [[]]
     used = 0
@@ -63,15 +64,13 @@ def collect_hessians(model: ir.Model, inputs: Mapping[str, int], calibration: Ca
     for group in groups:
         grams = {name: np.zeros((inputs[name], inputs[name]), np.float32) for name in group}
         rows = dict.fromkeys(group, 0)
-        for _, values in stream_values(model, [*masks, *group], calibration):
-            mask = next((values[m] for m in masks if m in values), None)
+        mask = None
+        for count, values in stream_values(model, [*masks, *group], calibration):
+            mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
             for name, array in values.items():
                 if name not in grams:
                     continue
-                x = np.asarray(array, np.float32)
-                if mask is not None and x.ndim == mask.ndim + 1 and x.shape[:-1] == mask.shape:
-                    x = x[np.asarray(mask) != 0]
-                x = x.reshape(-1, inputs[name])
+                x = token_rows(np.asarray(array, np.float32), mask).reshape(-1, inputs[name])
                 grams[name] += x.T @ x
                 rows[name] += len(x)
         for name in group:
