@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +37,9 @@ class Calibration:
     scalars: frozenset[str] = frozenset()
     # The source of every sample (SAMPLE_SOURCE_KEY; an image folder: the file names), None when unknown.
     sources: tuple[str, ...] | None = field(default=None, compare=False)
+    # Where streaming statistics are reduced (analysis/streaming.reduce_values): None in this process,
+    # or an engine with the same results, such as distributed.RayEngine. Every part of this data keeps it.
+    engine: Any = None
 
     def __post_init__(self) -> None:
         counts = {len(a) for a in self.arrays.values()}
@@ -86,14 +90,16 @@ class Calibration:
         """Samples `start` .. `stop` as a Calibration of their own (same source unless given)."""
         arrays = {k: v[start:stop] for k, v in self.arrays.items()}  # views, no copies
         sources = None if self.sources is None else self.sources[start:stop]
-        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources)
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources,
+                           self.engine)
 
     def take(self, indices: Sequence[int] | np.ndarray, source: str | None = None) -> Calibration:
         """The samples at `indices`, in that order, as a Calibration of their own."""
         indices = np.asarray(indices, dtype=np.int64)
         arrays = {k: v[indices] for k, v in self.arrays.items()}
         sources = None if self.sources is None else tuple(self.sources[i] for i in indices)
-        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources)
+        return Calibration(arrays, self.source if source is None else source, self.is_random, self.scalars, sources,
+                           self.engine)
 
     def split(self, holdout: float) -> tuple[Calibration, Calibration]:
         """(fit, held-out) parts: with two or more known sources, whole sources (the last ones,

@@ -196,6 +196,8 @@ def optimize(
     smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
     distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
     input_value: InputValues = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Compute the calibration statistics (activation histograms and ranges, channel means) on Ray, bit-identical to a run without it: 'local' starts Ray on this machine, 'auto' joins the cluster this machine is part of, or a cluster's HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --ray: calibration shards, one Ray task each (default: the cluster's CPUs).")] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
@@ -238,6 +240,7 @@ def optimize(
         raise OnnxCompressError("--eval judges what calibration data fits: give --calib DATA too")
     validation = (Calibration.from_path(source, eval, preprocessing=calib_preprocess, input_shapes=shapes)
                   if eval else None)
+    calibration = _on_ray(calibration, ray, workers)
 
     with progress("optimizing", console) as reporter:
         result = run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
@@ -277,6 +280,27 @@ def optimize(
         raise typer.Exit(code)
 
 
+@app.command("optimize-many", cls=_Command, epilog=exit_codes_help())
+def optimize_many(
+    models: Annotated[list[Path], typer.Argument(metavar="MODELS", help="ONNX models (never modified).")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for every job's model and report (STEM.onnx, STEM.report.json; STEM.SETTING.* with several settings).")],
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="FLAGS", help="One setting: optimize flags, e.g. '--quantize int8 --calib-method mse' (repeatable: a sweep).")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="Settings from a YAML/JSON list of mappings of optimize options, e.g. [{name: q8, quantize: int8}, {prune: 0.3}].")] = None,
+    common: Annotated[Optional[str], typer.Option(metavar="FLAGS", help="optimize flags for every job, e.g. '--calib data.npz --bench-runs 0'.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks (a dead worker's job is retried): 'local', 'auto', HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --ray local: jobs at a time (default: the CPUs).")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Run optimize on every MODEL with every setting, serially or on Ray: progress on stderr, one
+    summary table (or --json), exit 6 if a job failed (the others still run)."""
+    from .fleet import command
+
+    code = command(models, output_dir, sets=sets or [], sweep=sweep, common=common, address=ray, workers=workers,
+                   json_out=json_out)
+    if code:
+        raise typer.Exit(code)
+
+
 #: --quantize values of weight-only quantization -> bits.
 WEIGHT_ONLY = {"int4": 4, "int8-weight": 8}
 
@@ -296,6 +320,25 @@ def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | Non
             raise OnnxCompressError("--metric needs --max-drop")
         return None
     return Tolerance(metric or "auto", max_drop)
+
+
+def _on_ray(calibration, address: str | None, workers: int | None):
+    """The calibration data with its statistics computed on Ray when --ray asks (Ray reached here,
+    before any work), else as given."""
+    if workers is not None and address is None:
+        raise OnnxCompressError("--workers counts Ray calibration shards: add --ray local (or a cluster address)")
+    if address is None:
+        return calibration
+    if calibration is None:
+        raise OnnxCompressError("--ray computes calibration statistics on Ray: give --calib DATA")
+    if workers is not None and workers < 1:
+        raise OnnxCompressError(f"--workers must be at least 1, got {workers}")
+    import dataclasses
+
+    from .distributed import RayEngine, connect
+
+    connect(address, workers)
+    return dataclasses.replace(calibration, engine=RayEngine(address, workers))
 
 
 def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factorize_budget, latency_aware, quantize,

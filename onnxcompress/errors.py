@@ -27,6 +27,8 @@ class ExitCode(IntEnum):
     OUTSIDE_TOLERANCE = 4, "the model was written but is outside the tolerance (tolerance.met is false in the JSON)"
     TARGET_NOT_REACHED = 5, ("within the tolerance but short of --target-macs/--target-speedup: "
                              "the model written is the most compressed one within it")
+    JOBS_FAILED = 6, ("optimize-many: a job failed (its own code 1, 2 or 3 in the summary, nothing written for it); "
+                      "the other jobs ran and wrote their outputs")
     INTERRUPTED = 130, "interrupted (Ctrl-C)"
 
 

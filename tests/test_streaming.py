@@ -69,3 +69,67 @@ def test_channel_statistics_of_token_activations_leave_padding_out():
         np.testing.assert_allclose(stats[0].values[name].mean_abs, stats[1].values[name].mean_abs, rtol=1e-6)
         assert stats[0].values[name].count == 6 * 5  # real positions only
     np.testing.assert_allclose(stats[0].values["x"].mean_abs, np.abs(x[:, :5].astype(np.float64)).mean(axis=(0, 1)), rtol=1e-9)
+
+
+def _sharded(model, names, calibration, reducer, batch: int, shards: int):
+    """What distributed.RayEngine does, in this process: the first run here, then shards cut on run
+    boundaries, each reduced into `reducer.fresh()` on its own, merged in sample order."""
+    from onnxcompress.analysis.streaming import FETCH_BUDGET_BYTES, Fetcher, opening
+    from onnxcompress.distributed import shard_bounds
+
+    fetcher = Fetcher(model, names)
+    for count, values in fetcher.probe(opening(model, calibration, calibration.num_samples)):
+        reducer.add(count, values)
+    plan = fetcher.plan(1, batch, FETCH_BUDGET_BYTES)
+    bounds = shard_bounds(1, calibration.num_samples, plan.batch, shards)
+    assert len(bounds) == shards and all((b - a) > plan.batch for a, b in bounds)  # several runs per shard
+    for start, stop in bounds:
+        part = reducer.fresh()
+        for count, values in Fetcher(model, names).stream(calibration.samples(start, stop), plan):
+            part.add(count, values)
+        reducer = reducer.merge(part)
+    return reducer
+
+
+def test_shards_merged_in_sample_order_give_the_statistics_of_one_pass():
+    from onnxcompress.analysis.activations import ActivationStats, collect
+    from onnxcompress.analysis.histograms import Histograms
+
+    model, _, names = _setup()
+    rng = np.random.default_rng(1)  # magnitudes over 12 decades: float64 sums of them round, so order shows
+    data = (rng.normal(size=(41, 3, 8, 8)) * 10.0 ** rng.uniform(-8, 4, (41, 3, 8, 8))).astype(np.float32)
+    calibration = Calibration.from_arrays(model, {model.graph.inputs[0].name: data})
+    axes = {"x": 1, **{n: 1 for n in names if n != "y"}}  # channel axis 1 (y: the Gemm's [N, classes])
+    whole = collect(model, axes, calibration, batch_size=4)
+    merged = _sharded(model, list(axes), calibration, ActivationStats(axes=axes), batch=4, shards=3)
+    assert merged.samples == whole.samples == 41 and merged.values.keys() == whole.values.keys()
+    for name, stats in whole.values.items():
+        for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
+            assert np.array_equal(getattr(stats, part), getattr(merged.values[name], part)), (name, part)
+    hists, _ = collect_histograms(model, names, calibration, batch_size=4)
+    merged = _sharded(model, names, calibration, Histograms(), batch=4, shards=3)
+    for name, hist in hists.items():
+        got = merged.values[name]
+        assert (got.count, got.minimum, got.maximum, got.start) == (hist.count, hist.minimum, hist.maximum, hist.start)
+        assert np.array_equal(got.counts, hist.counts), name
+
+
+def test_shards_keep_each_batch_s_attention_mask():
+    """Token statistics under a mask: a shard's batches carry their own mask into their later parts."""
+    from onnxcompress.analysis.activations import ActivationStats, collect
+    from tests.graphs import attention_block
+
+    model = load(attention_block())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((25, 8, 32)).astype(np.float32)
+    mask = (rng.random((25, 8)) < 0.7).astype(np.int64)
+    calibration = Calibration.from_arrays(model, {"x": x, "attention_mask": mask})
+    axes = {"h": 2, "x": 2}
+    whole = collect(model, axes, calibration, batch_size=4)
+    stats = ActivationStats(axes=axes, masks=("attention_mask",))
+    merged = _sharded(model, ["h", "x", "attention_mask"], calibration, stats, batch=4, shards=2)
+    assert whole.values["x"].count == int(mask.sum())  # only kept positions
+    for name in axes:
+        for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
+            assert np.array_equal(getattr(whole.values[name], part), getattr(merged.values[name], part)), (name, part)
+        assert whole.values[name].count == merged.values[name].count

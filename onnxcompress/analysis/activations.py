@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from ..calibration import Calibration
 from ..feeds import feed_mask, mask_inputs, token_rows
-from .streaming import stream_values
+from .streaming import reduce_values, stream_values
 
 
 @dataclass
@@ -30,22 +30,50 @@ class ChannelStats:
     zeros: np.ndarray | None = None
     minimum: np.ndarray | None = None
     maximum: np.ndarray | None = None
+    # Float addition is not associative: a shard that starts after the first batch keeps each batch's
+    # (sum, |sum|, sum of squares) in order, and `merge` adds them after the sums of the batches before
+    # it, as one loop over all batches would. None: the batches are added as they come (the first
+    # shard, or no shards).
+    deferred: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def update(self, array: np.ndarray, *, rows: bool = False) -> None:
         """Add `array`'s values (`rows`: already [positions, channels])."""
         array = np.asarray(array, dtype=np.float64)
         x = array.T if rows else np.moveaxis(array, self.axis, 0).reshape(array.shape[self.axis], -1)
-        sums = (x.sum(1), np.abs(x).sum(1), (x == 0).sum(1), x.min(1), x.max(1), np.einsum("ij,ij->i", x, x))
-        if self.total is None:
-            self.total, self.total_abs, self.zeros, self.minimum, self.maximum, self.total_sq = sums
+        self._extrema((x == 0).sum(1), x.min(1), x.max(1), x.shape[1])
+        self._add((x.sum(1), np.abs(x).sum(1), np.einsum("ij,ij->i", x, x)))
+
+    def merge(self, later: ChannelStats) -> ChannelStats:
+        """These statistics followed by `later`'s batches (a deferred shard, or an empty one)."""
+        if later.count and later.deferred is None:
+            raise ValueError("merge needs the later part's batch sums (ChannelStats(deferred=[]))")
+        merged = ChannelStats(self.axis, self.count, self.total, self.total_abs, self.total_sq, self.zeros,
+                              self.minimum, self.maximum, None if self.deferred is None else list(self.deferred))
+        if later.count:
+            merged._extrema(later.zeros, later.minimum, later.maximum, later.count)
+            for sums in later.deferred:
+                merged._add(sums)
+        return merged
+
+    def _add(self, sums: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        if self.deferred is not None:
+            self.deferred.append(sums)
+        elif self.total is None:
+            self.total, self.total_abs, self.total_sq = sums
         else:
             self.total = self.total + sums[0]
             self.total_abs = self.total_abs + sums[1]
-            self.total_sq = self.total_sq + sums[5]
-            self.zeros = self.zeros + sums[2]
-            self.minimum = np.minimum(self.minimum, sums[3])
-            self.maximum = np.maximum(self.maximum, sums[4])
-        self.count += x.shape[1]
+            self.total_sq = self.total_sq + sums[2]
+
+    def _extrema(self, zeros: np.ndarray, minimum: np.ndarray, maximum: np.ndarray, count: int) -> None:
+        """Zero counts, minima and maxima: exact in any order."""
+        if self.zeros is None:
+            self.zeros, self.minimum, self.maximum = zeros, minimum, maximum
+        else:
+            self.zeros = self.zeros + zeros
+            self.minimum = np.minimum(self.minimum, minimum)
+            self.maximum = np.maximum(self.maximum, maximum)
+        self.count += count
 
     @property
     def mean(self) -> np.ndarray:
@@ -67,9 +95,39 @@ class ChannelStats:
 
 @dataclass
 class ActivationStats:
+    """Channel statistics per value over a stream of batches (a streaming.Reducer); token
+    activations ([batch, sequence, channels]) only at the positions the `masks` inputs keep."""
+
     values: dict[str, ChannelStats] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
+    axes: Mapping[str, int] = field(default_factory=dict)  # value name -> channel axis
+    masks: tuple[str, ...] = ()  # attention mask inputs, fetched with the values
+    deferred: bool = False  # a shard after the first batch: see ChannelStats.deferred
+    mask: np.ndarray | None = field(default=None, repr=False)  # the current batch's, for its later parts
+
+    def add(self, count: int, values: Mapping[str, np.ndarray]) -> None:
+        self.mask = feed_mask(values, self.masks) if count else self.mask  # a batch's later parts carry no inputs
+        mask = self.mask
+        for name, array in values.items():
+            if name not in self.axes:
+                continue
+            if name not in self.values:
+                self.values[name] = ChannelStats(self.axes[name], deferred=[] if self.deferred else None)
+            if mask is not None and self.axes[name] % array.ndim == array.ndim - 1 and array.shape[:-1] == mask.shape:
+                self.values[name].update(token_rows(array, mask), rows=True)
+            else:
+                self.values[name].update(array)
+        self.samples += count
+
+    def merge(self, later: ActivationStats) -> ActivationStats:
+        merged = dict(self.values)
+        for name, stats in later.values.items():
+            merged[name] = merged[name].merge(stats) if name in merged else ChannelStats(stats.axis).merge(stats)
+        return ActivationStats(merged, self.samples + later.samples, self.source, self.axes, self.masks, self.deferred)
+
+    def fresh(self) -> ActivationStats:
+        return ActivationStats(source=self.source, axes=self.axes, masks=self.masks, deferred=True)
 
 
 def collect(
@@ -83,21 +141,17 @@ def collect(
 ) -> ActivationStats:
     """Per-channel statistics of the values named in `axes` (value name -> channel axis); token
     activations ([batch, sequence, channels]) only at the positions an attention mask input keeps."""
-    stats = ActivationStats({}, 0, calibration.source)
+    masks = tuple(m for m in mask_inputs(model) if m not in axes)
+    stats = ActivationStats(source=calibration.source, axes=dict(axes), masks=masks)
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
-    masks = [m for m in mask_inputs(model) if m not in axes]
-    mask = None
-    for count, values in stream_values(model, [*axes, *masks], calibration, batch_size=batch_size, limit=limit):
-        mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
-        for name, array in values.items():
-            if name not in axes:
-                continue
-            channel = stats.values.setdefault(name, ChannelStats(axes[name]))
-            if mask is not None and axes[name] % array.ndim == array.ndim - 1 and array.shape[:-1] == mask.shape:
-                channel.update(token_rows(array, mask), rows=True)
-            else:
-                channel.update(array)
-        stats.samples += count
+    names = [*axes, *masks]
+    if calibration.engine is not None:  # shards elsewhere: progress when they are merged
+        stats = reduce_values(model, names, calibration, stats, batch_size=batch_size, limit=limit)
+        if progress:
+            progress(stats.samples, total)
+        return stats
+    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
+        stats.add(count, values)
         if progress and count:
             progress(stats.samples, total)
     return stats

@@ -65,10 +65,10 @@ class TensorHistogram:
         """A new histogram of both streams (exact: both are brought to the coarser common grid)."""
         if other.bins != self.bins:
             raise ValueError("cannot merge histograms with different bin counts")
-        if not other.count:
-            return self.copy()
-        if not self.count:
-            return other.copy()
+        if not other.count or not self.count:  # nothing to regrid; non-finite counts still add up
+            merged = (other if not self.count else self).copy()
+            merged.nonfinite = self.nonfinite + other.nonfinite
+            return merged
         lo, hi = min(self.minimum, other.minimum), max(self.maximum, other.maximum)
         exp = max(self.width_exp, other.width_exp, _smallest_fitting_exp(lo, hi, self.bins))
         a, b = self.copy(), other.copy()
@@ -241,19 +241,38 @@ def mse_range(
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
+@dataclass
+class Histograms:
+    """A histogram per value over a stream of batches (a streaming.Reducer): merges are exact in any
+    order, so shards of the calibration data give the counts of one pass over all of it."""
+
+    bins: int = 2048
+    values: dict[str, TensorHistogram] = field(default_factory=dict)
+    samples: int = 0
+
+    def add(self, count: int, values: dict[str, np.ndarray]) -> None:
+        for name, array in values.items():
+            self.values.setdefault(name, TensorHistogram(self.bins)).update(array)
+        self.samples += count
+
+    def merge(self, later: Histograms) -> Histograms:
+        merged = dict(self.values)
+        for name, hist in later.values.items():
+            merged[name] = merged[name].merge(hist) if name in merged else hist.copy()
+        return Histograms(self.bins, merged, self.samples + later.samples)
+
+    def fresh(self) -> Histograms:
+        return Histograms(self.bins)
+
+
 def collect_histograms(model, names, calibration, *, bins: int = 2048, batch_size: int = 16,
                        limit: int | None = None) -> tuple[dict[str, TensorHistogram], int]:
     """Histograms of the named values (graph inputs or node outputs) over the calibration data,
     updated batch by batch through ORT in bounded memory; returns (histograms, samples seen)."""
-    from .streaming import stream_values
+    from .streaming import reduce_values
 
-    hists: dict[str, TensorHistogram] = {}
-    samples = 0
-    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
-        for name, array in values.items():
-            hists.setdefault(name, TensorHistogram(bins)).update(array)
-        samples += count
-    return hists, samples
+    hists = reduce_values(model, names, calibration, Histograms(bins), batch_size=batch_size, limit=limit)
+    return hists.values, hists.samples
 
 
 def clip_range(
@@ -273,5 +292,5 @@ def clip_range(
 
 
 __all__ = [
-    "METHODS", "TensorHistogram", "clip_range", "collect_histograms", "entropy_range", "minmax_range", "mse_range", "percentile_range",
+    "METHODS", "Histograms", "TensorHistogram", "clip_range", "collect_histograms", "entropy_range", "minmax_range", "mse_range", "percentile_range",
 ]

@@ -5,11 +5,17 @@ what bounds memory is one run: every fetched value of every sample in it is aliv
 EfficientNet-Lite1 samples fetch 2.6 GB of activations). So the first sample is run a few values
 at a time to learn each value's size, then runs are sized to stay under a budget: several samples
 per run when a sample is small, one sample and a subset of the values per run when it is large.
+
+`reduce_values` feeds those batches to a mergeable reducer (histograms, channel sums), in this
+process or, when the calibration data carries an engine (distributed.RayEngine), on shards of the
+same batches whose results are merged in sample order: the same statistics, bit for bit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +29,72 @@ FETCH_BUDGET_BYTES = 64 * 2**20
 #: Values fetched per run while their sizes are not yet known (the first sample).
 PROBE_GROUP = 16
 
+Values = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How the samples after the first run go through ORT: `batch` samples per run (the last may be
+    short), the values fetched in `groups` (one run each)."""
+
+    batch: int
+    groups: tuple[tuple[str, ...], ...]
+
+
+class Fetcher:
+    """One ORT session of `model` with the wanted values added as outputs (CPU arena off)."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None = None) -> None:
+        probe = load(model)
+        inputs = {v.name for v in probe.graph.inputs}
+        produced = {v.name: v for n in probe.graph for v in n.outputs}
+        outputs = {v.name for v in probe.graph.outputs}
+        self.fixed = batch_size_for(model, 0)  # an input that fixes its batch dimension leaves no choice
+        self.fetched = list(dict.fromkeys(n for n in names if n in produced))
+        self.fed = [n for n in dict.fromkeys(names) if n in inputs and n not in produced]
+        for name in self.fetched:
+            if name not in outputs:
+                probe.graph.outputs.append(produced[name])
+        options = runtime.session_options(spinning=False, threads=threads)
+        options.enable_cpu_mem_arena = False  # an arena keeps the largest run's memory for the whole pass
+        self.session = runtime.session(probe, options=options) if self.fetched else None
+        self.sizes: dict[str, int] = {}
+
+    def parts(self, feeds: Values, groups: Sequence[Sequence[str]]) -> Iterator[tuple[int, Values]]:
+        """One batch: its sample count and inputs with the first group's values, then 0 and each other group's."""
+        count = len(next(iter(feeds.values())))
+        yield count, {**{n: feeds[n] for n in self.fed}, **self._run(feeds, groups[0] if groups else ())}
+        for group in groups[1:]:
+            yield 0, self._run(feeds, group)
+
+    def probe(self, first: Values) -> Iterator[tuple[int, Values]]:
+        """The first batch, PROBE_GROUP values per run, learning each value's size."""
+        groups = [self.fetched[i:i + PROBE_GROUP] for i in range(0, len(self.fetched), PROBE_GROUP)]
+        for count, values in self.parts(first, groups):
+            self.sizes.update((n, v.nbytes) for n, v in values.items() if n not in self.fed)
+            yield count, values
+
+    def plan(self, first_count: int, batch_size: int, budget_bytes: int) -> RunPlan:
+        """Runs for the rest of the data, from the sizes the probe measured."""
+        per_sample = max(1, sum(self.sizes.values()) // first_count)
+        batch = self.fixed or max(1, min(batch_size, budget_bytes // per_sample))
+        sizes = {n: s * batch // first_count for n, s in self.sizes.items()}
+        return RunPlan(batch, tuple(tuple(g) for g in _groups(self.fetched, sizes, budget_bytes)))
+
+    def stream(self, calibration: Calibration, plan: RunPlan, start: int = 0,
+               stop: int | None = None) -> Iterator[tuple[int, Values]]:
+        """Samples `start` .. `stop` in runs of the plan."""
+        for feeds in calibration.batches(plan.batch, limit=stop, start=start):
+            yield from self.parts(feeds, plan.groups)
+
+    def _run(self, feeds: Values, group: Sequence[str]) -> Values:
+        return dict(zip(group, self.session.run(list(group), feeds))) if group else {}
+
+
+def opening(model: ir.Model, calibration: Calibration, total: int) -> Values | None:
+    """The first run's feeds: one sample, or the model's fixed batch (None without samples)."""
+    return next(calibration.batches(batch_size_for(model, 0) or 1, limit=total), None)
+
 
 def stream_values(
     model: ir.Model,
@@ -32,49 +104,45 @@ def stream_values(
     batch_size: int = 16,
     limit: int | None = None,
     budget_bytes: int | None = None,
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+) -> Iterator[tuple[int, Values]]:
     """(new samples, {name: value}) over the first `limit` calibration samples. A batch whose values
     come in several runs yields its sample count with the first part and 0 with the others. `names`
     are graph inputs (taken from the feeds) or node outputs (fetched); unknown names are left out."""
     budget_bytes = FETCH_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    probe = load(model)
-    inputs = {v.name for v in probe.graph.inputs}
-    produced = {v.name: v for n in probe.graph for v in n.outputs}
-    outputs = {v.name for v in probe.graph.outputs}
-    fetched = list(dict.fromkeys(n for n in names if n in produced))
-    fed = [n for n in dict.fromkeys(names) if n in inputs and n not in produced]
-    for name in fetched:
-        if name not in outputs:
-            probe.graph.outputs.append(produced[name])
-    options = runtime.session_options(spinning=False)
-    options.enable_cpu_mem_arena = False  # an arena keeps the largest run's memory for the whole pass
-    sess = runtime.session(probe, options=options) if fetched else None
-    del probe
-
-    def run(feeds: dict[str, np.ndarray], group: Sequence[str]) -> dict[str, np.ndarray]:
-        return dict(zip(group, sess.run(list(group), feeds))) if group else {}
-
-    def parts(feeds: dict[str, np.ndarray], groups: list[list[str]]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        count = len(next(iter(feeds.values())))
-        yield count, {**{n: feeds[n] for n in fed}, **run(feeds, groups[0] if groups else [])}
-        for group in groups[1:]:
-            yield 0, run(feeds, group)
-
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
-    fixed = batch_size_for(model, 0)  # an input that fixes its batch dimension leaves no choice
-    first = next(calibration.batches(fixed or 1, limit=total), None)
+    first = opening(model, calibration, total)
     if first is None:
         return
-    sizes: dict[str, int] = {}
-    probing = [fetched[i:i + PROBE_GROUP] for i in range(0, len(fetched), PROBE_GROUP)]
-    for count, values in parts(first, probing):
-        sizes.update((n, v.nbytes) for n, v in values.items() if n in produced)
-        yield count, values
-    per_sample = max(1, sum(sizes.values()) // len(next(iter(first.values()))))
-    batch = fixed or max(1, min(batch_size, budget_bytes // per_sample))
-    groups = _groups(fetched, {n: s * batch // len(next(iter(first.values()))) for n, s in sizes.items()}, budget_bytes)
-    for feeds in calibration.batches(batch, limit=total, start=len(next(iter(first.values())))):
-        yield from parts(feeds, groups)
+    fetcher = Fetcher(model, names)
+    yield from fetcher.probe(first)
+    count = len(next(iter(first.values())))
+    yield from fetcher.stream(calibration, fetcher.plan(count, batch_size, budget_bytes), count, total)
+
+
+class Reducer(Protocol):
+    """Statistics folded batch by batch. `merge(later)` must equal feeding `later`'s batches after
+    this one's; `fresh()` is an empty reducer for a shard that starts after the first sample."""
+
+    samples: int
+
+    def add(self, count: int, values: Values) -> None: ...
+
+    def merge(self, later: Reducer) -> Reducer: ...
+
+    def fresh(self) -> Reducer: ...
+
+
+R = TypeVar("R", bound=Reducer)
+
+
+def reduce_values(model: ir.Model, names: Sequence[str], calibration: Calibration, reducer: R, *,
+                  batch_size: int = 16, limit: int | None = None) -> R:
+    """`reducer` fed every batch of `stream_values`: here, or on the calibration's engine (Ray)."""
+    if calibration.engine is not None:
+        return calibration.engine.reduce(model, names, calibration, reducer, batch_size=batch_size, limit=limit)
+    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
+        reducer.add(count, values)
+    return reducer
 
 
 def _groups(names: Sequence[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -90,4 +158,4 @@ def _groups(names: Sequence[str], sizes: dict[str, int], budget: int) -> list[li
     return groups if groups[0] else []
 
 
-__all__ = ["FETCH_BUDGET_BYTES", "stream_values"]
+__all__ = ["FETCH_BUDGET_BYTES", "Fetcher", "Reducer", "RunPlan", "reduce_values", "stream_values"]
