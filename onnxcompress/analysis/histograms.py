@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..feeds import feed_mask, mask_inputs, token_rows
+
 #: Smallest bin width (a power of two): a constant tensor still gets a finite, canonical grid.
 MIN_WIDTH_EXP = -32
 #: Bin indices stay below 2**MAX_INDEX_BITS in magnitude (int64 arithmetic, with room to spare).
@@ -244,25 +246,32 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 @dataclass
 class Histograms:
     """A histogram per value over a stream of batches (a streaming.Reducer): merges are exact in any
-    order, so shards of the calibration data give the counts of one pass over all of it."""
+    order, so shards of the calibration data give the counts of one pass over all of it. Token
+    activations ([batch, sequence, features]) count only at the positions the `masks` inputs keep:
+    padding never reaches a real output, and its values would widen the ranges of real tokens."""
 
     bins: int = 2048
     values: dict[str, TensorHistogram] = field(default_factory=dict)
     samples: int = 0
+    masks: tuple[str, ...] = ()  # attention mask inputs, fetched with the values (not histogrammed)
+    mask: np.ndarray | None = field(default=None, repr=False)  # the current batch's, for its later parts
 
     def add(self, count: int, values: dict[str, np.ndarray]) -> None:
+        self.mask = feed_mask(values, self.masks) if count else self.mask  # a batch's later parts carry no inputs
         for name, array in values.items():
-            self.values.setdefault(name, TensorHistogram(self.bins)).update(array)
+            if name in self.masks:
+                continue
+            self.values.setdefault(name, TensorHistogram(self.bins)).update(token_rows(array, self.mask, keep_shape=True))
         self.samples += count
 
     def merge(self, later: Histograms) -> Histograms:
         merged = dict(self.values)
         for name, hist in later.values.items():
             merged[name] = merged[name].merge(hist) if name in merged else hist.copy()
-        return Histograms(self.bins, merged, self.samples + later.samples)
+        return Histograms(self.bins, merged, self.samples + later.samples, self.masks)
 
     def fresh(self) -> Histograms:
-        return Histograms(self.bins)
+        return Histograms(self.bins, masks=self.masks)
 
 
 def collect_histograms(model, names, calibration, *, bins: int = 2048, batch_size: int = 16,
@@ -271,7 +280,8 @@ def collect_histograms(model, names, calibration, *, bins: int = 2048, batch_siz
     updated batch by batch through ORT in bounded memory; returns (histograms, samples seen)."""
     from .streaming import reduce_values
 
-    hists = reduce_values(model, names, calibration, Histograms(bins), batch_size=batch_size, limit=limit)
+    masks = tuple(m for m in mask_inputs(model) if m not in names)
+    hists = reduce_values(model, [*names, *masks], calibration, Histograms(bins, masks=masks), batch_size=batch_size, limit=limit)
     return hists.values, hists.samples
 
 
