@@ -13,26 +13,12 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxcompress.cli import main
 from onnxcompress.errors import ExitCode
 from onnxcompress.fleet import JobResult, exit_code, plan_jobs, settings_from
 from tests.graphs import conv_bn_relu_gemm
+from tests.test_cli_newcomer import assert_one_line_error, run_cli
 
 BAD_INPUT = ExitCode.BAD_INPUT
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, out: str, err: str, expected: int, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == expected, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(f in lines[0] for f in fragments), lines[0]
-    assert "Traceback" not in err and not out
 
 
 @pytest.fixture
