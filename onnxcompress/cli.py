@@ -19,6 +19,7 @@ from rich.markup import escape
 from . import __version__
 from .errors import ExitCode, OnnxCompressError, exit_codes_help
 from .paths import check_outputs
+from .tolerance import DEFAULT_MAP_DROP, DEFAULT_VECTOR_DROP
 
 
 def _plain_flags(params: list) -> list:
@@ -170,7 +171,9 @@ def optimize(
     eval: Annotated[Optional[Path], typer.Option("--eval", help="Your evaluation data (same forms as --calib), from other sources than the calibration data (other photos, other texts): candidates are judged on it and every calibration sample is used for fitting. Default: held-out calibration samples, which overstate fidelity on other data.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe YAML file or built-in name (see `onnxcompress recipes`); default: chosen from --calib and --target.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target (picks the int8 form): cpu (any x86 with AVX2 and up, or ARM: int8 codes proven exact on kernels without VNNI), vnni (x86 with VNNI/AMX only: full-range codes), host (this machine's CPU), cuda or tensorrt.")] = "cpu",
-    max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="Tolerance: the largest allowed drop of --metric against the input model. Default with --calib: "
+                                                               f"cosine drop {DEFAULT_VECTOR_DROP:g} (about 20 dB) when every output is one vector per "
+                                                               f"sample (class scores, embeddings), else {DEFAULT_MAP_DROP:g} (about 17 dB: maps, sequences).")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Tolerance metric: top1, cosine or mse (default: top1 for class scores, else cosine).")] = None,
     min_sqnr: Annotated[Optional[float], typer.Option(help="Tolerance as a minimum output SQNR in dB (instead of --max-drop).")] = None,
     target_macs: Annotated[Optional[float], typer.Option(help="Prune until this fraction of the MACs is left, e.g. 0.5.")] = None,
