@@ -210,19 +210,16 @@ class _Trainer:
             n_hold = 1
         if n - n_hold < 1:
             raise CalibrationNeededError(f"{opts.name}: {n} samples leave none to train on after holding out {n_hold}")
-        cut = n - n_hold
-        self.fit = {k: np.asarray(v[:cut]) for k, v in data.arrays.items()}
-        self.held = {k: np.asarray(v[cut:]) for k, v in data.arrays.items()} if n_hold else self.fit
-        self.heldout_source = f"{data.source}: last {n_hold} samples, held out from distillation"
-        if n_hold and (getattr(data, "source_count", None) or 0) >= 2:  # whole sources: early stopping on other photos
+        if n_hold:  # Calibration.split: whole sources where the samples name theirs, else the last samples
             fit, held = data.split(opts.holdout)
-            self.fit, self.held = dict(fit.arrays), dict(held.arrays)
-            cut, n_hold = fit.num_samples, held.num_samples
-            self.heldout_source = f"{held.source}, held out from distillation"
-        self.n_fit, self.n_held = cut, n_hold
-        if not n_hold:
+            self.heldout_source = f"{held.source}: {held.num_samples} samples held out from distillation"
+        else:
+            fit = held = data
             self.heldout_source = f"{data.source}: the training samples (holdout 0)"
             self.notes.append("holdout 0: early stopping and fidelity use the training samples themselves")
+        self.fit, self.held = dict(fit.arrays), dict(held.arrays)
+        cut = self.n_fit = fit.num_samples
+        self.n_held = held.num_samples if n_hold else 0
         if cut < SMALL_DATA:
             self.notes.append(f"only {cut} training samples: distillation may overfit them")
         if getattr(data, "is_random", False):
