@@ -115,6 +115,19 @@ def cancelling_gemm_bn(*, features: int = 16, channels: int = 8, offset: float =
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def padded_tokens(samples: int, real: int, *, seed: int, fill: float = 1e3, seq: int = 8, d: int = 32
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs for attention_block: x [samples, seq, d], the same with `fill` at the padded positions,
+    and the attention mask (the first `real` positions 1, the rest 0). What padded positions hold
+    must not change any statistic taken over real tokens."""
+    x = np.random.default_rng(seed).standard_normal((samples, seq, d)).astype(np.float32)
+    mask = np.ones((samples, seq), np.int64)
+    mask[:, real:] = 0
+    padded = x.copy()
+    padded[:, real:] = fill
+    return x, padded, mask
+
+
 def attention_block(d: int = 32, ff: int = 64, seq: int = 8, seed: int = 0) -> onnx.ModelProto:
     """x[N, S, D], attention_mask[N, S] (int64, 0 = padding) -> LayerNorm -> q/k/v MatMuls ->
     softmax(q k^T / sqrt(D) + mask bias) v -> output MatMul -> FFN (MatMul, x * sigmoid(x),

@@ -504,16 +504,11 @@ def test_latency_options_from_yaml_and_bad_values():
 
 def test_input_moments_of_token_layers_leave_padding_out():
     """Whitening from padded positions would fit the truncation to pad tokens."""
-    from tests.graphs import attention_block
+    from tests.graphs import attention_block, padded_tokens
 
     model = M.load(attention_block())
     layers, _ = F.find_layers(model, infer_shapes(model, {"x": (1, 8, 32), "attention_mask": (1, 8)}))
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
-    mask = np.ones((6, 8), np.int64)
-    mask[:, 6:] = 0
-    padded = x.copy()
-    padded[:, 6:] = 50.0  # what padding positions hold must not matter
+    x, padded, mask = padded_tokens(6, real=6, seed=5, fill=50.0)
     moments = [F.collect_moments(model, layers, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
                                  samples=6, max_features=4096, positions=64) for a in (x, padded)]
     token_layers = [l.node.name for l in layers if l.node.op_type == "MatMul" and l.node.name in moments[0]]

@@ -14,7 +14,7 @@ from onnxcompress.passes import QuantizeWeightOnly
 from onnxcompress.passes.weight_blocks import CLIP_RATIOS, BlockCodes, pack_matmulnbits, rtn, unpack_matmulnbits
 from onnxcompress.pipeline import Pipeline, build_pass
 from onnxcompress.verify import VerifyOptions
-from tests.graphs import attention_block
+from tests.graphs import attention_block, padded_tokens
 
 K, N, SEQ = 64, 48, 6
 
@@ -193,12 +193,7 @@ def test_padding_rows_are_left_out_of_the_statistics():
     from onnxcompress.passes.weight_gptq import collect_hessians
 
     model = M.load(attention_block())
-    rng = np.random.default_rng(9)
-    x = rng.standard_normal((4, 8, 32)).astype(np.float32)
-    mask = np.ones((4, 8), np.int64)
-    mask[:, 5:] = 0
-    padded = x.copy()
-    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    x, padded, mask = padded_tokens(4, real=5, seed=9)
     h = [collect_hessians(model, {"x": 32}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
                           mask_names=["attention_mask"])["x"] for a in (x, padded)]
     np.testing.assert_allclose(h[0], h[1])

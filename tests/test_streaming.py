@@ -54,15 +54,10 @@ def test_channel_statistics_of_token_activations_leave_padding_out():
     """Padded positions compute on pad tokens: channel importance measured over them describes
     padding (62% of the rows of a batch of real sentences padded to the longest)."""
     from onnxcompress.analysis.activations import collect
-    from tests.graphs import attention_block
+    from tests.graphs import attention_block, padded_tokens
 
     model = load(attention_block())
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
-    mask = np.ones((6, 8), np.int64)
-    mask[:, 5:] = 0
-    padded = x.copy()
-    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    x, padded, mask = padded_tokens(6, real=5, seed=4)
     stats = [collect(model, {"h": 2, "x": 2}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}), batch_size=4)
              for a in (x, padded)]
     for name in ("h", "x"):
@@ -139,15 +134,10 @@ def test_histograms_of_token_activations_leave_padding_out():
     """int8 ranges from padded positions widen the ranges of real tokens (all-MiniLM-L6-v2 int8 on
     other texts: 18.7 dB with padding in its histograms, 22.1 dB without)."""
     from onnxcompress.analysis.histograms import collect_histograms
-    from tests.graphs import attention_block
+    from tests.graphs import attention_block, padded_tokens
 
     model = load(attention_block())
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((6, 8, 32)).astype(np.float32)
-    mask = np.ones((6, 8), np.int64)
-    mask[:, 5:] = 0
-    padded = x.copy()
-    padded[:, 5:] = 1e3  # what padding positions hold must not matter
+    x, padded, mask = padded_tokens(6, real=5, seed=6)
     hists = [collect_histograms(model, ["x", "h"], Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
                                 batch_size=4)[0] for a in (x, padded)]
     for name in ("x", "h"):

@@ -35,14 +35,16 @@ import onnx_ir as ir
 
 from ...analysis.channels import Sink
 from ...calibration import Calibration, batch_size_for
+from ...pipeline import FITTING_HOLDOUT
 from ...report import to_jsonable
 from ...verify import compare, outputs
 from .bias import compensate
 from .layers import affine_layer
 from .refit import refit
 
-#: Fraction of the calibration samples held out to choose the ridge strength and report fidelity.
-HOLDOUT = 0.2  # pipeline.FITTING_HOLDOUT: verification feeds come from this part
+#: Fraction of the calibration samples held out to choose the ridge strength and report fidelity:
+#: the pipeline's verification feeds come from the same part.
+HOLDOUT = FITTING_HOLDOUT
 #: Below this many samples a refit of wide layers is underdetermined or noisy: warn.
 SMALL_CALIBRATION = 64
 #: Ridge strengths tried, relative to the mean diagonal of X^T X, from the largest down until the held-out
