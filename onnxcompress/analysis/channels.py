@@ -188,16 +188,17 @@ class ChannelGraph(ChannelTracker):
         member's per-channel norm divided by that member's mean, so every layer weighs the same."""
         scores: dict[int, float] = defaultdict(float)
         for s in self.slices:
-            if s.role == "param" or s.value.const_value is None:
-                continue
-            w = np.moveaxis(s.value.const_value.numpy().astype(np.float64), s.axis, 0).reshape(len(s.atoms), -1)
-            per = np.abs(w).sum(1) if norm == "l1" else np.sqrt((w**2).sum(1))
-            mean = per.mean()
-            if mean <= 0:
-                continue
+            per = _channel_norms(s, norm) if s.role != "param" else None
+            if per is not None:
+                self._add_relative(scores, s, per)
+        return dict(scores)
+
+    def _add_relative(self, scores: dict[int, float], s: Slice, per: np.ndarray) -> None:
+        """Add `per` (one value per position of `s`), divided by its mean, to the classes of `s`."""
+        mean = float(per.mean())
+        if mean > 0:
             for root, value in zip(self.class_of(s.atoms), per / mean):
                 scores[int(root)] += float(value)
-        return dict(scores)
 
     def sink_inputs(self) -> dict[str, int]:
         """Activations that consumers of tracked channels read (value name -> channel axis): where
@@ -243,14 +244,9 @@ class ChannelGraph(ChannelTracker):
                 continue
             per = {"mean_abs": channel.mean_abs, "apoz": 1.0 - channel.apoz}.get(kind)
             if per is None:  # "output": the sink's weights for each input channel, as in importance()
-                w = s.value.const_value
-                w = np.moveaxis(w.numpy().astype(np.float64), s.axis, 0).reshape(len(s.atoms), -1) if w is not None else 1.0
-                per = channel.rms * np.sqrt(np.sum(np.square(w), axis=-1))
-            mean = float(per.mean())
-            if mean <= 0:
-                continue
-            for root, value in zip(self.class_of(s.atoms), per / mean):
-                scores[int(root)] += float(value)
+                norms = _channel_norms(s, "l2")
+                per = channel.rms if norms is None else channel.rms * norms
+            self._add_relative(scores, s, per)
         return dict(scores)
 
     # ---------------------------------------------------------------- applying a decision
@@ -346,6 +342,15 @@ class ChannelGraph(ChannelTracker):
             masked.graph.insert_before(node, mul)
             node.replace_input_with(c.input_index, mul.outputs[0])
         return masked
+
+
+def _channel_norms(s: Slice, norm: str) -> np.ndarray | None:
+    """The l1 or l2 norm of the weight `s` slices, per position along its channel axis (None when
+    the weight is not a constant)."""
+    if s.value.const_value is None:
+        return None
+    w = np.moveaxis(s.value.const_value.numpy().astype(np.float64), s.axis, 0).reshape(len(s.atoms), -1)
+    return np.abs(w).sum(1) if norm == "l1" else np.sqrt((w**2).sum(1))
 
 
 def _clear_inferred_shapes(model: ir.Model) -> None:
