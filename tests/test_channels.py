@@ -141,6 +141,47 @@ def test_unknown_op_blocks_with_reason():
     assert reason == "CumSum at node cumsum is not handled"
 
 
+def _heads_attention(probs_from_input: bool, heads: int = 4, d: int = 8, seq: int = 5):
+    """x[1, S, H*d] -> v = x @ Wv split into heads -> probs[1, H, S, S] @ v -> merged -> @ Wo -> y.
+    probs come from q @ k^T (tracked, per head) or from a graph input (not tracked)."""
+    rng = np.random.default_rng(11)
+    width = heads * d
+    arrays = {name: rng.normal(0, 0.3, (width, width)).astype(np.float32) for name in ("wq", "wk", "wv", "wo")}
+    arrays.update(split=np.array([1, seq, heads, d], np.int64), merge=np.array([1, seq, width], np.int64))
+    inits = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "wv"], ["v"], name="v"), n("Reshape", ["v", "split"], ["vh"], name="v_split"),
+             n("Transpose", ["vh"], ["vt"], name="v_heads", perm=[0, 2, 1, 3])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, width])]
+    if probs_from_input:
+        inputs.append(helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, heads, seq, seq]))
+    else:
+        for name in ("q", "k"):
+            nodes += [n("MatMul", ["x", f"w{name}"], [name], name=name),
+                      n("Reshape", [name, "split"], [f"{name}h"], name=f"{name}_split"),
+                      n("Transpose", [f"{name}h"], [f"{name}t"], name=f"{name}_heads",
+                        perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+        nodes += [n("MatMul", ["qt", "kt"], ["scores"], name="scores"),
+                  n("Softmax", ["scores"], ["probs"], name="softmax", axis=-1)]
+    nodes += [n("MatMul", ["probs", "vt"], ["ctx"], name="context"),
+              n("Transpose", ["ctx"], ["ctx_t"], name="ctx_t", perm=[0, 2, 1, 3]),
+              n("Reshape", ["ctx_t", "merge"], ["merged"], name="merge"), n("MatMul", ["merged", "wo"], ["y"], name="o")]
+    graph = helper.make_graph(nodes, "heads", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, width])],
+                              inits)
+    return prepare(M.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+
+
+def test_heads_of_v_follow_the_attention_weights_or_stay():
+    # Tracked per-head attention weights: V's heads are a prunable unit with Q's and K's.
+    tracked = _group_of(ChannelGraph.build(_heads_attention(probs_from_input=False)), "v")
+    assert tracked.prunable and not tracked.frozen
+    # Attention weights the tracker cannot follow keep all their heads: removing V's alone would
+    # leave a head axis of 4 against 3 (ORT: "right operand cannot broadcast").
+    untracked = _group_of(ChannelGraph.build(_heads_attention(probs_from_input=True)), "v")
+    assert len(untracked.frozen) == len(untracked.classes)
+    assert "batch axis with channels on one operand is not tracked on the other" in next(iter(untracked.frozen.values()))
+
+
 def test_analysis_does_not_modify_the_model():
     rng = np.random.default_rng(7)
     c1, i1 = _conv("c1", "x", 4, 8, rng)

@@ -212,8 +212,9 @@ def _as_channel_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray, bool] | N
     if op == "Div" and not np.all(c):  # x / 0 is inf or nan, not a scale to fold
         return None
     ones, zeros = np.ones_like(c), np.zeros_like(c)
-    scale, shift = {"Mul": (c, zeros), "Add": (ones, c), "Sub": (ones, -c), "Div": (1.0 / c, zeros)}[op]
-    return scale, shift, False
+    if op in ("Mul", "Div"):
+        return (c if op == "Mul" else 1.0 / c), zeros, False
+    return ones, (c if op == "Add" else -c), False
 
 
 def _per_channel(param: np.ndarray, rank: int, channels: int) -> np.ndarray | None:

@@ -134,12 +134,13 @@ def _matmul(g: ChannelTracker, node: ir.Node) -> None:
             if lay is not None:
                 g.block(lay.atoms, f"MatMul at node {node.name}: constant operand of rank > 2 or on the left")
         return
-    _matmul_activations(g, node, la, lb, ra, rb, ro)
+    _matmul_activations(g, node, la, lb, sa, sb, ro)
 
 
-def _matmul_activations(g: ChannelTracker, node: ir.Node, la, lb, ra: int, rb: int, ro: int) -> None:
+def _matmul_activations(g: ChannelTracker, node: ir.Node, la, lb, sa, sb, ro: int) -> None:
     """A @ B between activations (attention): batch axes are coupled, the contracted axis of both
     operands is one channel space, output rows come from A and columns from B."""
+    ra, rb = len(sa), len(sb)
     a_k, b_k = ra - 1, rb - 2
     out_a = {ax: ax + ro - ra for ax in range(ra - 1)}  # A's batch axes and rows on the output
     out_b = {ax: ax + ro - rb for ax in list(range(rb - 2)) + [rb - 1]}
@@ -148,6 +149,17 @@ def _matmul_activations(g: ChannelTracker, node: ir.Node, la, lb, ra: int, rb: i
         for lay in (la, lb):
             if lay is not None:
                 g.block(lay.atoms, f"MatMul at node {node.name}: {reason}")
+
+    # A batch axis with channels on one operand must shrink on the other too (attention weights per
+    # head and V's heads): where the other operand does not carry it and does not broadcast it, the
+    # channels cannot go.
+    batch_a = {out_a[ax] for ax in (la.axes if la else ()) if ax < ra - 2}
+    batch_b = {out_b[ax] for ax in (lb.axes if lb else ()) if ax < rb - 2}
+    for carried, other, other_shape in ((batch_a, batch_b, sb), (batch_b, batch_a, sa)):
+        for out_ax in carried - other:
+            ax = out_ax - (ro - len(other_shape))
+            if ax >= 0 and other_shape[ax] != 1:
+                return fail("a batch axis with channels on one operand is not tracked on the other")
 
     ka = la is not None and a_k in la.axes
     kb = lb is not None and b_k in lb.axes
