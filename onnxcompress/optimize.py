@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibration import Calibration
+from .estimate import MIN_SPLIT_SAMPLES, Estimate, accepts, basis_of, measure, split_for_estimate
+from .interval import pessimistic
 from .errors import OnnxCompressError
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
@@ -211,7 +213,14 @@ def _search(source, calibration, options, evaluate, shapes, on_step, timing=None
     chosen = found.chosen_point
     verdict = {"description": found.report.search["tolerance"]["description"], "value": chosen.value,
                "met": found.met, "measured_on": chosen.fidelity.inputs}
-    return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict))
+    fitted, judged = (None, validation) if validation is not None else calibration.split(SearchOptions.holdout)
+    estimate = None
+    if evaluate is None:  # a user metric has no interval and is the user's own estimate
+        estimate = Estimate(metric=tolerance.metric, value=chosen.value, interval=chosen.interval,
+                            pessimistic=chosen.value if chosen.interval is None else pessimistic(tolerance, chosen.interval),
+                            samples=judged.num_samples, sources=judged.source_count, measured_on=judged.source,
+                            basis=basis_of(judged, fitted))
+    return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict, estimate=estimate))
 
 
 def _recipe(source, calibration, options, shapes, on_step, values=None, validation=None):
@@ -234,28 +243,32 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
                                  "metric": options.tolerance.metric})
     if not options.verify:
         pipeline.verify = VerifyOptions(enabled=False)
-    result = pipeline.run(source, calibration=calibration, input_shapes=shapes, on_pass=on_step, input_values=values)
+    fit, held = (calibration, validation) if calibration is None or validation is not None else split_for_estimate(calibration)
+    result = pipeline.run(source, calibration=fit, input_shapes=shapes, on_pass=on_step, input_values=values)
     report = dataclasses.replace(result.report, notes=(*result.report.notes, *notes))
-    if validation is not None and report.fidelity is not None:  # the user's evaluation data is the judge
-        report = dataclasses.replace(report, fidelity=_fidelity_on(validation, source, result.model))
-    if options.tolerance is not None:
-        if report.fidelity is None:
+    if report.fidelity is None:
+        if options.tolerance is not None:
             raise OnnxCompressError("a tolerance needs verification: drop --no-verify")
+        return dataclasses.replace(result, report=report)
+    fidelity, estimate = report.fidelity, None
+    if held is not None:  # the user's evaluation data, or calibration samples no pass fitted to
+        fidelity, estimate = measure(source, result.model, held, options.tolerance,
+                                     basis_of(held, None if held is validation else fit))
+        if held is not validation:
+            notes.append(f"estimate on {held.num_samples} calibration samples held out from the passes "
+                         f"(they fitted the other {fit.num_samples})")
+    elif calibration is not None:
+        notes.append(f"fidelity measured on samples the passes fitted (fewer than {MIN_SPLIT_SAMPLES} calibration "
+                     "samples, none held out): not an estimate for other data")
+    report = dataclasses.replace(report, fidelity=fidelity, estimate=estimate, notes=(*result.report.notes, *notes))
+    if options.tolerance is not None:
+        met = accepts(options.tolerance, fidelity, estimate) if estimate else options.tolerance.accepts(fidelity)
         report = dataclasses.replace(report, tolerance={
-            "description": options.tolerance.describe(), "value": options.tolerance.value(report.fidelity),
-            "met": options.tolerance.accepts(report.fidelity), "measured_on": report.fidelity.inputs,
+            "description": options.tolerance.describe(), "value": options.tolerance.value(fidelity),
+            "met": met, "measured_on": fidelity.inputs,
+            **({"interval": estimate.interval, "pessimistic": estimate.pessimistic} if estimate and estimate.interval else {}),
         })
     return dataclasses.replace(result, report=report)
-
-
-def _fidelity_on(data: Calibration, source: ir.Model, model: ir.Model):
-    """The result against its input on `data`, one batch of up to 8 samples per run."""
-    from .calibration import model_batches
-    from .verify import compare, outputs, reference_outputs
-
-    feeds = model_batches(source, data)
-    where = f"{data.source}, {data.num_samples} samples"
-    return compare(reference_outputs(source, feeds, data.source), outputs(model, feeds, "the result"), where)
 
 
 def _no_calibration_plan(pipeline: Pipeline, model: ir.Model, shapes, target: str) -> list[str]:

@@ -146,6 +146,8 @@ def render_run(console: Console, report: RunReport) -> None:
             console.print(f"    ... {len(p.skipped) - 5} more skipped (see --report)")
     if report.fidelity:
         console.print("  fidelity vs input: " + fidelity_line(report.fidelity))
+    if report.estimate is not None:
+        console.print("  estimate: " + escape(report.estimate.describe()), highlight=False)
     for note in report.notes:
         console.print(f"  [dim]{escape(note)}[/dim]")
 
@@ -188,7 +190,8 @@ def fidelity_line(f: Fidelity) -> str:
     parts = [f"max abs err {f.max_abs_error:.3g}", f"SQNR {f.sqnr_db:.1f} dB", f"cosine {f.cosine:.6f}"]
     if f.top1_agreement is not None:
         parts.append(f"top-1 agreement {100 * f.top1_agreement:.1f}%")
-    return ", ".join(parts) + f" ({f.samples} samples, {f.inputs})"
+    counted = f.inputs.endswith(f"{f.samples} samples")  # judged data names its count already
+    return ", ".join(parts) + (f" ({f.inputs})" if counted else f" ({f.samples} samples, {f.inputs})")
 
 
 def render_demo(console: Console, demo) -> None:

@@ -74,6 +74,8 @@ class RunReport:
     search: Mapping[str, Any] | None = None  # the tolerance search's curve and chosen point, when one ran
     tolerance: Mapping[str, Any] | None = None  # {"description", "value", "met"} when a tolerance was given
     bench: Mapping[str, Any] | None = None  # before/after median latency on ORT, when measured
+    # the result against its input on samples no pass fitted to, with an interval (estimate.Estimate)
+    estimate: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(self)

@@ -88,6 +88,9 @@ def test_cli_search_writes_model_report_plot_and_exit_0(capsys, tmp_path, conv_m
     assert data["mode"] == "search" and data["exit_code"] == 0 and data["tolerance"]["met"] is True
     chosen = data["search"]["points"][data["search"]["chosen"]]
     assert chosen["accepted"] and chosen["value"] <= 0.2
+    # the estimate is the chosen point's, on the 12 samples (25% of 48) no pass fitted
+    assert data["estimate"]["value"] == chosen["value"] and data["estimate"]["samples"] == 12
+    assert data["estimate"]["metric"] == "cosine" and data["estimate"]["basis"] == "held-out samples"
     assert data["after"]["macs"] == pytest.approx(chosen["macs_ratio"] * data["before"]["macs"], rel=1e-9)
     assert data["bench"]["original_ms"] > 0 and data["bench"]["optimized_ms"] > 0
     onnx.checker.check_model(str(out), full_check=True)
