@@ -18,7 +18,7 @@ import onnx_ir as ir
 from .calibration import Calibration, model_batches
 from .interval import bootstrap_interval, pessimistic
 from .report import Fidelity
-from .tolerance import Tolerance
+from .tolerance import Tolerance, default_tolerance
 from .verify import compare, outputs, reference_outputs
 
 #: The share of calibration samples a fixed recipe holds out from its passes for the estimate, the
@@ -91,9 +91,8 @@ def measure(original: ir.Model, result: ir.Model, data: Calibration, tolerance: 
 
 def estimate_from(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]], fidelity: Fidelity,
                   data: Calibration, tolerance: Tolerance | None, basis: str) -> Estimate:
-    if tolerance is None:  # the metric the search would judge by: top-1 for class scores, else cosine
-        tolerance = Tolerance("auto")
-    tolerance = tolerance.resolved(reference)
+    # the search's default metric where no tolerance was given (top-1 would read embeddings as classes)
+    tolerance = default_tolerance(reference) if tolerance is None else tolerance.resolved(reference)
     value = tolerance.value(fidelity)
     interval = bootstrap_interval(tolerance, reference, got)
     return Estimate(
