@@ -165,6 +165,7 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
         "macs_before": before.get("macs"), "macs_after": after.get("macs"), "macs_ratio": macs_ratio,
         "bench": bench,
         "report_fidelity": report.get("fidelity"),
+        "estimate": report.get("estimate"),  # the tool's estimate: metric, interval, samples, sources, basis
     }
 
 
