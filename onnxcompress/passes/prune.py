@@ -30,7 +30,9 @@ class PruneChannels(Pass):
     exact: ClassVar[bool] = False
 
     ratio: float = 0.3  # fraction of each group's channels to remove (or of all channels, global)
-    allocation: Literal["uniform", "global"] = "uniform"
+    # uniform: `ratio` of every group; global: one ranking across groups; sensitivity: the MACs that
+    # `ratio` removes uniformly, taken where the measured output error per MAC is least (needs --calib)
+    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
     importance: Literal["l2", "l1", "bn", "activation", "output", "apoz", "random"] = "l2"
     target_macs: float | None = None  # keep this fraction of the MACs; overrides `ratio`
     max_group_ratio: float = 0.8  # never remove more than this fraction of one group
@@ -70,6 +72,9 @@ class PruneChannels(Pass):
         if self.importance == "bn" and not _bn_scores(graph):
             notes.append("importance 'bn': no BatchNormalization left (fold-batchnorm folds them); used l2")
         protected = self._protected(graph)
+        self._curves = None
+        if self.allocation == "sensitivity":
+            self._curves = self._sensitivity(model, graph, scores, protected, ctx)
         if self.target_macs is not None:
             ratio, removed = self._search_target(model, graph, scores, protected, ctx)
         else:
@@ -89,6 +94,9 @@ class PruneChannels(Pass):
             "blocked_reasons": sorted({g.frozen[c] for g in graph.groups for c in g.frozen}),
             "notes": notes,
         }
+        if self._curves:  # what the allocation rested on: measured output error per group and count
+            details["sensitivity"] = [{"group": gid, "counts": list(c.counts), "errors": list(c.errors)}
+                                      for gid, c in self._curves.items()]
         recovery_inputs = None
         if removed and self.recover != "none" and ctx.calibration is not None:
             recovery_inputs = (load(model), graph.sinks(removed))  # the unpruned weights, before slicing
@@ -133,6 +141,8 @@ class PruneChannels(Pass):
         quota: dict[int, int] = {}
         candidates = {g.id: sorted((c for c in g.prunable if c not in protected), key=lambda c: scores.get(c, 0.0))
                       for g in graph.groups}
+        if self.allocation == "sensitivity":
+            return keep_every_value_nonempty(graph, self._allocated(graph, candidates, ratio), scores)
         if self.allocation == "uniform":
             for g in graph.groups:
                 quota[g.id] = int(math.floor(ratio * len(g.classes)))
@@ -160,6 +170,37 @@ class PruneChannels(Pass):
             k = _round_removal(n, k, self.round_to)
             removed.update(candidates[g.id][:k])
         return keep_every_value_nonempty(graph, removed, scores)
+
+    def _sensitivity(self, model, graph, scores, protected, ctx):
+        """Measured error curves per group (prune_sensitivity), with the MACs each class saves."""
+        if ctx.calibration is None:
+            raise OnnxCompressError("allocation 'sensitivity' needs calibration data (--calib)")
+        from ..analysis.cost import analyze_cost
+        from .prune_sensitivity import class_macs, measure_curves
+
+        node_macs = {n.name: n.macs for n in analyze_cost(model, ctx.input_shapes).nodes}
+        limits = {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
+        return measure_curves(model, graph, scores, protected, ctx.calibration, limits=limits,
+                              macs=class_macs(graph, node_macs), round_to=self.round_to)
+
+    def _allocated(self, graph: ChannelGraph, candidates: Mapping[int, list[int]], ratio: float) -> set[int]:
+        """The classes the sensitivity curves remove for the MACs a uniform `ratio` would save."""
+        from .prune_sensitivity import allocate
+
+        curves = self._curves or {}
+        saving = 0.0
+        for g in graph.groups:
+            k = _round_removal(len(g.classes), min(int(math.floor(ratio * len(g.classes))), len(candidates[g.id]),
+                                                   int(self.max_group_ratio * len(g.classes))), self.round_to)
+            if g.id in curves:
+                saving += sum(curves[g.id].macs[:k])
+        taken = allocate(curves, saving, max(1, self.round_to))
+        removed: set[int] = set()
+        for gid, k in taken.items():
+            group = next(g for g in graph.groups if g.id == gid)
+            k = _round_removal(len(group.classes), k, self.round_to)
+            removed.update(curves[gid].order[:k])
+        return removed
 
     def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
         """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs
