@@ -1,4 +1,4 @@
-"""Command line: `onnxcompress analyze | bench | optimize | demo | pack | unpack | recipes`.
+"""Command line: `onnxcompress analyze | bench | optimize | optimize-many | demo | pack | unpack | recipes | passes`.
 
 Results (tables, summaries, or JSON alone with `--json`) go to stdout; progress and every
 user-facing problem go to stderr, a problem as one line with an exit code from errors.EXIT_CODES.
@@ -447,6 +447,17 @@ def recipes() -> None:
         spec = load_recipe(RECIPES_DIR / f"{name}.yaml")
         steps = " -> ".join(p["type"] if isinstance(p, dict) else str(p) for p in spec["passes"])
         out.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
+
+
+@app.command(cls=_Command)
+def passes(
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="[PASS]...", help="Passes to describe (default: all).")] = None,
+) -> None:
+    """Every pass and its options (YAML recipe keys, Python keywords, optimize --set PASS.OPTION=VALUE)."""
+    from .cli_pass_flags import describe_passes
+
+    for line in describe_passes(names or None):
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _check_plotting(plot: Path | None) -> None:

@@ -16,6 +16,7 @@ error rather than a silent choice between them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import typing
@@ -140,6 +141,52 @@ def with_pass_flags(command: Callable) -> Callable:
     own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     command.__signature__ = signature.replace(parameters=[*own, *parameters()])
     return command
+
+
+# ------------------------------------------------------------------------------ `onnxcompress passes`
+
+
+def describe_passes(names: list[str] | None = None) -> list[str]:
+    """Per pass its summary, then one line per option: name, type, default, help, short flag."""
+    from .pipeline import option_help, option_names, pass_class, pass_names
+
+    flags = {alias.target: alias.flag for alias in ALIASES}
+    lines: list[str] = []
+    for name in names or pass_names():
+        cls = pass_class(name, "onnxcompress passes")
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        lines.append(f"{name}: {summary}")
+        hints = typing.get_type_hints(cls)
+        for field in option_names(cls, python_only=False):
+            default = cls.__dataclass_fields__[field].default
+            shown = "" if default is dataclasses.MISSING else f" = {_yaml_text(default)}"
+            flag = f" ({flags[f'{name}.{field}']})" if f"{name}.{field}" in flags else ""
+            text = option_help(cls, field)
+            lines.append(f"  {field}: {_type_text(hints[field])}{shown}{flag}" + (f"  {text}" if text else ""))
+    return lines
+
+
+def _type_text(hint: Any) -> str:
+    """A type hint as a recipe writer reads it: `float`, `a|b`, `list of str`, `int or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        text = " or ".join(_type_text(a) for a in rest)
+        return f"{text} or null" if len(rest) < len(args) else text
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {_type_text(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_text(value: Any) -> str:
+    """A default as YAML writes it (null, true, [a, b])."""
+    import yaml
+
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
 # ---------------------------------------------------------------------------------------------- --set

@@ -16,7 +16,7 @@ import typer
 import yaml
 
 from onnxcompress.cli import _USAGE_ERRORS, app
-from onnxcompress.cli_pass_flags import ALIASES, cli_type, pass_specs
+from onnxcompress.cli_pass_flags import ALIASES, cli_type, describe_passes, pass_specs
 from onnxcompress.errors import ExitCode, OnnxCompressError
 from onnxcompress.pipeline import Pass, build_pass, option_help, option_names, pass_names
 from tests.graphs import conv_bn_relu_gemm
@@ -224,3 +224,21 @@ def test_readme_set_examples_parse():
     for line in lines:
         ctx = _command().make_context("optimize", line.split()[2:])
         assert ctx.params["set"] and pass_specs(ctx.params, "cpu")[0]
+
+
+def test_passes_lists_every_option_with_its_flag_and_help(capsys):
+    code, stdout, err = run_cli(capsys, "passes")
+    assert code == 0, err
+    lines = stdout.splitlines()
+    for name in pass_names():
+        cls = Pass.registry[name]
+        at = lines.index(next(line for line in lines if line.startswith(f"{name}: ")))
+        listed = [line.split(":")[0].strip() for line in lines[at + 1:at + 1 + len(option_names(cls, python_only=False))]]
+        assert listed == option_names(cls, python_only=False)
+    assert "  ratio: float = 0.3 (--prune)  Prune this fraction" in stdout
+    assert "  skip_nodes: list of str = []" in stdout and "  alphas: mapping or null = null" in stdout
+    assert "loss_fn" not in stdout  # Python-only
+    at = lines.index(next(line for line in lines if line.startswith("equalize: ")))
+    assert describe_passes(["equalize"]) == lines[at:at + 3]  # a pass named: its lines alone
+    code, stdout, err = run_cli(capsys, "passes", "prune-chanels")
+    assert_one_line_error(code, stdout, err, ExitCode.BAD_INPUT, "unknown pass type 'prune-chanels'", "prune-channels")

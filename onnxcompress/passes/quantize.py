@@ -106,9 +106,9 @@ class QuantizeQDQ(Pass):
     per_channel: bool = True
     skip_nodes: tuple[str, ...] = ()
     skip_ops: tuple[str, ...] = ()
-    samples: int | None = None  # calibration samples used (None: all given; --calib-samples cuts the data itself)
+    samples: int | None = option(None, "Calibration samples used (None: all given; --calib-samples cuts the data itself).")
     bins: int = 2048
-    bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
+    bias_correction: bool = option(True, "Fold the weight-rounding shift of each output's mean into its bias.")
     # Weight codes: "nearest", or "learned" (passes/int8_rounding.py: GPTQ-style error feedback on the
     # calibration inputs, each code within one step of nearest and inside its kernel's limits).
     # Not the default: +1.2 dB on EfficientNet-Lite1 but -1.7 dB on PP-OCR cls (measured, 64 photos).
