@@ -82,7 +82,7 @@ DISTILL_HELP = ("Distill the compressed model from the original on the calibrati
 SET_HELP = ("Set any option of any pass: PASS.OPTION=VALUE, e.g. quantize-int8.weight_rounding=learned (repeatable; "
             "VALUE read as in a YAML recipe). It overrides that option of the recipe's pass, or adds "
             "the pass where the pipeline order puts it; prune-channels options without a ratio shape the search's "
-            "pruning. An option set twice (here and by its short flag) is an error.")
+            "pruning. An option set twice (here and by its short flag) is an error. `onnxcompress passes` lists them all.")
 
 
 # ------------------------------------------------------------------------------- the typer parameters
