@@ -1,4 +1,4 @@
-"""Command line: `onnxcompress analyze | bench | optimize | demo | pack | unpack | recipes`.
+"""Command line: `onnxcompress analyze | bench | optimize | optimize-many | demo | pack | unpack | recipes | passes`.
 
 Results (tables, summaries, or JSON alone with `--json`) go to stdout; progress and every
 user-facing problem go to stderr, a problem as one line with an exit code from errors.EXIT_CODES.
@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .cli_pass_flags import with_pass_flags
 from .errors import ExitCode, OnnxCompressError, exit_codes_help
 from .paths import check_outputs
 from .tolerance import DEFAULT_MAP_DROP, DEFAULT_VECTOR_DROP
@@ -162,6 +164,7 @@ def bench(
 
 
 @app.command(cls=_Command, epilog=exit_codes_help())
+@with_pass_flags
 def optimize(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model (.onnx, or .occ for a packed download).")],
@@ -185,23 +188,11 @@ def optimize(
     bench_runs: Annotated[int, typer.Option(help="Timed runs for the before/after latency (0 skips it).")] = 20,
     threads: Annotated[Optional[int], typer.Option(help="ORT intra-op threads for every timing, as deployed (default: the physical cores).")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size for every timing, as deployed (default: the analysed shape's, usually 1).")] = None,
-    prune: Annotated[Optional[float], typer.Option(help="Prune this fraction of every channel group (a fixed recipe: no search).")] = None,
-    importance: Annotated[Optional[str], typer.Option(help="Channel importance: l2, l1, bn, activation, output (rms activation x the reading weights), apoz (the last three need --calib) or random.")] = None,
-    round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this (default 8).")] = None,
-    factorize: Annotated[Optional[float], typer.Option(help="Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")] = None,
-    factorize_energy: Annotated[Optional[float], typer.Option(help="Low-rank factorize, keeping this share of the singular values' energy.")] = None,
-    factorize_budget: Annotated[Optional[float], typer.Option(help="Low-rank factorize until this fraction of the MACs is left, ranks allocated by least loss per MAC saved.")] = None,
-    latency_aware: Annotated[bool, typer.Option("--latency-aware", help="Factorize only layers measured faster on the --target provider at the model's shape.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="Quantize: int8 (static QDQ, needs --calib), dynamic (int8 weights, no calibration), or weight-only int4 / int8-weight (MatMul/Gemm weights in blocks; GPTQ with --calib, else round-to-nearest; smaller files for transformer models; --target tensorrt writes DequantizeLinear instead of MatMulNBits).")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Weight-only quantization: weights per block along K (a power of 2, at least 16; default 32 for int4, 128 for int8-weight).")] = None,
-    calib_method: Annotated[Optional[str], typer.Option(help="Activation ranges: minmax, percentile, entropy or mse.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="int8 target: cpu (uint8 activations) or tensorrt (symmetric int8).")] = None,
-    smooth: Annotated[Optional[float], typer.Option(help="SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation outliers into MatMul weights.")] = None,
-    distill: Annotated[Optional[str], typer.Option(help="Distill the compressed model from the original on the calibration data: steps (500) or time (2m, 90s); needs the torch extra.")] = None,
     input_value: InputValues = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Compute the calibration statistics (activation histograms and ranges, channel means) on Ray, bit-identical to a run without it: 'local' starts Ray on this machine, 'auto' joins the cluster this machine is part of, or a cluster's HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="With --ray: calibration shards, one Ray task each (default: the cluster's CPUs).")] = None,
     json_out: JsonFlag = False,
+    **pass_flags: Any,
 ) -> None:
     """Compress MODEL and write the result to OUTPUT, with a before/after table and a verdict.
 
@@ -209,32 +200,63 @@ def optimize(
     measured on held-out calibration samples (default: cosine drop <= 0.005 when an output is one
     vector per sample, class scores or embeddings; <= 0.01 for maps and sequences), the result
     chosen by measured speed (--threads, --batch). Without --calib: exact
-    cleanup, plus dynamic int8 for MatMul-heavy models."""
-    from .calibration import Calibration
-    from .feeds import check_input_values, parse_input_values
-    from .model import load, parse_input_shapes, save
+    cleanup, plus dynamic int8 for MatMul-heavy models.
+
+    The pass flags (--prune ... --distill) are short forms of pass options; --set PASS.OPTION=VALUE
+    sets any other one, merged into the recipe's pass or adding the pass."""
+    from .cli_pass_flags import pass_specs
+    from .model import save
     from .optimize import OptimizeOptions
     from .optimize import optimize as run_optimize
     from .progress import progress
-    from .render import render_run
 
     check_outputs({"--output": output, "--report": report, "--plot": plot}, inputs=[model, *(p for p in (calib, eval) if p)])
     _check_plotting(plot)
+    tolerance = _tolerance(max_drop, metric, min_sqnr)
+    passes, prune = pass_specs(pass_flags, target)
     options = OptimizeOptions(
-        recipe=recipe, target=target, tolerance=_tolerance(max_drop, metric, min_sqnr), target_macs=target_macs,
-        target_speedup=target_speedup, passes=_pass_flags(prune, importance, round_to, factorize, factorize_energy,
-                                                          factorize_budget, latency_aware, quantize, calib_method, preset, target, smooth, distill,
-                                                          block_size),
-        prune={k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None},
-        verify=verify, bench_runs=bench_runs, threads=threads, batch=batch,
+        recipe=recipe, target=target, tolerance=tolerance, target_macs=target_macs,
+        target_speedup=target_speedup, passes=passes, prune=prune, verify=verify, bench_runs=bench_runs,
+        threads=threads, batch=batch,
     )
     if bench_runs and bench_runs < 20:
         raise OnnxCompressError(f"--bench-runs must be 0 (skip) or at least 20, got {bench_runs}")
+    inputs = _optimize_inputs(model, input_shape, input_value, calib, calib_preprocess, calib_samples, eval, ray, workers)
+    with progress("optimizing", console) as reporter:
+        result = run_optimize(inputs.source, calibration=inputs.calibration, options=options, input_shapes=inputs.shapes,
+                              on_step=reporter.step, input_values=inputs.values, validation=inputs.validation)
+    if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
+        from .pack import pack_model
+
+        pack_model(result.model, output)
+    else:
+        save(result.model, output)
+    code = _report_run(result, result.report.with_files(model, output), report, plot, json_out)
+    if code:
+        raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class _OptimizeInputs:
+    source: Any  # the loaded model
+    shapes: dict
+    values: dict
+    calibration: Any
+    validation: Any
+
+
+def _optimize_inputs(model, input_shape, input_value, calib, calib_preprocess, calib_samples, eval, ray, workers) -> _OptimizeInputs:
+    """The model, its shapes and fixed inputs, and the calibration and evaluation data, each checked
+    before any work (a bad NAME or VALUE, data without a use)."""
+    from .calibration import Calibration
+    from .feeds import check_input_values, parse_input_values
+    from .model import load, parse_input_shapes
+
     if calib_samples is not None and calib is None:
         raise OnnxCompressError("--calib-samples counts --calib samples: give --calib DATA")
     shapes = parse_input_shapes(input_shape)
     source = load(model)
-    values = check_input_values(source, parse_input_values(input_value))  # a bad NAME or VALUE fails before any work
+    values = check_input_values(source, parse_input_values(input_value))
     calibration = (Calibration.from_path(source, calib, preprocessing=calib_preprocess, input_shapes=shapes,
                                          limit=calib_samples) if calib else None)
     if calib_preprocess is not None and calib is None:
@@ -243,18 +265,13 @@ def optimize(
         raise OnnxCompressError("--eval judges what calibration data fits: give --calib DATA too")
     validation = (Calibration.from_path(source, eval, preprocessing=calib_preprocess, input_shapes=shapes)
                   if eval else None)
-    calibration = _on_ray(calibration, ray, workers)
+    return _OptimizeInputs(source, shapes, values, _on_ray(calibration, ray, workers), validation)
 
-    with progress("optimizing", console) as reporter:
-        result = run_optimize(source, calibration=calibration, options=options, input_shapes=shapes,
-                              on_step=reporter.step, input_values=values, validation=validation)
-    if output.suffix == ".occ":  # a compressed container for distribution (see `onnxcompress pack`)
-        from .pack import pack_model
 
-        pack_model(result.model, output)
-    else:
-        save(result.model, output)
-    run_report = result.report.with_files(model, output)
+def _report_run(result, run_report, report: Path | None, plot: Path | None, json_out: bool) -> int:
+    """The report file, the plot and the table or JSON of an optimize run; returns its exit code."""
+    from .render import render_run
+
     code = (ExitCode.OUTSIDE_TOLERANCE if result.meets_tolerance is False
             else ExitCode.TARGET_NOT_REACHED if result.meets_target is False else ExitCode.OK)
     data = {**run_report.to_dict(), "mode": result.mode, "exit_code": int(code)}
@@ -269,25 +286,24 @@ def optimize(
             plot_reductions(run_report, plot)
     if json_out:
         out.print_json(json.dumps(data, allow_nan=True))
-    else:
-        render_run(out, run_report)
-        if plot:
-            out.print(f"plot written to {escape(str(plot))}")
-        if code == ExitCode.OUTSIDE_TOLERANCE:
-            out.print(f"[red]outside the tolerance[/red] ({escape(run_report.tolerance['description'])}): "
-                      "the model was written but does not meet it", highlight=False)
-        elif code == ExitCode.TARGET_NOT_REACHED:
-            out.print("[yellow]the target was not reached within the tolerance[/yellow]: the model written "
-                      "is the most compressed one that meets it", highlight=False)
-    if code:
-        raise typer.Exit(code)
+        return code
+    render_run(out, run_report)
+    if plot:
+        out.print(f"plot written to {escape(str(plot))}")
+    if code == ExitCode.OUTSIDE_TOLERANCE:
+        out.print(f"[red]outside the tolerance[/red] ({escape(run_report.tolerance['description'])}): "
+                  "the model was written but does not meet it", highlight=False)
+    elif code == ExitCode.TARGET_NOT_REACHED:
+        out.print("[yellow]the target was not reached within the tolerance[/yellow]: the model written "
+                  "is the most compressed one that meets it", highlight=False)
+    return code
 
 
 @app.command("optimize-many", cls=_Command, epilog=exit_codes_help())
 def optimize_many(
     models: Annotated[list[Path], typer.Argument(metavar="MODELS", help="ONNX models (never modified).")],
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for every job's model and report (STEM.onnx, STEM.report.json; STEM.SETTING.* with several settings).")],
-    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="FLAGS", help="One setting: optimize flags, e.g. '--quantize int8 --calib-method mse' (repeatable: a sweep).")] = None,
+    settings: Annotated[Optional[list[str]], typer.Option("--setting", metavar="FLAGS", help="One setting: optimize flags, e.g. '--quantize int8 --calib-method mse' (repeatable: a sweep).")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Settings from a YAML/JSON list of mappings of optimize options, e.g. [{name: q8, quantize: int8}, {prune: 0.3}].")] = None,
     common: Annotated[Optional[str], typer.Option(metavar="FLAGS", help="optimize flags for every job, e.g. '--calib data.npz --bench-runs 0'.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Run the jobs as Ray tasks (a dead worker's job is retried): 'local', 'auto', HOST:PORT or ray://HOST:PORT; needs the ray extra.")] = None,
@@ -298,14 +314,10 @@ def optimize_many(
     summary table (or --json), exit 6 if a job failed (the others still run)."""
     from .fleet import command
 
-    code = command(models, output_dir, sets=sets or [], sweep=sweep, common=common, address=ray, workers=workers,
+    code = command(models, output_dir, settings=settings or [], sweep=sweep, common=common, address=ray, workers=workers,
                    json_out=json_out)
     if code:
         raise typer.Exit(code)
-
-
-#: --quantize values of weight-only quantization -> bits.
-WEIGHT_ONLY = {"int4": 4, "int8-weight": 8}
 
 
 def _tolerance(max_drop: float | None, metric: str | None, min_sqnr: float | None):
@@ -342,55 +354,6 @@ def _on_ray(calibration, address: str | None, workers: int | None):
 
     connect(address, workers)
     return dataclasses.replace(calibration, engine=RayEngine(address, workers))
-
-
-def _pass_flags(prune, importance, round_to, factorize, factorize_energy, factorize_budget, latency_aware, quantize,
-                calib_method, preset, target, smooth=None, distill=None, block_size=None) -> list[dict]:
-    """Pass specs from the per-pass flags; optimize merges them into the recipe or the search."""
-    specs: list[dict] = []
-    if prune is not None:
-        specs.append({"type": "prune-channels", "ratio": prune,
-                      **{k: v for k, v in {"importance": importance, "round_to": round_to}.items() if v is not None}})
-    factorize_options = {k: v for k, v in {"rank_ratio": factorize, "energy": factorize_energy,
-                                           "mac_budget": factorize_budget}.items() if v is not None}
-    if latency_aware:
-        if not factorize_options:
-            raise OnnxCompressError("--latency-aware applies to factorization: add --factorize, --factorize-energy or --factorize-budget")
-        from .optimize import provider_for
-
-        factorize_options.update(latency_aware=True, provider=provider_for(target))
-    if factorize_options:
-        specs.append({"type": "factorize", **factorize_options})
-    if distill is not None:
-        from .passes.distill import parse_budget
-
-        specs.append({"type": "distill", **parse_budget(distill)})
-    if block_size is not None and quantize not in WEIGHT_ONLY:
-        raise OnnxCompressError("--block-size applies to weight-only quantization: add --quantize int4 or int8-weight")
-    if quantize in WEIGHT_ONLY:
-        if calib_method is not None or preset is not None or smooth is not None:
-            raise OnnxCompressError(f"--calib-method, --preset and --smooth apply to --quantize int8, not {quantize}")
-        spec = {"type": "quantize-weight-only", "bits": WEIGHT_ONLY[quantize]}
-        if block_size is not None:
-            spec["block_size"] = block_size
-        if target == "tensorrt":  # no com.microsoft MatMulNBits there: standard blocked DequantizeLinear
-            spec["form"] = "dequantize-linear"
-        specs.append(spec)
-    elif quantize == "dynamic":
-        if calib_method is not None or preset is not None or smooth is not None:
-            raise OnnxCompressError("--calib-method, --preset and --smooth apply to --quantize int8, not dynamic")
-        specs.append({"type": "quantize-dynamic"})
-    elif quantize is not None or calib_method is not None or preset is not None or smooth is not None:
-        if quantize not in (None, "int8"):
-            raise OnnxCompressError(f"--quantize {quantize}: choose int8 (static, needs --calib), dynamic, int4 or int8-weight")
-        from .optimize import CPU_TARGETS, int8_kernels
-
-        if preset is None and target == "tensorrt":
-            preset = "tensorrt"
-        kernels = int8_kernels(target) if target in CPU_TARGETS else None
-        specs.append({"type": "quantize-int8", **{k: v for k, v in {"method": calib_method, "preset": preset, "kernels": kernels,
-                                                                    "smooth_alpha": smooth}.items() if v is not None}})
-    return specs
 
 
 @app.command(cls=_Command)
@@ -484,6 +447,17 @@ def recipes() -> None:
         spec = load_recipe(RECIPES_DIR / f"{name}.yaml")
         steps = " -> ".join(p["type"] if isinstance(p, dict) else str(p) for p in spec["passes"])
         out.print(f"[bold]{name}[/bold]: {steps}\n  {spec.get('description', '')}")
+
+
+@app.command(cls=_Command)
+def passes(
+    names: Annotated[Optional[list[str]], typer.Argument(metavar="[PASS]...", help="Passes to describe (default: all).")] = None,
+) -> None:
+    """Every pass and its options (YAML recipe keys, Python keywords, optimize --set PASS.OPTION=VALUE)."""
+    from .cli_pass_flags import describe_passes
+
+    for line in describe_passes(names or None):
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _check_plotting(plot: Path | None) -> None:

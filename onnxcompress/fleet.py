@@ -67,10 +67,10 @@ class JobResult:
         return asdict(self)
 
 
-def settings_from(sets: Sequence[str], sweep: Path | None) -> list[Setting]:
-    """The option sets: each `--set "FLAGS"`, then each entry of a YAML/JSON sweep file (a list of
+def settings_from(flag_sets: Sequence[str], sweep: Path | None) -> list[Setting]:
+    """The option sets: each `--setting "FLAGS"`, then each entry of a YAML/JSON sweep file (a list of
     mappings of optimize option names to values, with an optional `name`); one empty set by default."""
-    settings = [Setting(f"s{i}", tuple(shlex.split(text))) for i, text in enumerate(sets, start=1)]
+    settings = [Setting(f"s{i}", tuple(shlex.split(text))) for i, text in enumerate(flag_sets, start=1)]
     if sweep is not None:
         settings += [_setting(entry, f"s{len(settings) + i}", sweep) for i, entry in enumerate(_read_sweep(sweep), start=1)]
     names = [s.name for s in settings]
@@ -166,7 +166,7 @@ def run_ray(jobs: Sequence[Job], on_done: OnDone, *, address: str | None = None,
     return [results[job.index] for job in jobs]
 
 
-def command(models: Sequence[Path], output_dir: Path, *, sets: Sequence[str], sweep: Path | None,
+def command(models: Sequence[Path], output_dir: Path, *, settings: Sequence[str], sweep: Path | None,
             common: str | None, address: str | None, workers: int | None, json_out: bool) -> ExitCode:
     """`onnxcompress optimize-many`: checks, then the jobs with a progress line each, then the summary."""
     from rich.markup import escape
@@ -177,7 +177,7 @@ def command(models: Sequence[Path], output_dir: Path, *, sets: Sequence[str], sw
 
     if workers is not None and (address is None or workers < 1):
         raise OnnxCompressError("--workers needs --ray and must be at least 1")
-    jobs = plan_jobs(models, settings_from(sets, sweep), output_dir, shlex.split(common or ""))
+    jobs = plan_jobs(models, settings_from(settings, sweep), output_dir, shlex.split(common or ""))
     check_flags(jobs)
     check_output_folder("--output-dir", output_dir, create=True)
     if address:

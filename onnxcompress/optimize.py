@@ -55,7 +55,7 @@ class OptimizeOptions:
     target_macs: float | None = None
     target_speedup: float | None = None
     passes: Sequence[Mapping[str, Any]] = ()  # pass specs that override or extend the recipe ({"type": ...})
-    prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options for the search
+    prune: Mapping[str, Any] = field(default_factory=dict)  # prune-channels options for whatever prunes (search, target_macs, the recipe)
     verify: bool = True
     bench_runs: int = 20  # timed runs for the before/after latency; 0 skips the measurement
     # every timing (the search's choice by speed, the before/after latency) at the deployed setting:
@@ -235,6 +235,8 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
         _set_pass(pipeline, spec)
     if options.target_macs is not None:
         _set_pass(pipeline, {"type": "prune-channels", "target_macs": options.target_macs, **options.prune})
+    elif options.prune and "prune-channels" in [p.name for p in pipeline.passes]:  # the recipe's pruning
+        _set_pass(pipeline, {"type": "prune-channels", **options.prune})
     names = [p.name for p in pipeline.passes]
     if options.tolerance is not None and "quantize-int8" in names:
         q = pipeline.passes[names.index("quantize-int8")]

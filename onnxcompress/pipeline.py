@@ -1,13 +1,16 @@
 """The pass contract and the pipeline that runs passes, verifies each one and reports what changed.
 
 A pass is a small dataclass: a `name`, its options as fields, and one `run(model, ctx)` method.
-The same dataclass fields are the YAML recipe keys and the Python keyword arguments, so the CLI,
-the API and recipes cannot drift apart.
+The same dataclass fields are the YAML recipe keys, the Python keyword arguments and the CLI's
+`--set PASS.OPTION=VALUE` (cli_pass_flags.py), so the CLI, the API and recipes cannot drift apart.
+A field's help text lives with it (`option(default, "help")`, read back by `option_help`); a field
+with `metadata={"api_only": True}` is a Python-only keyword, not a recipe or CLI option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -270,17 +273,52 @@ def load_recipe(source: str | Path | Mapping | Sequence) -> dict[str, Any]:
 
 def build_pass(spec: Mapping[str, Any] | str, *, where: str = "pass") -> Pass:
     """`{"type": "fuse-batchnorm", ...options}` (or just the type name) -> a Pass instance."""
-    _register_builtin_passes()
     if isinstance(spec, str):
         spec = {"type": spec}
     if not isinstance(spec, Mapping) or "type" not in spec:
-        raise RecipeError(f"{where}: each pass needs a 'type' (one of: {', '.join(sorted(Pass.registry))})")
+        raise RecipeError(f"{where}: each pass needs a 'type' (one of: {', '.join(pass_names())})")
     kind = spec["type"]
-    cls = Pass.registry.get(kind)
-    if cls is None:
-        raise RecipeError(f"{where}: unknown pass type '{kind}' (known: {', '.join(sorted(Pass.registry))})")
+    cls = pass_class(kind, where)
     options = {k: v for k, v in spec.items() if k != "type"}
     return _build_options(cls, options, f"{where} ({kind})")
+
+
+def pass_names() -> list[str]:
+    """Every registered pass type, sorted."""
+    _register_builtin_passes()
+    return sorted(Pass.registry)
+
+
+def pass_class(kind: str, where: str = "pass") -> type[Pass]:
+    _register_builtin_passes()
+    cls = Pass.registry.get(kind)
+    if cls is None:
+        raise RecipeError(f"{where}: unknown pass type '{kind}' (known: {', '.join(pass_names())})")
+    return cls
+
+
+def option(default: Any, help: str) -> Any:
+    """A pass field with its help text, which the CLI shows for the field (short flag or --set)."""
+    return field(default=default, metadata={"help": help})
+
+
+def option_help(cls: type, name: str) -> str:
+    """The help text a pass field was declared with (`option`), or "" for a field without one."""
+    return next((f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name), "")
+
+
+def option_names(cls: type, *, python_only: bool = True) -> list[str]:
+    """A pass's option names in declaration order; `python_only=False` leaves out the keywords marked
+    `api_only` (functions, arrays: no recipe or command line can give them)."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and (python_only or not f.metadata.get("api_only"))]
+
+
+def coerce_option(cls: type, name: str, value: Any, where: str) -> Any:
+    """`value` checked (and gently converted) as option `name` of `cls`, exactly as in a recipe."""
+    names = option_names(cls)
+    if name not in names:
+        raise RecipeError(f"{where}: unknown option '{name}' (options: {', '.join(names) or 'none'})")
+    return _coerce(value, typing.get_type_hints(cls)[name], f"{where}: option '{name}'")
 
 
 def _register_builtin_passes() -> None:
@@ -288,17 +326,15 @@ def _register_builtin_passes() -> None:
 
 
 def _build_options(cls: type, options: Mapping[str, Any], where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in options.items():
-        if key not in names:
-            raise RecipeError(f"{where}: unknown option '{key}' (options: {', '.join(names) or 'none'})")
-        kwargs[key] = _coerce(value, hints[key], f"{where}: option '{key}'")
+    kwargs = {key: coerce_option(cls, key, value, where) for key, value in options.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{where}: {exc}") from None
+
+
+#: A number in exponent notation without a decimal point, which YAML 1.1 leaves a string (5e-05).
+_EXPONENT_NUMBER = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -332,6 +368,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise RecipeError(f"{where}: must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 as text
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: must be a number, got {value!r}")
         return float(value)

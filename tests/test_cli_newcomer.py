@@ -290,7 +290,7 @@ def test_nonsense_tolerances_and_targets_are_refused(capsys, tmp_path, stem, cal
 
 # ------------------------------------------------------------------------------ help, messages, exit codes
 
-COMMANDS = ["analyze", "bench", "optimize", "optimize-many", "demo", "pack", "unpack", "recipes"]
+COMMANDS = ["analyze", "bench", "optimize", "optimize-many", "demo", "pack", "unpack", "recipes", "passes"]
 
 
 def _help(capsys, *command: str) -> str:

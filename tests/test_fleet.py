@@ -35,7 +35,7 @@ def test_a_broken_model_fails_its_jobs_and_the_others_are_written(capsys, tmp_pa
     good, broken, calib = fleet
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, "optimize-many", good, broken, "-o", out, "--common",
-                                f"--calib {calib} --bench-runs 0", "--set", "--quantize int8", "--json")
+                                f"--calib {calib} --bench-runs 0", "--setting", "--quantize int8", "--json")
     assert code == ExitCode.JOBS_FAILED, err
     data = json.loads(stdout)
     assert data["exit_code"] == ExitCode.JOBS_FAILED and data["engine"] == "serial"
@@ -52,7 +52,7 @@ def test_a_broken_model_fails_its_jobs_and_the_others_are_written(capsys, tmp_pa
 
 def test_table_lists_every_job_and_the_errors_below_it(capsys, tmp_path, fleet):
     good, broken, _ = fleet
-    code, stdout, _ = run_cli(capsys, "optimize-many", good, broken, "-o", tmp_path / "out", "--set", "--bench-runs 0")
+    code, stdout, _ = run_cli(capsys, "optimize-many", good, broken, "-o", tmp_path / "out", "--setting", "--bench-runs 0")
     assert code == ExitCode.JOBS_FAILED
     assert "good.onnx" in stdout and "written" in stdout and "failed" in stdout
     assert "2: error:" in stdout and "not a valid ONNX model" in stdout
@@ -73,9 +73,12 @@ def test_sweep_file_entries_become_optimize_flags(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--set", "--bogus 3"], ("setting 's1'", "--bogus")),
-    (["--set", "-o other.onnx"], ("-o is set by optimize-many",)),
-    (["--set", "--ray local"], ("--ray is set by optimize-many",)),
+    (["--setting", "--bogus 3"], ("setting 's1'", "--bogus")),
+    (["--setting", "-o other.onnx"], ("-o is set by optimize-many",)),
+    (["--setting", "--ray local"], ("--ray is set by optimize-many",)),
+    # a pass option inside a setting is checked by optimize's parser too, before any job
+    (["--setting", "--set quantize-int8.bins=many"], ("setting 's1'", "--set", "must be an integer")),
+    (["--set", "--quantize int8"], ("No such option", "--set")),  # one setting is --setting, not optimize's --set
     (["--workers", "2"], ("--workers needs --ray",)),
     (["--sweep", "missing.yaml"], ("no such sweep file",)),
 ])

@@ -156,7 +156,7 @@ def _fleet(tmp_path: Path) -> tuple[list[Path], Path]:
 
 def test_optimize_many_on_ray_writes_what_a_serial_run_writes(local_ray, tmp_path, capsys):
     models, calib = _fleet(tmp_path)
-    common = ["--common", f"--calib {calib} --bench-runs 0", "--set", "--quantize int8", "--set", "--prune 0.5"]
+    common = ["--common", f"--calib {calib} --bench-runs 0", "--setting", "--quantize int8", "--setting", "--prune 0.5"]
     runs = {}
     for engine, extra in (("serial", []), ("ray", ["--ray", "local", "--workers", str(WORKERS)])):
         out = tmp_path / engine

@@ -17,7 +17,7 @@ from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import fuse_pad_into_conv_rule
 
 from ..names import fresh_name
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 
 # Ops that are constant given constant inputs but that onnxscript keeps by default (they can create
 # large tensors); model-zoo files store every weight as a ConstantOfShape, so we do want them folded.
@@ -29,8 +29,8 @@ class FoldConstants(Pass):
     """Evaluate every node whose inputs are all constant; weights stored as nodes become initializers."""
 
     name: ClassVar[str] = "fold-constants"
-    max_tensor_mb: float = 4096.0  # do not materialize constants larger than this
-    keep_initializer_inputs: bool = False  # old-IR models list weights as graph inputs too
+    max_tensor_mb: float = option(4096.0, "Do not materialize constants larger than this.")
+    keep_initializer_inputs: bool = option(False, "Old-IR models list weights as graph inputs too.")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         changes = []

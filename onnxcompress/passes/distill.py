@@ -44,7 +44,7 @@ import onnx_ir as ir
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
 from ..model import graph_inputs, load
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 from ..report import to_jsonable
 from ..verify import compare, outputs
 from .quantize import CalibrationNeededError
@@ -71,21 +71,21 @@ class Distill(Pass):
     name: ClassVar[str] = "distill"
     exact: ClassVar[bool] = False
 
-    steps: int | None = None  # optimizer steps; with `minutes`, whichever ends first (default 300 if neither)
-    minutes: float | None = None  # wall-time budget
-    lr: float = 1e-4  # Adam learning rate
+    steps: int | None = option(None, "Optimizer steps; with `minutes`, whichever ends first (default 300 if neither).")
+    minutes: float | None = option(None, "Wall-time budget.")
+    lr: float = option(1e-4, "Adam learning rate.")
     temperature: float = 4.0
-    alpha: float = 0.5  # weight of the KL term for class-score outputs; 1 - alpha goes to MSE
+    alpha: float = option(0.5, "Weight of the KL term for class-score outputs; 1 - alpha goes to MSE.")
     batch_size: int = 32
-    augment: Literal["auto", "none", "crop", "flip"] = "auto"  # auto: crops + flips for 4-D float inputs
-    holdout: float = 0.2  # fraction of the data, from its end, never trained on
-    patience: int = 5  # held-out evaluations without improvement before stopping (0: never stop early)
-    eval_every: int = 0  # steps between held-out evaluations (0: about one pass over the data, 10..100)
+    augment: Literal["auto", "none", "crop", "flip"] = option("auto", "auto: crops and flips for 4-D float inputs; or none, crop, flip.")
+    holdout: float = option(0.2, "Fraction of the data, from its end, never trained on.")
+    patience: int = option(5, "Held-out evaluations without improvement before stopping (0: never stop early).")
+    eval_every: int = option(0, "Steps between held-out evaluations (0: about one pass over the data, 10..100).")
     seed: int = 0
-    freeze_norm: bool = True  # BatchNormalization keeps its statistics (affine parameters still train)
+    freeze_norm: bool = option(True, "BatchNormalization keeps its statistics (affine parameters still train).")
     feature_matching: bool = False
-    progress: bool = True  # a progress bar on stderr when it is a terminal
-    threads: int = 0  # torch intra-op threads while training (0: torch's default); 1 is fastest on a busy machine
+    progress: bool = option(True, "A progress bar on stderr when it is a terminal.")
+    threads: int = option(0, "Torch intra-op threads while training (0: torch's default); 1 is fastest on a busy machine.")
     loss_fn: LossFn | None = field(default=None, repr=False, compare=False, metadata=API_ONLY)
     dataset: Mapping[str, np.ndarray] | None = field(default=None, repr=False, compare=False, metadata=API_ONLY)
 

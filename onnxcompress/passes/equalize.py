@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from ..pipeline import Pass, PassContext, PassResult, cost_analysis
+from ..pipeline import Pass, PassContext, PassResult, cost_analysis, option
 
 WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})
 DENSE = frozenset({"Gemm", "MatMul"})
@@ -51,8 +51,8 @@ class Equalize(Pass):
     name: ClassVar[str] = "equalize"
     exact: ClassVar[bool] = True
 
-    iterations: int = 3  # sweeps over all pairs; chains converge towards the joint equilibrium
-    min_range: float = 1e-8  # channels with a smaller weight range on either side are dead: left alone
+    iterations: int = option(3, "Sweeps over all pairs; chains converge towards the joint equilibrium.")
+    min_range: float = option(1e-8, "Channels with a smaller weight range on either side are dead: left alone.")
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from ..analysis.channels import ChannelGraph, prepare
 from ..errors import OnnxCompressError
 from ..model import load
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 
 
 @dataclass
@@ -29,14 +29,17 @@ class PruneChannels(Pass):
     name: ClassVar[str] = "prune-channels"
     exact: ClassVar[bool] = False
 
-    ratio: float = 0.3  # fraction of each group's channels to remove (or of all channels, global)
-    # uniform: `ratio` of every group; global: one ranking across groups; sensitivity: the MACs that
-    # `ratio` removes uniformly, taken where the measured output error per MAC is least (needs --calib)
-    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
-    importance: Literal["l2", "l1", "bn", "activation", "output", "apoz", "random"] = "l2"
+    ratio: float = option(0.3, "Prune this fraction of every channel group (of all channels with allocation: global).")
+    allocation: Literal["uniform", "global", "sensitivity"] = option(
+        "uniform", "How the channels to remove are spread over the groups: uniform (the ratio of every group), global "
+                   "(one ranking across groups) or sensitivity (the MACs the uniform ratio removes, taken where the "
+                   "output error measured on calibration data per MAC saved is least; needs calibration data).")
+    importance: Literal["l2", "l1", "bn", "activation", "output", "apoz", "random"] = option(
+        "l2", "Channel importance: l2, l1, bn, activation, output (rms activation x the reading weights), apoz "
+              "(the last three need calibration data) or random.")
     target_macs: float | None = None  # keep this fraction of the MACs; overrides `ratio`
     max_group_ratio: float = 0.8  # never remove more than this fraction of one group
-    round_to: int = 8  # kept channel counts are multiples of this (ORT CPU kernels pad to blocks)
+    round_to: int = option(8, "Kept channel counts are multiples of this (ORT CPU kernels pad to blocks).")
     protect: tuple[str, ...] = ()  # node names whose output channels are never pruned
     seed: int = 0  # for importance "random"
     calibration_samples: int = 256  # samples used for activation statistics and recovery

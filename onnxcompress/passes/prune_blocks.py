@@ -41,7 +41,7 @@ from ..analysis.shapes import ShapeInfo, infer_shapes
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
 from ..model import load
-from ..pipeline import Pass, PassContext, PassResult, cost_analysis
+from ..pipeline import Pass, PassContext, PassResult, cost_analysis, option
 from ..verify import compare, outputs
 
 Metric = Literal["cosine", "sqnr", "top1", "mse"]
@@ -370,14 +370,14 @@ class PruneBlocks(Pass):
     name: ClassVar[str] = "prune-blocks"
     exact: ClassVar[bool] = False
 
-    count: int | None = None  # blocks to remove
-    ratio: float | None = None  # or this fraction of the removable blocks (rounded down)
+    count: int | None = option(None, "Blocks to remove.")
+    ratio: float | None = option(None, "Or this fraction of the removable blocks (rounded down).")
     # Stop before the held-out damage in `metric` exceeds this (also a cap when count/ratio are given).
     max_drop: float | None = None
-    metric: Metric = "cosine"  # see damage(): cosine, sqnr (noise/signal power), top1, mse
-    samples: int = 64  # calibration samples used (scoring plus held out)
-    holdout: float = 0.25  # fraction of them held out for max_drop and the reported fidelity
-    rescore: bool = True  # re-score the remaining blocks after each removal (about count x more runs)
+    metric: Metric = option("cosine", "See damage(): cosine, sqnr (noise/signal power), top1, mse.")
+    samples: int = option(64, "Calibration samples used (scoring plus held out).")
+    holdout: float = option(0.25, "Fraction of them held out for max_drop and the reported fidelity.")
+    rescore: bool = option(True, "Re-score the remaining blocks after each removal (about count x more runs).")
 
     def __post_init__(self) -> None:
         if self.count is None and self.ratio is None and self.max_drop is None:

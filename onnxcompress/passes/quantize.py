@@ -45,7 +45,7 @@ from ..analysis.kernel_check import KernelCheck, check_kernels
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
 from ..model import load, to_proto
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 from ..report import Fidelity
 from ..tolerance import Tolerance
 from ..verify import compare, outputs
@@ -96,23 +96,25 @@ class QuantizeQDQ(Pass):
     name: ClassVar[str] = "quantize-int8"
     exact: ClassVar[bool] = False
 
-    method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
+    method: Literal["minmax", "percentile", "entropy", "mse"] = option("mse", "Activation ranges: minmax, percentile, "
+                                                                               "entropy or mse.")
     percentile: float = 99.99
-    preset: Literal["cpu", "tensorrt"] = "cpu"
+    preset: Literal["cpu", "tensorrt"] = option("cpu", "int8 form: cpu (uint8 activations) or tensorrt (symmetric int8).")
     # The CPU int8 kernels the model must be exact on: "any" (x86 without VNNI, whose u8 x s8 kernels
     # saturate int16 pair sums, and ARM) or "vnni" (full-range codes; wrong on AVX2 CPUs).
     kernels: Kernels = "any"
     per_channel: bool = True
     skip_nodes: tuple[str, ...] = ()
     skip_ops: tuple[str, ...] = ()
-    samples: int | None = None  # calibration samples used (None: all given; --calib-samples cuts the data itself)
+    samples: int | None = option(None, "Calibration samples used (None: all given; --calib-samples cuts the data itself).")
     bins: int = 2048
-    bias_correction: bool = True  # fold the weight-rounding shift of each output's mean into its bias
+    bias_correction: bool = option(True, "Fold the weight-rounding shift of each output's mean into its bias.")
     # Weight codes: "nearest", or "learned" (passes/int8_rounding.py: GPTQ-style error feedback on the
     # calibration inputs, each code within one step of nearest and inside its kernel's limits).
     # Not the default: +1.2 dB on EfficientNet-Lite1 but -1.7 dB on PP-OCR cls (measured, 64 photos).
     weight_rounding: Literal["nearest", "learned"] = "nearest"
-    smooth_alpha: float | None = None  # run SmoothQuant with this alpha on MatMul/Gemm inputs first
+    smooth_alpha: float | None = option(None, "SmoothQuant before int8 with this alpha (e.g. 0.5): moves activation "
+                                              "outliers into MatMul weights.")
     # "auto", without smooth_alpha: SmoothQuant each MatMul input of attention models (a Softmax and a MatMul of two
     # activations), and each Conv input of any model whose channels' ranges differ by more than 16x and break its
     # consumers in int8, with the alpha that measures best on calibration samples, or not at all (passes/int8_patterns.py)

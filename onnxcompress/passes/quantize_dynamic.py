@@ -30,7 +30,7 @@ from ..analysis.cost import subgraphs
 from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
 from ..model import load, save
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 from .int8_patterns import OUTLIER_MODES
 from .int8_weights import KERNELS, U8_ZERO_POINT, Kernels
 
@@ -45,11 +45,11 @@ class QuantizeDynamic(Pass):
     name: ClassVar[str] = "quantize-dynamic"
     exact: ClassVar[bool] = False
 
-    op_types: tuple[str, ...] = ("MatMul", "Gemm")  # Conv is possible but rarely faster on CPU
+    op_types: tuple[str, ...] = option(("MatMul", "Gemm"), "Conv is possible but rarely faster on CPU.")
     per_channel: bool = True
     weight_type: Literal["int8", "uint8"] = "int8"
     skip_nodes: tuple[str, ...] = ()
-    kernels: Kernels = "any"  # "vnni": keep every int8 weight as ORT wrote it (wrong on AVX2 CPUs)
+    kernels: Kernels = option("any", "'vnni': keep every int8 weight as ORT wrote it (wrong on AVX2 CPUs).")
     # "auto": with calibration data, on attention models, SmoothQuant each MatMul input with the alpha
     # that measures best for run-time (per-run) activation ranges first (passes/int8_patterns.py)
     outliers: Literal["auto", "off"] = "auto"

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import OnnxCompressError
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 from .weight_blocks import check_options, rtn
 from .weight_forms import DQ_OPSET, FORMS, MS_DOMAIN, Names, find_targets, rewrite
 from .weight_gptq import BUDGET_BYTES, collect_hessians, gptq, output_error, prepare
@@ -45,15 +45,16 @@ class QuantizeWeightOnly(Pass):
     exact: ClassVar[bool] = False
 
     bits: int = 4
-    block_size: int | None = None  # None: 32 for int4, 128 for int8; a power of 2, at least 16
-    method: Literal["auto", "rtn", "gptq"] = "auto"  # auto: gptq with calibration data, else rtn
+    block_size: int | None = option(None, "Weights per block along K (a power of 2, at least 16; default 32 for "
+                                          "int4, 128 for int8).")
+    method: Literal["auto", "rtn", "gptq"] = option("auto", "Auto: gptq with calibration data, else rtn.")
     # None: asymmetric int4 blocks (zero points; all-mpnet-base-v2 GPTQ cosine 0.992 against 0.988 symmetric),
     # symmetric int8 (0.9994 already)
     symmetric: bool | None = None
     form: Literal["matmulnbits", "dequantize-linear"] = "matmulnbits"
-    accuracy_level: int = 4  # MatMulNBits: 0 float compute, 4 int8 activations (fastest on x86 CPUs)
+    accuracy_level: int = option(4, "MatMulNBits: 0 float compute, 4 int8 activations (fastest on x86 CPUs).")
     skip_nodes: tuple[str, ...] = ()
-    calibration_budget_mb: int = BUDGET_BYTES // 2**20  # GPTQ's float32 Grams per streaming run over the data
+    calibration_budget_mb: int = option(BUDGET_BYTES // 2**20, "GPTQ's float32 Grams per streaming run over the data.")
 
     def __post_init__(self) -> None:
         self.block = check_options(self.bits, self.block_size)

@@ -51,7 +51,7 @@ import onnx_ir as ir
 from ..analysis.activations import collect
 from ..errors import OnnxCompressError
 from ..names import NameAllocator
-from ..pipeline import Pass, PassContext, PassResult, cost_analysis
+from ..pipeline import Pass, PassContext, PassResult, cost_analysis, option
 
 DENSE = frozenset({"MatMul", "Gemm"})
 #: Smoothing factors are clamped to [1 / MAX_FACTOR, MAX_FACTOR]: a channel that is (nearly) dead on
@@ -86,10 +86,10 @@ class SmoothQuant(Pass):
     name: ClassVar[str] = "smooth-quant"
     exact: ClassVar[bool] = True
 
-    alpha: float = 0.5  # migration strength: 0 keeps the activation as is, 1 moves all its range into W
-    samples: int | None = None  # calibration samples for the activation ranges (None: all given)
-    insert_mul: bool = True  # where the producer cannot absorb 1/s, insert a per-channel Mul
-    convs: bool = False  # with `alpha`, smooth Conv inputs too (named inputs in `alphas` are smoothed whatever reads them)
+    alpha: float = option(0.5, "Migration strength: 0 keeps the activation as is, 1 moves all its range into W.")
+    samples: int | None = option(None, "Calibration samples for the activation ranges (None: all given).")
+    insert_mul: bool = option(True, "Where the producer cannot absorb 1/s, insert a per-channel Mul.")
+    convs: bool = option(False, "With `alpha`, smooth Conv inputs too (named inputs in `alphas` are smoothed whatever reads them).")
     # {input value: its own alpha, None = leave it} (int8_patterns.choose_alphas); inputs not named
     # are left alone. None: `alpha` for every input.
     alphas: dict[str, float | None] | None = None

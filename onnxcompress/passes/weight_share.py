@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from ..pipeline import Pass, PassContext, PassResult
+from ..pipeline import Pass, PassContext, PassResult, option
 
 #: Element types the pass clusters (integer and quantized tensors are left as they are).
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -39,11 +39,11 @@ class WeightShare(Pass):
     name: ClassVar[str] = "weight-share"
     exact: ClassVar[bool] = False
 
-    bits: int | None = 5  # 2**bits shared values per tensor (zero included when pruned); None: prune only
-    sparsity: float = 0.0  # fraction of each tensor's smallest-magnitude weights set to zero first
+    bits: int | None = option(5, "2**bits shared values per tensor (zero included when pruned); None: prune only.")
+    sparsity: float = option(0.0, "Fraction of each tensor's smallest-magnitude weights set to zero first.")
     init: Literal["linear", "kmeans++"] = "linear"
-    min_elements: int = 1024  # smaller tensors (biases, norms, scales) stay exact: they cost little and matter much
-    skip: tuple[str, ...] = ()  # initializer names, or names of nodes whose weights stay exact
+    min_elements: int = option(1024, "Smaller tensors (biases, norms, scales) stay exact: they cost little and matter much.")
+    skip: tuple[str, ...] = option((), "Initializer names, or names of nodes whose weights stay exact.")
     iterations: int = 50
     seed: int = 0
 

@@ -51,7 +51,7 @@ import onnx_ir as ir
 from ... import runtime
 from ...analysis.layer_timing import PairTiming, time_pair
 from ...analysis.shapes import infer_shapes
-from ...pipeline import Pass, PassContext, PassResult
+from ...pipeline import Pass, PassContext, PassResult, option
 from .candidates import Candidate, candidates, factors
 from .forms import form_covariance, matrix, taps, unmatrix
 from .latency import LATENCY_ROUNDS, LatencyJudge, layer_models
@@ -76,21 +76,22 @@ class Factorize(Pass):
     name: ClassVar[str] = "factorize"
     exact: ClassVar[bool] = False
 
-    rank_ratio: float | None = None  # rank = ceil(ratio x full rank)
-    energy: float | None = None  # smallest rank keeping this fraction of sum(sigma^2)
-    mac_budget: float | None = None  # keep at most this fraction of the model's MACs (overrides the two above)
-    round_to: int = 8  # ranks are multiples of this (ORT's CPU kernels work in blocks)
-    forms: tuple[ConvForm, ...] = CONV_FORMS  # Conv forms to consider
-    data_aware: bool = True  # whiten by the input covariance when calibration data is given
-    min_macs: int = 0  # layers with fewer MACs are left alone
+    rank_ratio: float | None = option(None, "Low-rank factorize Gemm/MatMul/Conv, keeping this fraction of each rank.")
+    energy: float | None = option(None, "Low-rank factorize, keeping this share of the singular values' energy.")
+    mac_budget: float | None = option(None, "Low-rank factorize until this fraction of the MACs is left, ranks "
+                                            "allocated by least loss per MAC saved (overrides the two above).")
+    round_to: int = option(8, "Ranks are multiples of this (ORT's CPU kernels work in blocks).")
+    forms: tuple[ConvForm, ...] = option(CONV_FORMS, "Conv forms to consider.")
+    data_aware: bool = option(True, "Whiten by the input covariance when calibration data is given.")
+    min_macs: int = option(0, "Layers with fewer MACs are left alone.")
     calibration_samples: int = 64
-    max_gram_features: int = 4608  # larger inputs are factorized without data (their Gram would be big)
-    positions_per_sample: int = 1024  # Conv: im2col rows sampled per calibration sample
+    max_gram_features: int = option(4608, "Larger inputs are factorized without data (their Gram would be big).")
+    positions_per_sample: int = option(1024, "Conv: im2col rows sampled per calibration sample.")
     seed: int = 0
-    latency_aware: bool = False  # time each factorized layer against the original; keep only the faster
-    provider: str = "cpu"  # where latency-aware mode times layers: cpu | cuda | tensorrt
-    min_speedup: float = 1.05  # latency-aware: keep a layer only if measured this much faster
-    latency_threads: int | None = None  # intra-op threads when timing (default: physical cores, as bench)
+    latency_aware: bool = option(False, "Factorize only layers measured faster (on `provider`) at the model's shape.")
+    provider: str = option("cpu", "Where latency-aware mode times layers: cpu | cuda | tensorrt.")
+    min_speedup: float = option(1.05, "Latency-aware: keep a layer only if measured this much faster.")
+    latency_threads: int | None = option(None, "Intra-op threads when timing (default: physical cores, as bench).")
 
     def __post_init__(self) -> None:
         if self.rank_ratio is not None and not 0.0 < self.rank_ratio <= 1.0:
