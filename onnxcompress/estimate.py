@@ -33,6 +33,8 @@ MIN_SPLIT_SAMPLES = 20
 CAVEATS = {
     "evaluation data": "",
     "held-out sources": "",
+    "one held-out source": "all from one source, whose views move together: other sources can differ by more "
+                           "than the interval (give more sources, or --eval)",
     "held-out samples": "samples of the fitted sources: other photos or texts may fare worse "
                         "(name each sample's source with __source__, or give --eval)",
     "fitted samples": "the passes fitted these samples: not an estimate for other data",
@@ -74,7 +76,7 @@ def basis_of(held: Calibration, fitted: Calibration | None) -> str:
     if fitted is None:
         return "evaluation data"
     if held.sources is not None and fitted.sources is not None and set(held.sources).isdisjoint(fitted.sources):
-        return "held-out sources"
+        return "held-out sources" if held.source_count >= 2 else "one held-out source"
     return "held-out samples"
 
 
@@ -94,7 +96,8 @@ def estimate_from(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Seque
     # the search's default metric where no tolerance was given (top-1 would read embeddings as classes)
     tolerance = default_tolerance(reference) if tolerance is None else tolerance.resolved(reference)
     value = tolerance.value(fidelity)
-    interval = bootstrap_interval(tolerance, reference, got)
+    rows = sum(len(np.asarray(r[0])) for r in reference)  # samples in the fed batches, in order
+    interval = bootstrap_interval(tolerance, reference, got, sources=None if data.sources is None else data.sources[:rows])
     return Estimate(
         metric=tolerance.metric, value=value, interval=interval,
         pessimistic=value if interval is None else pessimistic(tolerance, interval),

@@ -23,21 +23,34 @@ RESAMPLES = 400
 
 
 def bootstrap_interval(tolerance: Tolerance, reference: Sequence[Sequence[np.ndarray]],
-                       candidate: Sequence[Sequence[np.ndarray]], *, seed: int = 0) -> tuple[float, float] | None:
+                       candidate: Sequence[Sequence[np.ndarray]], *, seed: int = 0,
+                       sources: Sequence[object] | None = None) -> tuple[float, float] | None:
     """(low, high) of `tolerance`'s metric over resampled rows, None where it cannot be resampled
-    (fewer than 2 rows, or a metric the outputs do not have)."""
+    (fewer than 2 rows, or a metric the outputs do not have). With the rows' `sources` (two or
+    more), whole sources are resampled: views of one photo move together, and the spread between
+    photos is what other data will show."""
     per_output = [_sample_sums(tolerance.metric, reference, candidate, k) for k in range(len(reference[0]) if reference else 0)]
     per_output = [s for s in per_output if s is not None]
     if not per_output or per_output[0].shape[1] < 2:
         return None
     n = per_output[0].shape[1]
     rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    weights = _resample_weights(rng, n, None if sources is None else list(sources)[:n])
     values = np.stack([_metric(tolerance.metric, weights @ sums.T) for sums in per_output])  # [outputs, resamples]
     worst = values.min(axis=0) if tolerance.metric == "sqnr" else values.max(axis=0)  # worst output, as compare()
     tail = (1.0 - INTERVAL) / 2
     low, high = np.quantile(worst, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def _resample_weights(rng: np.random.Generator, n: int, sources: list | None) -> np.ndarray:
+    """[RESAMPLES, n] weights: how often each row is drawn, rows one by one or by whole source."""
+    if sources is None or len(sources) != n or len(set(sources)) < 2:
+        return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    names = list(dict.fromkeys(sources))
+    group = np.array([names.index(s) for s in sources])
+    drawn = np.stack([np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names)) for _ in range(RESAMPLES)])
+    return drawn[:, group].astype(np.float64)
 
 
 def pessimistic(tolerance: Tolerance, interval: tuple[float, float]) -> float:

@@ -11,6 +11,7 @@ import pytest
 from onnxcompress import pipeline as pipeline_module
 from onnxcompress.calibration import SAMPLE_SOURCE_KEY, Calibration
 from onnxcompress.estimate import CAVEATS, MIN_SPLIT_SAMPLES, Estimate, accepts
+from onnxcompress.interval import bootstrap_interval
 from onnxcompress.model import load
 from onnxcompress.optimize import OptimizeOptions, optimize
 from onnxcompress.report import Fidelity
@@ -18,7 +19,7 @@ from onnxcompress.tolerance import Tolerance
 from tests.graphs import conv_bn_relu_gemm
 from tests.test_cli import run_cli
 
-SOURCES, PER_SOURCE = 5, 8
+SOURCES, PER_SOURCE = 10, 4
 
 
 def _labelled(model, samples: int = SOURCES * PER_SOURCE) -> Calibration:
@@ -46,12 +47,33 @@ def test_a_recipe_is_estimated_on_sources_its_passes_never_saw(monkeypatch):
     result = optimize(model, calibration=_labelled(model), options=OptimizeOptions(recipe="cpu-int8", bench_runs=0))
     estimate = result.report.estimate
     (fitted,) = seen
-    assert estimate.basis == "held-out sources" and estimate.sources == 1 and estimate.samples == PER_SOURCE
-    assert fitted.num_samples == (SOURCES - 1) * PER_SOURCE and "photo4" not in fitted.sources
-    assert result.report.fidelity.samples == PER_SOURCE  # the reported fidelity is the estimate's
+    held = 2 * PER_SOURCE  # a fifth of 40 samples: the last two sources
+    assert estimate.basis == "held-out sources" and estimate.sources == 2 and estimate.samples == held
+    assert fitted.num_samples == SOURCES * PER_SOURCE - held and not {"photo8", "photo9"} & set(fitted.sources)
+    assert result.report.fidelity.samples == held  # the reported fidelity is the estimate's
     low, high = estimate.interval
     assert low <= estimate.value <= high and estimate.pessimistic == high
-    assert "1 source" in estimate.describe() and CAVEATS["held-out sources"] == ""
+    assert "2 sources" in estimate.describe() and CAVEATS["held-out sources"] == ""
+
+
+def test_one_held_out_source_says_its_interval_understates_other_sources():
+    model = conv_bn_relu_gemm(batch="N")
+    calibration = _labelled(model).take(range(5 * PER_SOURCE))  # five sources: a fifth is one of them
+    result = optimize(model, calibration=calibration, options=OptimizeOptions(recipe="cpu-int8", bench_runs=0))
+    assert result.report.estimate.basis == "one held-out source" and result.report.estimate.sources == 1
+    assert "other sources can differ" in result.report.estimate.describe()
+
+
+def test_with_sources_the_interval_resamples_whole_sources():
+    # 2 sources of 10 samples: one kept exactly, one with a 20% error on every sample
+    reference = [[np.ones((1, 4), np.float32)] for _ in range(20)]
+    candidate = [[np.ones((1, 4), np.float32) * (1.0 if i < 10 else 1.2)] for i in range(20)]
+    tolerance = Tolerance("mse", 0.5)
+    by_row = bootstrap_interval(tolerance, reference, candidate)
+    by_source = bootstrap_interval(tolerance, reference, candidate, sources=["a"] * 10 + ["b"] * 10)
+    # drawing sources can give "a, a" (no error) or "b, b" (all error); rows almost never do
+    assert by_source[0] < by_row[0] and by_source[1] > by_row[1]
+    assert by_source == pytest.approx((0.0, 0.04), abs=1e-6)  # mse of "a, a" and of "b, b" (0.2 squared)
 
 
 def test_unlabelled_samples_say_other_sources_may_fare_worse():
@@ -94,6 +116,6 @@ def test_the_json_report_carries_the_estimate_and_the_verdict_its_interval(capsy
     assert code == 0, err
     data = json.loads(stdout)
     estimate = data["estimate"]
-    assert estimate["basis"] == "held-out sources" and estimate["samples"] == PER_SOURCE
+    assert estimate["basis"] == "held-out sources" and estimate["samples"] == 2 * PER_SOURCE
     assert data["tolerance"]["pessimistic"] == pytest.approx(estimate["pessimistic"])
     assert data["tolerance"]["interval"] == estimate["interval"]
