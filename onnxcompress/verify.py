@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from . import runtime
 from .errors import ProviderUnavailableError, UnsupportedModelError, VerificationError
-from .model import graph_inputs, input_dtype, needs_file, release, temporary_path
+from .model import graph_inputs, input_dtype, needs_file, release, temporary_path, weight_bytes
 from .report import Fidelity
 
 Feeds = Mapping[str, np.ndarray]
@@ -175,7 +175,7 @@ def float_noise(model: ir.Model, feeds: Sequence[Feeds], reference: Sequence[Seq
                 and not _sets_a_shape(value):
             value.const_value = _nudged(value.const_value, (seed, index))
     runs = [(model if path is None else path, runtime.session_options(spinning=False, optimize=False)), (nudged, None)]
-    on_disk = needs_file(model)
+    on_disk = through_file(model)
     noise = [0.0] * (len(reference[0]) if reference else 0)
     for variant, options in runs:
         try:
@@ -208,9 +208,20 @@ def _nudged(tensor: ir.TensorProtocol, seed: tuple[int, int]) -> ir.LazyTensor:
     return ir.LazyTensor(nudge, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
 
 
+#: Above this many bytes of weights, a model in memory reaches ORT through a temporary file with
+#: external data: serialized, its weights would be in memory three times more (the protobuf, its
+#: bytes, ORT's parsed copy) beside ORT's prepacked ones, where ORT reads a file's as it goes.
+FILE_SESSION_BYTES = 64 * 2**20
+
+
+def through_file(model: ir.Model) -> bool:
+    """Whether verification's sessions on `model` go through a file (see FILE_SESSION_BYTES)."""
+    return needs_file(model) or weight_bytes(model) > FILE_SESSION_BYTES
+
+
 def _session(model: ir.Model | str | Path, options, on_disk: bool):
     """A session on `model`, through a file with external data when `on_disk` (a model read from
-    one: serialized bytes would hold all its weights in memory, twice)."""
+    one, or a large one: serialized bytes would hold all its weights in memory, twice)."""
     if not on_disk or isinstance(model, (str, Path)):
         return runtime.session(model, options=options)
     with temporary_path(model, external_data=True) as path:
@@ -248,7 +259,7 @@ def reference_outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], sour
     input is the problem, not a pass: UnsupportedModelError (exit 2) with ORT's reason and the
     shapes fed, e.g. calibration data in NHWC layout for an NCHW model."""
     try:
-        sess = runtime.session(model)
+        sess = _session(model, None, not isinstance(model, (str, Path)) and through_file(model))
     except ProviderUnavailableError:
         raise
     except Exception as exc:

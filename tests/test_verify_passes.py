@@ -78,12 +78,9 @@ def test_a_pass_that_reports_no_change_is_not_verified_again(verified):
     assert marks == [starts[0] + 1, starts[2] + 1]  # right under each unchanged pass, and only there
 
 
-def test_a_model_on_disk_is_run_from_its_file_while_unchanged(tmp_path, monkeypatch):
-    """Sessions on the unchanged input (the reference, the float noise without graph optimizations)
-    read the input's own file; temporary models are written only for what differs from it: the
-    model with nudged weights (float noise) and the model the exact pass changed."""
-    path = oc.save(M.load(conv_bn_relu_gemm()), tmp_path / "model.onnx", external_data=True)
-    assert M.external_tensors(M.load(path))  # the weights really are outside the model file
+@pytest.fixture
+def opened(monkeypatch) -> tuple[list, list]:
+    """The targets of every model.save, and the source of every ORT session (a path or "bytes")."""
     saved, sessions = [], []
     real_save, real_session = M.save, ort.InferenceSession
 
@@ -97,9 +94,34 @@ def test_a_model_on_disk_is_run_from_its_file_while_unchanged(tmp_path, monkeypa
 
     monkeypatch.setattr(M, "save", counting_save)
     monkeypatch.setattr(ort, "InferenceSession", counting_session)
+    return saved, sessions
+
+
+def test_a_model_on_disk_is_run_from_its_file_while_unchanged(tmp_path, opened):
+    """Sessions on the unchanged input (the reference, the float noise without graph optimizations)
+    read the input's own file; temporary models are written only for what differs from it: the
+    model with nudged weights (float noise) and the model the exact pass changed."""
+    path = oc.save(M.load(conv_bn_relu_gemm()), tmp_path / "model.onnx", external_data=True)
+    assert M.external_tensors(M.load(path))  # the weights really are outside the model file
+    saved, sessions = opened
     report = Pipeline([_Untouched(), FoldBatchNorm(), _Untouched()]).run(path).report
     assert [p.modified for p in report.passes] == [False, True, False]
     assert sessions.count(str(path)) == 2  # the reference and the unoptimized float-noise run
     assert "bytes" not in sessions  # a model with external data never goes to ORT serialized
     assert len(saved) == 2 and str(path) not in map(str, saved)  # nudged weights, folded model
     assert len(sessions) == 4  # and one session on each of those two files
+
+
+def test_a_large_model_in_memory_reaches_ort_through_a_file(opened, monkeypatch):
+    """Serialized, its weights would be in memory three more times: above FILE_SESSION_BYTES (here
+    lowered to 0) every verification session reads a temporary file with external data."""
+    saved, sessions = opened
+    small = Pipeline([FoldBatchNorm()]).run(conv_bn_relu_gemm()).report
+    assert "bytes" in sessions  # the small test model itself goes as bytes by default
+    saved.clear()
+    sessions.clear()
+    monkeypatch.setattr(verify, "FILE_SESSION_BYTES", 0)
+    large = Pipeline([FoldBatchNorm()]).run(conv_bn_relu_gemm()).report
+    assert "bytes" not in sessions and len(sessions) == 4  # reference, 2 float-noise runs, the folded model
+    assert len(saved) == 4  # each through its own temporary file
+    assert large.fidelity == small.fidelity  # the same outputs, bit for bit
