@@ -26,7 +26,7 @@ from .calibration import Calibration, batch_size_for
 from .errors import RecipeError
 from .model import ModelLike, load, resolve_input_shapes
 from .report import Fidelity, ModelStats, PassRecord, RunReport
-from .verify import VerifyOptions, float_noise, random_feeds, reference_outputs, verify_model
+from .verify import PassVerifier, VerifyOptions, random_feeds, reference_outputs
 
 A = TypeVar("A")
 Analysis = Callable[[ir.Model, "PassContext"], Any]
@@ -152,11 +152,12 @@ class Pipeline:
         before = before_cost.stats
 
         feeds, feed_source = self._verification_feeds(original, ctx)
-        # From the input's own file where there is one: a model loaded from a path is not copied to run it.
-        runnable = model if isinstance(model, (str, Path)) else original
-        reference = reference_outputs(runnable, feeds, feed_source) if self.verify.enabled else []
-        # An exact pass is held to the outputs of the model it starts from (after a lossy pass, not the input's)
-        expected, noise, noise_of_before = reference, None, False
+        verifier = None
+        if self.verify.enabled:
+            # From the input's own file where there is one: a model loaded from a path is not copied to run it.
+            path = Path(model) if isinstance(model, (str, Path)) else None
+            reference = reference_outputs(original if path is None else path, feeds, feed_source)
+            verifier = PassVerifier(self.verify, feeds, feed_source, reference, original, path)
 
         current = load(original)  # passes work on a copy; the original stays the reference
         notes = list(before_cost.notes)  # how If/Loop/Scan bodies were counted, where it is an estimate
@@ -169,25 +170,21 @@ class Pipeline:
             if on_pass:
                 on_pass(p.name)
             stats_before = ctx.get(cost_analysis).stats
-            if self.verify.enabled and p.exact and not noise_of_before:
-                noise, noise_of_before = float_noise(current, feeds, expected, f"the model before pass '{p.name}'"), True
+            if verifier:
+                verifier.before(p.name, p.exact, current)
             start = time.perf_counter()
             result = p.run(current, ctx)
             seconds = time.perf_counter() - start
             current = result.model
             ctx.model = current
             ctx.invalidate(result.preserved if result.modified else frozenset(ctx._cache))
-            if self.verify.enabled:
-                fidelity, got = verify_model(
-                    current, f"pass '{p.name}'", feeds, reference, feed_source, self.verify, exact=p.exact,
-                    noise=noise, before=expected,
-                )
-                if not p.exact:  # a new model state: later exact passes are held to it, with its own noise
-                    expected, noise_of_before = got, False
+            unverified = None
+            if verifier:
+                fidelity, unverified = verifier.after(p.name, p.exact, result.modified, current)
             records.append(
                 dataclasses.replace(
                     result.record, seconds=seconds, before=stats_before, after=ctx.get(cost_analysis).stats,
-                    fidelity=fidelity if self.verify.enabled else None,
+                    fidelity=fidelity, verification_skipped=unverified,
                 )
             )
         after: ModelStats = ctx.get(cost_analysis).stats

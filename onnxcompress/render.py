@@ -132,6 +132,8 @@ def render_run(console: Console, report: RunReport) -> None:
     for p in report.passes:
         mark = "[green]changed[/green]" if p.modified else "[dim]no change[/dim]"
         console.print(f"  {p.name}: {mark} in {p.seconds:.2f}s; {len(p.changes)} changes, {len(p.skipped)} skipped")
+        if p.verification_skipped:
+            console.print("    [dim]not verified again: the model is unchanged[/dim]")
         recovery = p.details.get("recovery") if isinstance(p.details, Mapping) else None
         if recovery and isinstance(recovery.get("fidelity"), Mapping):
             steps = [(label, recovery["fidelity"].get(key)) for key, label in

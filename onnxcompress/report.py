@@ -57,6 +57,7 @@ class PassRecord:
     skipped: tuple[str, ...] = ()  # "Conv_12: weight is not a constant"
     details: Mapping[str, Any] = field(default_factory=dict)
     fidelity: Fidelity | None = None  # against the original model, after this pass
+    verification_skipped: str | None = None  # why the model was not verified again after this pass
 
 
 @dataclass(frozen=True)

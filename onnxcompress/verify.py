@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from . import runtime
 from .errors import ProviderUnavailableError, UnsupportedModelError, VerificationError
-from .model import graph_inputs, input_dtype, needs_file, release, temporary_path
+from .model import graph_inputs, input_dtype, needs_file, release, temporary_path, weight_bytes
 from .report import Fidelity
 
 Feeds = Mapping[str, np.ndarray]
@@ -163,18 +163,19 @@ WEIGHT_ULP = 2.0**-23
 
 
 def float_noise(model: ir.Model, feeds: Sequence[Feeds], reference: Sequence[Sequence[np.ndarray]],
-                where: str, seed: int = 0) -> list[float]:
+                where: str, seed: int = 0, path: str | Path | None = None) -> list[float]:
     """Per output, the largest |difference| from `reference` (ORT, graph optimizations on) of two
     equally valid float32 evaluations of the same model: graph optimizations off (ORT's own fusions
     reassociate), and every float weight moved by one rounding step (what an exact rewrite of the
-    weights moves them by)."""
+    weights moves them by). `path`: the model's own file, when `model` is what it holds unchanged
+    (the first session reads it instead of a temporary copy)."""
     nudged = model.clone()  # shares the weights; the nudged ones replace them in the clone only
     for index, value in enumerate(nudged.graph.initializers.values()):
         if value.const_value is not None and value.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE) \
                 and not _sets_a_shape(value):
             value.const_value = _nudged(value.const_value, (seed, index))
-    runs = [(model, runtime.session_options(spinning=False, optimize=False)), (nudged, None)]
-    on_disk = needs_file(model)
+    runs = [(model if path is None else path, runtime.session_options(spinning=False, optimize=False)), (nudged, None)]
+    on_disk = through_file(model)
     noise = [0.0] * (len(reference[0]) if reference else 0)
     for variant, options in runs:
         try:
@@ -207,10 +208,21 @@ def _nudged(tensor: ir.TensorProtocol, seed: tuple[int, int]) -> ir.LazyTensor:
     return ir.LazyTensor(nudge, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
 
 
-def _session(model: ir.Model, options, on_disk: bool):
+#: Above this many bytes of weights, a model in memory reaches ORT through a temporary file with
+#: external data: serialized, its weights are copied into a protobuf, its bytes and ORT's parsed
+#: model (2x the weights more at the peak on a 384 MiB MLP), where ORT maps a file's weights.
+FILE_SESSION_BYTES = 64 * 2**20
+
+
+def through_file(model: ir.Model) -> bool:
+    """Whether verification's sessions on `model` go through a file (see FILE_SESSION_BYTES)."""
+    return needs_file(model) or weight_bytes(model) > FILE_SESSION_BYTES
+
+
+def _session(model: ir.Model | str | Path, options, on_disk: bool):
     """A session on `model`, through a file with external data when `on_disk` (a model read from
-    one: serialized bytes would hold all its weights in memory, twice)."""
-    if not on_disk:
+    one, or a large one: serialized bytes would hold all its weights in memory, twice)."""
+    if not on_disk or isinstance(model, (str, Path)):
         return runtime.session(model, options=options)
     with temporary_path(model, external_data=True) as path:
         return runtime.session(path, options=options)
@@ -247,7 +259,7 @@ def reference_outputs(model: ir.Model | str | Path, feeds: Sequence[Feeds], sour
     input is the problem, not a pass: UnsupportedModelError (exit 2) with ORT's reason and the
     shapes fed, e.g. calibration data in NHWC layout for an NCHW model."""
     try:
-        sess = runtime.session(model)
+        sess = _session(model, None, not isinstance(model, (str, Path)) and through_file(model))
     except ProviderUnavailableError:
         raise
     except Exception as exc:
@@ -294,3 +306,53 @@ def verify_model(
     if exact and (problem := exactness_error(reference if before is None else before, got, noise, options.rtol)):
         raise VerificationError(f"{where}: {problem}")
     return fidelity, got
+
+
+#: Why a pass that reported no change is not verified again (its PassRecord.verification_skipped).
+UNCHANGED = "the pass reported no change: the model is the one already verified"
+
+
+@dataclass
+class PassVerifier:
+    """Verification after each pass of a pipeline, and what it carries from one pass to the next.
+
+    A pass that reports no change is not verified again: its model is the one verified before it.
+    The float noise an exact pass is judged with is that of the state it starts from; while no pass
+    has changed the model that state is the input, which stays untouched (and on disk, when it was
+    read from a file), so its noise is measured only once an exact pass does change something."""
+
+    options: VerifyOptions
+    feeds: list[dict[str, np.ndarray]]
+    source: str  # what the feeds are
+    reference: list[list[np.ndarray]]  # the input's outputs
+    input: ir.Model  # the pipeline's input, untouched
+    input_path: Path | None = None  # the file `input` was read from, unchanged
+    expected: list[list[np.ndarray]] = field(default_factory=list)  # what exact passes are held to
+    noise: list[float] | None = None  # the float noise of the state `expected` came from
+    fidelity: Fidelity | None = None  # the current model's, against the input
+    changed: bool = False  # some pass has changed the model
+
+    def __post_init__(self) -> None:
+        self.expected = self.expected or self.reference
+        # The input against itself, for the passes before the first change (what verifying it gives).
+        self.fidelity = self.fidelity or compare(self.reference, self.reference, self.source)
+
+    def before(self, name: str, exact: bool, model: ir.Model) -> None:
+        """Before pass `name` runs on `model`: the noise of a state a lossy pass left, which the
+        pass may change in place, is measured now."""
+        if exact and self.noise is None and self.changed:
+            self.noise = float_noise(model, self.feeds, self.expected, f"the model before pass '{name}'")
+
+    def after(self, name: str, exact: bool, modified: bool, model: ir.Model) -> tuple[Fidelity, str | None]:
+        """The fidelity of `model` after pass `name`, and why it was not verified again (or None)."""
+        if not modified:
+            return self.fidelity, UNCHANGED
+        if exact and self.noise is None:  # the state before the pass is the input's
+            self.noise = float_noise(self.input, self.feeds, self.expected, f"the model before pass '{name}'",
+                                     path=self.input_path)
+        self.fidelity, got = verify_model(model, f"pass '{name}'", self.feeds, self.reference, self.source,
+                                          self.options, exact=exact, noise=self.noise, before=self.expected)
+        if not exact:  # a new model state: later exact passes are held to it, with its own noise
+            self.expected, self.noise = got, None
+        self.changed = True
+        return self.fidelity, None

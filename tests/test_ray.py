@@ -1,11 +1,15 @@
 """Ray as the engine (the `ray` extra), on a local Ray of 4 CPUs started once for the module:
-calibration statistics on Ray Data shards give bit-identical int8 models, a killed worker is retried
-with the same result, and optimize-many on Ray writes the same files as a serial run."""
+calibration statistics on Ray Data shards give bit-identical int8 models, a model with external data
+goes to the workers by path with the same statistics, a reducer that cannot merge runs in-process, a
+killed worker is retried with the same result, and optimize-many on Ray writes the same files as a
+serial run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,11 @@ from onnxcompress.analysis.histograms import Histograms, collect_histograms  # n
 from onnxcompress.analysis.streaming import reduce_values  # noqa: E402
 from onnxcompress.calibration import Calibration  # noqa: E402
 from onnxcompress.cli import main  # noqa: E402
+from onnxcompress import distributed  # noqa: E402
 from onnxcompress.distributed import RayEngine, RayUnavailableError, connect  # noqa: E402
 from onnxcompress.errors import ExitCode  # noqa: E402
 from onnxcompress.fleet import Job, JobResult, plan_jobs, run_job, run_ray, settings_from  # noqa: E402
-from onnxcompress.model import load, to_proto  # noqa: E402
+from onnxcompress.model import external_tensors, load, save, to_proto  # noqa: E402
 from onnxcompress.passes.quantize import QuantizeQDQ  # noqa: E402
 from onnxcompress.pipeline import Pipeline  # noqa: E402
 from tests.graphs import conv_bn_relu_gemm  # noqa: E402
@@ -120,6 +125,83 @@ def test_ray_channel_sums_are_bit_identical(local_ray):
         for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):
             assert np.array_equal(getattr(stats, part), getattr(there.values[name], part)), (name, part)
         assert stats.count == there.values[name].count
+
+
+@dataclass(frozen=True)
+class ShippingEngine(RayEngine):
+    """A RayEngine that records how each model went to the workers: "bytes" or "path"."""
+
+    shipped: list = field(default_factory=list, compare=False)
+
+    @contextlib.contextmanager
+    def _shipped(self, model):
+        with super()._shipped(model) as sent:
+            self.shipped.append("path" if sent["path"] else "bytes")
+            yield sent
+
+
+def _assert_same_histograms(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, hist in expected.items():
+        assert (got[name].count, got[name].minimum, got[name].maximum, got[name].width_exp, got[name].start) == \
+            (hist.count, hist.minimum, hist.maximum, hist.width_exp, hist.start), name
+        assert np.array_equal(got[name].counts, hist.counts), name
+
+
+def test_a_model_with_external_data_goes_to_the_workers_by_path(local_ray, tmp_path):
+    model, calibration = _setup()
+    on_disk = load(save(model, tmp_path / "model.onnx", external_data=True))
+    assert external_tensors(on_disk)  # its weights are in model.onnx.data, not in the graph
+    names = [v.name for node in model.graph for v in node.outputs]
+    expected, samples = collect_histograms(model, names, calibration)
+    engine = ShippingEngine(workers=WORKERS)
+    got, got_samples = collect_histograms(on_disk, names, dataclasses.replace(calibration, engine=engine))
+    assert engine.shipped == ["path"] and got_samples == samples == SAMPLES
+    _assert_same_histograms(got, expected)
+    # The same model in memory goes as bytes, unless it is over protobuf's limit (here: made tiny).
+    engine.shipped.clear()
+    collect_histograms(model, names, dataclasses.replace(calibration, engine=engine))
+    assert engine.shipped == ["bytes"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "MAX_MODEL_BYTES", 1024)
+        got, _ = collect_histograms(model, names, dataclasses.replace(calibration, engine=engine))
+    assert engine.shipped == ["bytes", "path"]
+    _assert_same_histograms(got, expected)
+
+
+def test_a_cluster_without_a_shared_folder_refuses_a_model_that_must_go_by_path(local_ray, tmp_path):
+    model, calibration = _setup()
+    on_disk = load(save(model, tmp_path / "model.onnx", external_data=True))
+    names = [v.name for node in model.graph for v in node.outputs]
+    remote = RayEngine(address="10.0.0.1:6379", workers=WORKERS)  # Ray is already up: only the shipping decides
+    with pytest.raises(RayUnavailableError, match=r"^the model has external data .* give RayEngine a shared_dir, "
+                                                  r"or calibrate without --ray$"):
+        collect_histograms(on_disk, names, dataclasses.replace(calibration, engine=remote))
+    shared = ShippingEngine(address="10.0.0.1:6379", workers=WORKERS, shared_dir=str(tmp_path))
+    got, _ = collect_histograms(on_disk, names, dataclasses.replace(calibration, engine=shared))
+    assert shared.shipped == ["path"] and not list(tmp_path.glob("onnxcompress-ray-*"))  # saved there, then removed
+    _assert_same_histograms(got, collect_histograms(model, names, calibration)[0])
+
+
+@dataclass
+class SampleCount:
+    """A reducer without merge or fresh: it cannot be cut into shards."""
+
+    samples: int = 0
+
+    def add(self, count, values) -> None:
+        self.samples += count
+
+
+def test_a_reducer_that_cannot_merge_runs_in_process_and_says_why(local_ray, caplog):
+    model, calibration = _setup()
+    names = [v.name for node in model.graph for v in node.outputs]
+    engine = ShippingEngine(workers=WORKERS)
+    with caplog.at_level(logging.WARNING, logger="onnxcompress.distributed"):
+        counted = reduce_values(model, names, dataclasses.replace(calibration, engine=engine), SampleCount())
+    assert counted.samples == SAMPLES and engine.shipped == []  # every sample, and no Ray job
+    assert [r.getMessage() for r in caplog.records] == [
+        "SampleCount is reduced in this process, not on Ray: it has no merge or fresh, so shard results could not be merged"]
 
 
 def test_a_killed_worker_is_retried_and_the_statistics_are_unchanged(local_ray, tmp_path):

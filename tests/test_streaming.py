@@ -145,3 +145,26 @@ def test_histograms_of_token_activations_leave_padding_out():
         np.testing.assert_array_equal(hists[0][name].counts, hists[1][name].counts)
     assert hists[0]["x"].maximum == float(x[:, :5].max())
     assert "attention_mask" not in hists[0]
+
+
+def test_a_file_that_outputs_every_fetched_value_is_run_as_it_is(tmp_path, monkeypatch):
+    """How Ray workers get a model with external data: the fetching model saved once, each worker's
+    session on that file (no temporary copy of it) giving the values of the in-memory one."""
+    from onnxcompress import model as M
+    from onnxcompress.analysis.streaming import Fetcher
+
+    model, calibration, names = _setup()
+    here = Fetcher(model, names)
+    path = M.save(here.model, tmp_path / "fetching.onnx", external_data=True)
+    assert M.external_tensors(M.load(model)) == [] and (tmp_path / "fetching.onnx.data").stat().st_size > 1000
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the file was copied")
+
+    monkeypatch.setattr(M, "save", no_copy)
+    there = Fetcher(path, names)
+    feeds = next(calibration.batches(1))
+    assert there.fetched == here.fetched and len(here.fetched) == len(names)
+    for got, expected in zip(there.parts(feeds, [there.fetched]), here.parts(feeds, [here.fetched])):
+        assert got[0] == expected[0] and got[1].keys() == expected[1].keys()
+        assert all(np.array_equal(got[1][n], expected[1][n]) for n in expected[1])

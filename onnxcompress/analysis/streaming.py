@@ -13,6 +13,7 @@ same batches whose results are merged in sample order: the same statistics, bit 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -44,20 +45,25 @@ class RunPlan:
 class Fetcher:
     """One ORT session of `model` with the wanted values added as outputs (CPU arena off)."""
 
-    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None = None) -> None:
-        probe = load(model)
+    def __init__(self, model: ir.Model | str | os.PathLike, names: Sequence[str], threads: int | None = None) -> None:
+        # A path is a model written for a statistics run (distributed.RayEngine): the outputs it added may
+        # have no type, which load's checks refuse and ORT accepts.
+        probe = ir.load(os.path.abspath(model)) if isinstance(model, (str, os.PathLike)) else load(model)
         inputs = {v.name for v in probe.graph.inputs}
         produced = {v.name: v for n in probe.graph for v in n.outputs}
         outputs = {v.name for v in probe.graph.outputs}
-        self.fixed = batch_size_for(model, 0)  # an input that fixes its batch dimension leaves no choice
+        self.fixed = batch_size_for(probe, 0)  # an input that fixes its batch dimension leaves no choice
         self.fetched = list(dict.fromkeys(n for n in names if n in produced))
         self.fed = [n for n in dict.fromkeys(names) if n in inputs and n not in produced]
-        for name in self.fetched:
-            if name not in outputs:
-                probe.graph.outputs.append(produced[name])
+        added = [name for name in self.fetched if name not in outputs]
+        for name in added:
+            probe.graph.outputs.append(produced[name])
+        self.model = probe  # what the session runs: `model` with the fetched values as outputs
         options = runtime.session_options(spinning=False, threads=threads)
         options.enable_cpu_mem_arena = False  # an arena keeps the largest run's memory for the whole pass
-        self.session = runtime.session(probe, options=options) if self.fetched else None
+        # A file that already outputs every fetched value is run as it is, not through a temporary copy.
+        run = model if isinstance(model, (str, os.PathLike)) and not added else probe
+        self.session = runtime.session(run, options=options) if self.fetched else None
         self.sizes: dict[str, int] = {}
 
     def parts(self, feeds: Values, groups: Sequence[Sequence[str]]) -> Iterator[tuple[int, Values]]:
