@@ -19,6 +19,7 @@ SECTIONS = [
     ("pipeline_resnet50_cuda", "python benchmarks/pipeline_resnet50.py --ep cuda"),
     ("search_digits", "python benchmarks/search_digits.py"),
     ("prune_resnet50", "python benchmarks/prune_resnet50.py"),
+    ("prune_target_macs", "python benchmarks/prune_target_macs.py"),
     ("prune_digits", "python benchmarks/prune_digits.py"),
     ("factorize", "python benchmarks/factorize.py"),
     ("quantize_vs_ort", "python benchmarks/quantize_vs_ort.py"),

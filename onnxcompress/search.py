@@ -131,224 +131,296 @@ def search(
     `evaluate(original)` when a user metric is given), measured on held-out calibration samples, or
     on `validation` (the user's own evaluation data: then every calibration sample is for fitting).
     `on_point(point, model)` sees every measured candidate."""
-    options = options or SearchOptions()
-    original = load(model)
-    shapes = resolve_input_shapes(original, input_shapes)
+    run = _Search(model, calibration, options or SearchOptions(), evaluate, input_shapes, on_step, on_point, validation)
+    first = run.settle_closing_passes()
+    if first.accepted and not run.reached(first):
+        rejected = run.step_down()
+        run.refine(rejected)
+    recovery = run.recover() if run.options.recover else None
+    return run.result(recovery)
+
+
+def _judging_data(original: ir.Model, calibration, validation, holdout: float) -> tuple[Calibration, Calibration, Calibration, str]:
+    """(all calibration data, the samples passes fit to, the samples candidates are judged on, a note
+    saying which those are)."""
     if not isinstance(calibration, Calibration):
         calibration = Calibration.from_arrays(original, calibration)
     if validation is not None and not isinstance(validation, Calibration):
         validation = Calibration.from_arrays(original, validation, source="evaluation data")
     if validation is None:
-        fit, held = calibration.split(options.holdout)
-        notes = [f"candidates measured on {held.num_samples} held-out calibration samples that no pass fitted to"
-                 + _source_note(calibration, held)]
-    else:  # held-out crops of the calibration sources overstate fidelity on other data: the user's own set judges
-        fit, held = calibration, validation
-        notes = [f"candidates measured on {held.num_samples} samples of the evaluation data ({held.source}); "
-                 f"all {fit.num_samples} calibration samples were for fitting"]
-    judge = _Judge(original, held, options.tolerance, evaluate)
-    step = on_step or (lambda _: None)
-    if options.tolerance.metric == "top1" and evaluate is None:
+        fit, held = calibration.split(holdout)
+        return calibration, fit, held, (f"candidates measured on {held.num_samples} held-out calibration samples that "
+                                        "no pass fitted to" + _source_note(calibration, held))
+    # held-out crops of the calibration sources overstate fidelity on other data: the user's own set judges
+    return calibration, calibration, validation, (
+        f"candidates measured on {validation.num_samples} samples of the evaluation data ({validation.source}); "
+        f"all {calibration.num_samples} calibration samples were for fitting")
+
+
+def _data_notes(calibration: Calibration, held: Calibration, tolerance: Tolerance, evaluate: Evaluate | None) -> list[str]:
+    """Caveats about the judging data: a top-1 drop coarser than the bound, random calibration data."""
+    notes = []
+    if tolerance.metric == "top1" and evaluate is None:
         step_size = 1 / held.num_samples
         notes.append(f"top-1 drop on {held.num_samples} judging samples moves in steps of {step_size:.3g}"
-                     + (f", coarser than the bound {options.tolerance.bound:g}: only candidates that change no held-out "
+                     + (f", coarser than the bound {tolerance.bound:g}: only candidates that change no held-out "
                         "prediction pass, and accuracy on new data can still drop; give more calibration data, or "
-                        "use cosine" if step_size > options.tolerance.bound else ""))
+                        "use cosine" if step_size > tolerance.bound else ""))
     if calibration.is_random:
         notes.append("calibration data is random: the fidelity says nothing about real inputs")
+    return notes
 
-    step("cleanup")
-    checks = VerifyOptions(enabled=options.verify)
-    cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=checks).run(original, calibration=fit, input_shapes=shapes)
-    base_macs = max(cleaned.report.after.macs, 1)
-    original_stats = cleaned.report.before
-    finish = [dict(spec) for spec in options.finish]
 
-    def finished(float_model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
-        if not finish:
+def _pass_names(specs: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(str(s.get("type")) for s in specs)
+
+
+class _Search:
+    """One search: the cleaned model, the judge, every measured candidate, and the accepted frontier
+    (the last accepted float model, its level and the pass records that made it)."""
+
+    def __init__(self, model: ModelLike, calibration, options: SearchOptions, evaluate: Evaluate | None,
+                 input_shapes, on_step, on_point, validation) -> None:
+        self.options, self.evaluate, self.on_point = options, evaluate, on_point
+        self.input_name = str(model) if isinstance(model, str) else type(model).__name__
+        self.original = load(model)
+        self.shapes = resolve_input_shapes(self.original, input_shapes)
+        calibration, self.fit, self.held, judged_on = _judging_data(self.original, calibration, validation, options.holdout)
+        self.judge = _Judge(self.original, self.held, options.tolerance, evaluate)
+        self.step = on_step or (lambda _: None)
+        self.notes = [judged_on, *_data_notes(calibration, self.held, options.tolerance, evaluate)]
+
+        self.step("cleanup")
+        self.checks = VerifyOptions(enabled=options.verify)
+        self.cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=self.checks).run(
+            self.original, calibration=self.fit, input_shapes=self.shapes)
+        self.base_macs = max(self.cleaned.report.after.macs, 1)
+        self.original_stats = self.cleaned.report.before
+        self.finish = [dict(spec) for spec in options.finish]  # the closing passes as currently decided
+        self.closing: dict[str, Any] = {}
+
+        self.points: list[SearchPoint] = []
+        self.models: list[tuple[ir.Model, list[PassRecord], ModelStats]] = []  # per point: final model, its records, stats
+        self.floats: list[tuple[ir.Model, list[PassRecord]]] = []  # per point: the float model before the closing passes, its chain
+        self.accepted_float, self.accepted_level, self.accepted_chain = self.cleaned.model, 1.0, []
+
+    # ------------------------------------------------------------------ measuring candidates
+
+    def finished(self, float_model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
+        if not self.finish:
             return float_model, []
-        run = Pipeline([build_pass(spec) for spec in finish], verify=checks).run(
-            float_model, calibration=fit, input_shapes=shapes, on_pass=lambda name: step(f"{name} on the candidate"))
+        run = Pipeline([build_pass(spec) for spec in self.finish], verify=self.checks).run(
+            float_model, calibration=self.fit, input_shapes=self.shapes,
+            on_pass=lambda name: self.step(f"{name} on the candidate"))
         return run.model, list(run.report.passes)
 
-    def timed(baseline: ir.Model, candidate: ir.Model) -> float:
-        return _speedup(baseline, candidate, options.timing_shapes or shapes, options.bench_runs, options.threads)
+    def timed(self, baseline: ir.Model, candidate: ir.Model) -> float:
+        o = self.options
+        return _speedup(baseline, candidate, o.timing_shapes or self.shapes, o.bench_runs, o.threads)
 
-    points: list[SearchPoint] = []
-    models: list[tuple[ir.Model, list[PassRecord], ModelStats]] = []  # per point: final model, its records, stats
-    floats: list[tuple[ir.Model, list[PassRecord]]] = []  # per point: the float model before the closing passes, its chain
-
-    def measure(float_model: ir.Model, level: float, chain: list[PassRecord], note: str = "") -> SearchPoint:
-        final, records = finished(float_model)
-        records = [*cleaned.report.passes, *chain, *records]
-        stats = records[-1].after if records else cleaned.report.after  # every pass record has the stats after it
-        fidelity, value, accepted, interval = judge(final)
+    def measure(self, float_model: ir.Model, level: float, chain: list[PassRecord], note: str = "") -> SearchPoint:
+        final, records = self.finished(float_model)
+        records = [*self.cleaned.report.passes, *chain, *records]
+        stats = records[-1].after if records else self.cleaned.report.after  # every pass record has the stats after it
+        fidelity, value, accepted, interval = self.judge(final)
         point = SearchPoint(
-            level=level, macs_ratio=stats.macs / max(original_stats.macs, 1),
-            params_ratio=stats.params / max(original_stats.params, 1), value=value, accepted=accepted,
+            level=level, macs_ratio=stats.macs / max(self.original_stats.macs, 1),
+            params_ratio=stats.params / max(self.original_stats.params, 1), value=value, accepted=accepted,
             fidelity=fidelity, note=note, interval=interval,
         )
-        if accepted and options.target_speedup is not None:
-            point = dataclasses.replace(point, speedup=timed(original, final))
-        points.append(point)
-        models.append((final, records, stats))
-        floats.append((float_model, chain))
-        shown = f"metric value {value:.4g}" if evaluate is not None else options.tolerance.format_value(fidelity)
-        step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} ({shown})")
-        if on_point:  # e.g. a benchmark scoring every candidate on labelled data
-            on_point(point, final)
+        if accepted and self.options.target_speedup is not None:
+            point = dataclasses.replace(point, speedup=self.timed(self.original, final))
+        self.points.append(point)
+        self.models.append((final, records, stats))
+        self.floats.append((float_model, chain))
+        shown = f"metric value {value:.4g}" if self.evaluate is not None else self.options.tolerance.format_value(fidelity)
+        self.step(f"level {level:.3f}: {'accepted' if accepted else 'rejected'} ({shown})")
+        if self.on_point:  # e.g. a benchmark scoring every candidate on labelled data
+            self.on_point(point, final)
         return point
 
-    # Level 1: no pruning. If the finishing passes alone break the tolerance, soften them, then drop them.
-    first = measure(cleaned.model, 1.0, [])
-    closing = {"passes": [str(s.get("type")) for s in finish], "outcome": "kept" if finish else "none",
-               "value": first.value if finish else None, "speedup_over_float": None}
-    if not first.accepted and finish:
-        softened = _with_fallback(finish, options.tolerance) if evaluate is None else None
-        if softened is not None:
-            finish = softened
-            first = measure(cleaned.model, 1.0, [], note="int8 keeps its most sensitive layers in float")
-            closing["outcome"], closing["softened_value"] = "softened", first.value
-        if not first.accepted:
-            closing["outcome"] = "dropped: outside the tolerance"
-            finish = []
-            first = measure(cleaned.model, 1.0, [], note="closing passes dropped: they alone exceed the tolerance")
-            notes.append("the closing passes (" + ", ".join(str(s.get("type")) for s in options.finish)
-                         + ") alone exceed the tolerance and were dropped")
-    if first.accepted and finish and options.finish_must_be_faster:
-        # int8 pays only where ORT's int8 kernels beat float at this shape (small MatMuls at batch 1 may not).
-        final, _, _ = models[-1]
-        gain = timed(cleaned.model, final)
-        closing["speedup_over_float"] = gain
-        for_size = sorted({str(s.get("type")) for s in finish} & SIZE_PASSES)
-        if gain is not None and gain < 1.0 and for_size:  # their purpose is a smaller model, not a faster one
-            closing["outcome"] = "kept: measured slower than float, but it is there for size"
-            notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
-                         f"slower than float on ORT CPU at this shape; kept: {', '.join(for_size)} is there for size")
-        elif gain is not None and gain < 1.0:
-            closing["outcome"] = "dropped: measured slower than float"
-            notes.append(f"the closing passes ({', '.join(str(s.get('type')) for s in finish)}) measured {1 / gain:.2f}x "
-                         "slower than float on ORT CPU at this shape, so they were dropped")
-            finish = []
-            first = measure(cleaned.model, 1.0, [], note="closing passes dropped: measured slower than float")
-
-    if first.accepted and finish:
-        # Pruned candidates keep the layers int8 kept in float at level 1 rather than measuring every
-        # layer's sensitivity again (the same network, thinner): one decision, a fraction of the time.
-        finish = _fixed_mixed_precision(finish, models[-1][1])
-
-    def reached(point: SearchPoint) -> bool:
-        if options.target_speedup is not None:
-            return point.speedup is not None and point.speedup >= options.target_speedup
-        if options.target_macs is not None:
-            return point.macs_ratio <= options.target_macs * (1 + 1e-6)
+    def reached(self, point: SearchPoint) -> bool:
+        if self.options.target_speedup is not None:
+            return point.speedup is not None and point.speedup >= self.options.target_speedup
+        if self.options.target_macs is not None:
+            return point.macs_ratio <= self.options.target_macs * (1 + 1e-6)
         return False
 
-    # Step down the grid, each step pruning the last accepted model.
-    accepted_float, accepted_level, accepted_chain = cleaned.model, 1.0, []
-    rejected_level: float | None = None
-    floor = options.target_macs if options.target_speedup is None and options.target_macs is not None else 0.0
-    levels = sorted({lv for lv in options.levels if floor < lv < 1.0} | ({floor} if floor > 0 else set()), reverse=True)
-    stalled = False
-    if first.accepted and not reached(first):
+    # ------------------------------------------------------------------ level 1: the closing passes alone
+
+    def settle_closing_passes(self) -> SearchPoint:
+        """Measure level 1 (no pruning). If the closing passes alone break the tolerance, soften them,
+        then drop them; with finish_must_be_faster, drop them where they measure slower than float.
+        Returns the level-1 point that stands."""
+        first = self.measure(self.cleaned.model, 1.0, [])
+        self.closing = {"passes": [str(s.get("type")) for s in self.finish], "outcome": "kept" if self.finish else "none",
+                        "value": first.value if self.finish else None, "speedup_over_float": None}
+        if not first.accepted and self.finish:
+            first = self._soften_or_drop_closing(first)
+        if first.accepted and self.finish and self.options.finish_must_be_faster:
+            first = self._drop_closing_if_slower(first)
+        if first.accepted and self.finish:
+            # Pruned candidates keep the layers int8 kept in float at level 1 rather than measuring every
+            # layer's sensitivity again (the same network, thinner): one decision, a fraction of the time.
+            self.finish = _fixed_mixed_precision(self.finish, self.models[-1][1])
+        return first
+
+    def _soften_or_drop_closing(self, first: SearchPoint) -> SearchPoint:
+        softened = _with_fallback(self.finish, self.options.tolerance) if self.evaluate is None else None
+        if softened is not None:
+            self.finish = softened
+            first = self.measure(self.cleaned.model, 1.0, [], note="int8 keeps its most sensitive layers in float")
+            self.closing["outcome"], self.closing["softened_value"] = "softened", first.value
+        if not first.accepted:
+            self.closing["outcome"] = "dropped: outside the tolerance"
+            self.finish = []
+            first = self.measure(self.cleaned.model, 1.0, [], note="closing passes dropped: they alone exceed the tolerance")
+            self.notes.append(f"the closing passes ({_pass_names(self.options.finish)}) alone exceed the tolerance and were dropped")
+        return first
+
+    def _drop_closing_if_slower(self, first: SearchPoint) -> SearchPoint:
+        # int8 pays only where ORT's int8 kernels beat float at this shape (small MatMuls at batch 1 may not).
+        final, _, _ = self.models[-1]
+        gain = self.timed(self.cleaned.model, final)
+        self.closing["speedup_over_float"] = gain
+        if gain is None or gain >= 1.0:
+            return first
+        names = _pass_names(self.finish)
+        for_size = sorted({str(s.get("type")) for s in self.finish} & SIZE_PASSES)
+        if for_size:  # their purpose is a smaller model, not a faster one
+            self.closing["outcome"] = "kept: measured slower than float, but it is there for size"
+            self.notes.append(f"the closing passes ({names}) measured {1 / gain:.2f}x slower than float on ORT CPU at "
+                              f"this shape; kept: {', '.join(for_size)} is there for size")
+            return first
+        self.closing["outcome"] = "dropped: measured slower than float"
+        self.notes.append(f"the closing passes ({names}) measured {1 / gain:.2f}x slower than float on ORT CPU at "
+                          "this shape, so they were dropped")
+        self.finish = []
+        return self.measure(self.cleaned.model, 1.0, [], note="closing passes dropped: measured slower than float")
+
+    # ------------------------------------------------------------------ pruning levels
+
+    def _prune_towards(self, level: float) -> tuple[ir.Model, float, PassRecord] | None:
+        o = self.options
+        return _prune_step(self.accepted_float, self.accepted_level, level, o.prune, self.fit, self.shapes,
+                           self.base_macs, o.verify)
+
+    def _try(self, pruned: ir.Model, achieved: float, record: PassRecord) -> SearchPoint:
+        """Measure a pruned candidate; an accepted one becomes the frontier the next step prunes from."""
+        chain = [*self.accepted_chain, record]
+        point = self.measure(pruned, achieved, chain)
+        if point.accepted:
+            self.accepted_float, self.accepted_level, self.accepted_chain = pruned, achieved, chain
+        return point
+
+    def step_down(self) -> float | None:
+        """Step down the grid of levels, each step pruning the last accepted model, until a candidate
+        is rejected (its level is returned) or the target is reached."""
+        o = self.options
+        floor = o.target_macs if o.target_speedup is None and o.target_macs is not None else 0.0
+        levels = sorted({lv for lv in o.levels if floor < lv < 1.0} | ({floor} if floor > 0 else set()), reverse=True)
+        stalled = False
         for level in levels:
-            if level >= accepted_level:  # an earlier step overshot past this level
+            if level >= self.accepted_level:  # an earlier step overshot past this level
                 continue
-            step(f"pruning to {level:.3f} of the MACs")
-            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs, options.verify)
+            self.step(f"pruning to {level:.3f} of the MACs")
+            outcome = self._prune_towards(level)
             if outcome is None:  # too small a step for the channel granularity: try the next level
                 stalled = True
                 continue
             stalled = False
-            pruned, achieved, record = outcome
-            point = measure(pruned, achieved, [*accepted_chain, record])
+            point = self._try(*outcome)
             if not point.accepted:
-                rejected_level = achieved
-                break
-            accepted_float, accepted_level, accepted_chain = pruned, achieved, [*accepted_chain, record]
-            if reached(point):
+                return point.level
+            if self.reached(point):
                 break
         if stalled:
-            notes.append(f"pruning could not go below {accepted_level:.3f} of the MACs "
-                         "(the remaining channels are blocked, protected or at max_group_ratio)")
-        # Bisect between the last accepted level and the first rejected one.
-        lo = rejected_level
-        for _ in range(options.refine_steps if lo is not None else 0):
-            mid = (accepted_level + lo) / 2
-            if accepted_level - mid < MIN_PROGRESS:
+            self.notes.append(f"pruning could not go below {self.accepted_level:.3f} of the MACs "
+                              "(the remaining channels are blocked, protected or at max_group_ratio)")
+        return None
+
+    def refine(self, rejected: float | None) -> None:
+        """Bisect between the last accepted level and the first rejected one."""
+        lo = rejected
+        for _ in range(self.options.refine_steps if lo is not None else 0):
+            mid = (self.accepted_level + lo) / 2
+            if self.accepted_level - mid < MIN_PROGRESS:
                 break
-            step(f"pruning to {mid:.3f} of the MACs")
-            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs, options.verify)
+            self.step(f"pruning to {mid:.3f} of the MACs")
+            outcome = self._prune_towards(mid)
             if outcome is None:
                 break
-            pruned, achieved, record = outcome
-            if achieved <= lo + MIN_PROGRESS:  # channel granularity: no level between the two exists
+            if outcome[1] <= lo + MIN_PROGRESS:  # channel granularity: no level between the two exists
                 break
-            point = measure(pruned, achieved, [*accepted_chain, record])
-            if point.accepted:
-                accepted_float, accepted_level, accepted_chain = pruned, achieved, [*accepted_chain, record]
-                if reached(point):
-                    break
-            else:
-                lo = achieved
+            point = self._try(*outcome)
+            if point.accepted and self.reached(point):
+                break
+            if not point.accepted:
+                lo = point.level
 
-    if options.recover:
-        target = _recovery_target(points, reached)
-        if target is not None:
-            float_model, chain = floats[target]
-            before = points[target]
-            names = ", ".join(str(s.get("type")) for s in options.recover)
-            step(f"recovering level {before.level:.3f} with {names}")
-            try:
-                run = Pipeline([build_pass(spec) for spec in options.recover], verify=checks).run(
-                    float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model,
-                    on_pass=lambda name: step(f"{name} on level {before.level:.3f}"))
-            except OnnxCompressError as exc:  # recovery failing leaves every other stage as decided
-                recovery = {"level": before.level, "before": before.value, "error": str(exc)}
-                notes.append(f"recovery ({names}) at level {before.level:.3f} failed and was left out: {exc}")
-            else:
-                after = measure(run.model, before.level, [*chain, *run.report.passes], note=f"recovered by {names}")
-                recovery = {"level": before.level, "before": before.value, "after": after.value,
-                            "accepted_before": before.accepted, "accepted_after": after.accepted}
-                notes.append(f"recovery ({names}) at level {before.level:.3f}: metric value {before.value:.4g} -> "
-                             f"{after.value:.4g}" + (" (now within the tolerance)" if after.accepted and not before.accepted else ""))
-        else:
-            recovery = None
-            notes.append("recovery (" + ", ".join(str(s.get("type")) for s in options.recover)
-                         + ") did not run: no pruned candidate to recover")
-    else:
-        recovery = None
+    # ------------------------------------------------------------------ recovery and the result
 
-    loss = (lambda p: -p.value) if options.tolerance.metric == "sqnr" and evaluate is None else (lambda p: p.value)
-    chosen = _choose(points, reached, loss)
-    if options.rank_by_speed and options.target_macs is None and options.target_speedup is None:
-        chosen = _fastest(points, models, chosen, lambda candidate: timed(original, candidate), step, notes, loss)
-    final, records, stats = models[chosen]
-    point = points[chosen]
-    target_met = None if options.target_macs is None and options.target_speedup is None else reached(point)
-    search_details = {
-        "tolerance": {"metric": "custom" if evaluate else options.tolerance.metric, "bound": options.tolerance.bound,
-                      "description": _describe(options.tolerance, evaluate)},
-        "heldout_samples": held.num_samples,
-        "judged_on": judge.source,  # where every verdict was measured: held-out calibration samples or --eval data
-        "baseline_score": judge.baseline,
-        "target_macs": options.target_macs,
-        "target_speedup": options.target_speedup,
-        "points": [dataclasses.asdict(p) for p in points],
-        "chosen": chosen,
-        "met": point.accepted,
-        "target_met": target_met,
-        "recovery": recovery,
-        # the closing passes (int8) on the unpruned model, judged on their own: kept, softened
-        # (sensitive layers in float) or dropped, with their metric value and measured speedup
-        "closing": closing,
-    }
-    report = RunReport(
-        input=str(model) if isinstance(model, str) else type(model).__name__, output=None,
-        before=original_stats, after=stats, passes=tuple(records), fidelity=point.fidelity, verified=options.verify,
-        notes=tuple(notes), search=search_details,
-    )
-    return SearchResult(final, report, tuple(points), chosen, point.accepted, target_met)
+    def recover(self) -> dict[str, Any] | None:
+        """Run the recovery passes once on the pruned frontier candidate, the input model as teacher,
+        and measure what they recover; the outcome for the report (None when nothing was pruned)."""
+        names = _pass_names(self.options.recover)
+        target = _recovery_target(self.points, self.reached)
+        if target is None:
+            self.notes.append(f"recovery ({names}) did not run: no pruned candidate to recover")
+            return None
+        float_model, chain = self.floats[target]
+        before = self.points[target]
+        self.step(f"recovering level {before.level:.3f} with {names}")
+        try:
+            run = Pipeline([build_pass(spec) for spec in self.options.recover], verify=self.checks).run(
+                float_model, calibration=self.fit, input_shapes=self.shapes, teacher=self.cleaned.model,
+                on_pass=lambda name: self.step(f"{name} on level {before.level:.3f}"))
+        except OnnxCompressError as exc:  # recovery failing leaves every other stage as decided
+            self.notes.append(f"recovery ({names}) at level {before.level:.3f} failed and was left out: {exc}")
+            return {"level": before.level, "before": before.value, "error": str(exc)}
+        after = self.measure(run.model, before.level, [*chain, *run.report.passes], note=f"recovered by {names}")
+        self.notes.append(f"recovery ({names}) at level {before.level:.3f}: metric value {before.value:.4g} -> "
+                          f"{after.value:.4g}" + (" (now within the tolerance)" if after.accepted and not before.accepted else ""))
+        return {"level": before.level, "before": before.value, "after": after.value,
+                "accepted_before": before.accepted, "accepted_after": after.accepted}
+
+    def result(self, recovery: dict[str, Any] | None) -> SearchResult:
+        """The chosen candidate (by MACs and the target, or by measured speed) and the run report."""
+        o = self.options
+        loss = (lambda p: -p.value) if o.tolerance.metric == "sqnr" and self.evaluate is None else (lambda p: p.value)
+        chosen = _choose(self.points, self.reached, loss)
+        if o.rank_by_speed and o.target_macs is None and o.target_speedup is None:
+            chosen = _fastest(self.points, self.models, chosen, lambda candidate: self.timed(self.original, candidate),
+                              self.step, self.notes, loss)
+        final, records, stats = self.models[chosen]
+        point = self.points[chosen]
+        target_met = None if o.target_macs is None and o.target_speedup is None else self.reached(point)
+        report = RunReport(
+            input=self.input_name, output=None, before=self.original_stats, after=stats, passes=tuple(records),
+            fidelity=point.fidelity, verified=o.verify, notes=tuple(self.notes),
+            search=self._details(chosen, target_met, recovery),
+        )
+        return SearchResult(final, report, tuple(self.points), chosen, point.accepted, target_met)
+
+    def _details(self, chosen: int, target_met: bool | None, recovery: dict[str, Any] | None) -> dict[str, Any]:
+        o = self.options
+        return {
+            "tolerance": {"metric": "custom" if self.evaluate else o.tolerance.metric, "bound": o.tolerance.bound,
+                          "description": _describe(o.tolerance, self.evaluate)},
+            "heldout_samples": self.held.num_samples,
+            "judged_on": self.judge.source,  # where every verdict was measured: held-out calibration samples or --eval data
+            "baseline_score": self.judge.baseline,
+            "target_macs": o.target_macs,
+            "target_speedup": o.target_speedup,
+            "points": [dataclasses.asdict(p) for p in self.points],
+            "chosen": chosen,
+            "met": self.points[chosen].accepted,
+            "target_met": target_met,
+            "recovery": recovery,
+            # the closing passes (int8) on the unpruned model, judged on their own: kept, softened
+            # (sensitive layers in float) or dropped, with their metric value and measured speedup
+            "closing": self.closing,
+        }
 
 
 def _source_note(calibration: Calibration, held: Calibration) -> str:

@@ -30,10 +30,12 @@ class UnionFind:
 
     def __init__(self) -> None:
         self.parent: list[int] = []
+        self._root_table: np.ndarray | None = None  # root of every atom; dropped by new() and union()
 
     def new(self, n: int) -> np.ndarray:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self._root_table = None
         return np.arange(start, start + n, dtype=np.int64)
 
     def find(self, a: int) -> int:
@@ -49,6 +51,7 @@ class UnionFind:
         ra, rb = self.find(int(a)), self.find(int(b))
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+            self._root_table = None
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         for x, y in zip(np.ravel(a), np.ravel(b)):
@@ -60,7 +63,17 @@ class UnionFind:
             self.union(flat[0], x)
 
     def roots(self, atoms: np.ndarray) -> np.ndarray:
-        return np.vectorize(self.find, otypes=[np.int64])(atoms) if np.size(atoms) else np.asarray(atoms, np.int64)
+        if not np.size(atoms):
+            return np.asarray(atoms, np.int64)
+        return self.root_table()[np.asarray(atoms, np.int64)]
+
+    def root_table(self) -> np.ndarray:
+        """The root of every atom, as one array: built once after the last union, so that pruning
+        decisions (thousands of root look-ups) index it instead of walking parents atom by atom."""
+        if self._root_table is None:
+            find = self.find
+            self._root_table = np.fromiter((find(a) for a in range(len(self.parent))), np.int64, len(self.parent))
+        return self._root_table
 
 
 # ------------------------------------------------------------------------------ layouts and members

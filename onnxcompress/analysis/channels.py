@@ -78,6 +78,7 @@ class ChannelGraph(ChannelTracker):
     """A model's channel groups: built by `build`, then ranked (`importance`), pruned or masked."""
 
     groups: list[Group] = field(default_factory=list)
+    shapes_at: dict[str, tuple] = field(default_factory=dict)  # the input shapes `shapes` were inferred at
 
     # ---------------------------------------------------------------- building
 
@@ -96,6 +97,7 @@ class ChannelGraph(ChannelTracker):
                     given[value.name] = (2, *rest)
         g = cls(model)
         g.shapes = infer_shapes(model, given)
+        g.shapes_at = {name: tuple(shape) for name, shape in given.items()}
         for node in model.graph:
             if node.domain not in ("", "ai.onnx"):
                 g.block_inputs(node, f"{node.domain}::{node.op_type} at node {node.name} is not handled")
@@ -170,16 +172,31 @@ class ChannelGraph(ChannelTracker):
 
     def _cut_consumers(self, removed: set[int]) -> Iterator[tuple[Slice, np.ndarray]]:
         """Each consumer slice ("in") that loses positions, with its keep mask."""
+        gone = self.removed_mask(removed)
         for s in self.slices:
             if s.role != "in":
                 continue
-            keep = self.kept(s.atoms, removed)
+            keep = self.kept(s.atoms, gone)
             if not keep.all():
                 yield s, keep
 
-    def kept(self, atoms: np.ndarray, removed: set[int]) -> np.ndarray:
-        roots = self.class_of(atoms)
-        return ~np.isin(roots, np.fromiter(removed, np.int64, len(removed))) if removed else np.ones(roots.shape, bool)
+    def removed_mask(self, removed: Iterable[int]) -> np.ndarray:
+        """True for every atom whose class is in `removed` (class roots): what `kept` tests against,
+        computed once per decision rather than once per tensor."""
+        table = self.uf.root_table()
+        roots = np.fromiter(removed, np.int64)
+        if not roots.size:
+            return np.zeros(len(table), bool)
+        is_removed_root = np.zeros(len(table), bool)
+        is_removed_root[roots] = True
+        return is_removed_root[table]
+
+    def kept(self, atoms: np.ndarray, removed: set[int] | np.ndarray) -> np.ndarray:
+        """Per position of `atoms`: whether its class survives `removed` (class roots, or a
+        `removed_mask`)."""
+        gone = removed if isinstance(removed, np.ndarray) else self.removed_mask(removed)
+        atoms = np.asarray(atoms)
+        return ~gone[atoms.astype(np.int64)] if atoms.size else np.ones(atoms.shape, bool)
 
     # ---------------------------------------------------------------- importance
 
@@ -257,7 +274,8 @@ class ChannelGraph(ChannelTracker):
         removed = self._roots(removed)
         if not removed:
             return []
-        return [name for name, layout in self.layouts.items() if not self.kept(layout.atoms, removed).any()]
+        gone = self.removed_mask(removed)
+        return [name for name, layout in self.layouts.items() if not self.kept(layout.atoms, gone).any()]
 
     def prune(self, removed: Iterable[int]) -> ir.Model:
         """Physically remove the channels of `removed` classes from `self.model` (in place)."""
@@ -269,6 +287,7 @@ class ChannelGraph(ChannelTracker):
         if emptied:
             raise ValueError(f"pruning would leave '{emptied[0]}' with no channels ({len(emptied)} values in all)")
         new_tensors: dict[str, np.ndarray] = {}
+        gone = self.removed_mask(removed)
 
         def current(value: ir.Value) -> np.ndarray:
             if value.name not in new_tensors:
@@ -280,22 +299,22 @@ class ChannelGraph(ChannelTracker):
             if (s.value.name, s.axis) in applied:
                 continue
             applied.add((s.value.name, s.axis))
-            keep = self.kept(s.atoms, removed)
+            keep = self.kept(s.atoms, gone)
             if not keep.all():
                 new_tensors[s.value.name] = np.compress(keep, current(s.value), axis=s.axis)
         for e in self.entries:
             arr = current(e.value).copy()
             if arr[e.index] > 0:  # -1 (inferred) and 0 (copied) entries need no update
-                arr[e.index] = int(self.kept(e.atoms, removed).any(axis=tuple(range(1, e.atoms.ndim))).sum())
+                arr[e.index] = int(self.kept(e.atoms, gone).any(axis=tuple(range(1, e.atoms.ndim))).sum())
             new_tensors[e.value.name] = arr
         for ga in self.group_attrs:
-            kept_groups = int(self.kept(ga.atoms[:, 0], removed).sum())
+            kept_groups = int(self.kept(ga.atoms[:, 0], gone).sum())
             ga.node.attributes["group"] = ir.AttrInt64("group", kept_groups)
         for sp in self.splits:
-            sizes = np.array([int(self.kept(a, removed).sum()) for a in sp.atoms], np.int64)
+            sizes = np.array([int(self.kept(a, gone).sum()) for a in sp.atoms], np.int64)
             _set_split_sizes(self.model, sp.node, sizes)
         for sb in self.slice_bounds:
-            keep = self.kept(sb.atoms, removed)
+            keep = self.kept(sb.atoms, gone)
             start = int(keep[: sb.start].sum())
             stop = start + int(keep[sb.start : sb.stop].sum())
             for idx, value in ((1, start), (2, stop)):
@@ -325,8 +344,9 @@ class ChannelGraph(ChannelTracker):
             arr[tuple(index)] = 0
             value.const_value = ir.tensor(arr, name=value.name)
         nodes = {n.name: n for n in masked.graph}
+        gone = self.removed_mask(removed)
         for c in self.contractions:
-            keep = self.kept(c.atoms, removed)
+            keep = self.kept(c.atoms, gone)
             if keep.all():
                 continue
             node = nodes[c.node.name]

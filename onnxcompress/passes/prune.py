@@ -138,28 +138,24 @@ class PruneChannels(Pass):
         names = set(self.protect)
         return {c for g in graph.groups if names & set(g.sources) for c in g.classes}
 
-    def _decide(self, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int], ratio: float) -> set[int]:
+    def _decide(self, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int], ratio: float,
+                ranking: _Ranking | None = None) -> set[int]:
         """Classes to remove: per group, the `ratio` least important (uniform), or the least important
-        across all groups after normalizing each group's scores by its mean (global)."""
+        across all groups after normalizing each group's scores by its mean (global). `ranking` is
+        `_rank`'s result for the same arguments, passed when deciding for many ratios."""
+        ranking = ranking or self._rank(graph, scores, protected)
+        candidates = ranking.candidates
         quota: dict[int, int] = {}
-        candidates = {g.id: sorted((c for c in g.prunable if c not in protected), key=lambda c: scores.get(c, 0.0))
-                      for g in graph.groups}
         if self.allocation == "sensitivity":
             return keep_every_value_nonempty(graph, self._allocated(graph, candidates, ratio), scores)
         if self.allocation == "uniform":
             for g in graph.groups:
                 quota[g.id] = int(math.floor(ratio * len(g.classes)))
         else:
-            ranked = []
-            for g in graph.groups:
-                values = [scores.get(c, 0.0) for c in g.classes]
-                mean = float(np.mean(values)) if values and np.mean(values) > 0 else 1.0
-                ranked += [(scores.get(c, 0.0) / mean, g.id) for c in candidates[g.id]]
-            ranked.sort()
             budget = int(math.floor(ratio * sum(len(g.classes) for g in graph.groups)))
             counts: dict[int, int] = {g.id: 0 for g in graph.groups}
             limit = {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
-            for _, gid in ranked:
+            for _, gid in ranking.across_groups:
                 if budget <= 0:
                     break
                 if counts[gid] < limit[gid]:
@@ -205,33 +201,81 @@ class PruneChannels(Pass):
             removed.update(curves[gid].order[:k])
         return removed
 
-    def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
-        """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs
-        (bisection on trial copies; class ids are deterministic for the same model)."""
-        from ..analysis.cost import analyze_cost
+    def _rank(self, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int]) -> _Ranking:
+        """Each group's prunable classes, least important first, and (global allocation) all of them
+        ranked by score relative to their group's mean: the part of a decision no ratio changes."""
+        candidates = {g.id: sorted((c for c in g.prunable if c not in protected), key=lambda c: scores.get(c, 0.0))
+                      for g in graph.groups}
+        ranked = []
+        if self.allocation == "global":
+            for g in graph.groups:
+                values = [scores.get(c, 0.0) for c in g.classes]
+                mean = float(np.mean(values)) if values and np.mean(values) > 0 else 1.0
+                ranked += [(scores.get(c, 0.0) / mean, g.id) for c in candidates[g.id]]
+            ranked.sort()
+        return _Ranking(candidates, ranked)
 
-        base = analyze_cost(model, ctx.input_shapes).stats.macs
+    def _search_target(self, model, graph, scores, protected, ctx) -> tuple[float, set[int]]:
+        """The smallest uniform/global ratio whose pruned model keeps at most `target_macs` of the MACs,
+        by bisection (class ids are deterministic for the same model)."""
+        estimate = _pruned_macs(graph, ctx.input_shapes)
+        if estimate is not None:
+            base = estimate.macs(())
+            macs_of = estimate.macs
+        else:
+            base, macs_of = _trial_macs(model, ctx.input_shapes)
+        ranking = self._rank(graph, scores, protected)
         cache: dict[float, tuple[float, set[int]]] = {}
 
         def macs_at(ratio: float) -> tuple[float, set[int]]:
             if ratio not in cache:
-                removed = self._decide(graph, scores, protected, ratio)
-                trial = load(model)
-                trial_graph = ChannelGraph.build(trial, ctx.input_shapes)
-                trial_graph.prune(removed)
-                cache[ratio] = (analyze_cost(trial, ctx.input_shapes).stats.macs / base, removed)
+                removed = self._decide(graph, scores, protected, ratio, ranking)
+                cache[ratio] = (macs_of(removed) / base, removed)
             return cache[ratio]
 
         lo, hi = 0.0, self.max_group_ratio - 1e-9
         if macs_at(hi)[0] > self.target_macs:
             return hi, macs_at(hi)[1]  # the target is out of reach; prune as far as allowed
-        for _ in range(12):
+        for _ in range(BISECTION_STEPS):
             mid = (lo + hi) / 2
             if macs_at(mid)[0] <= self.target_macs:
                 hi = mid
             else:
                 lo = mid
         return hi, macs_at(hi)[1]
+
+
+@dataclass(frozen=True)
+class _Ranking:
+    candidates: dict[int, list[int]]  # group id -> its prunable, unprotected classes, least important first
+    across_groups: list[tuple[float, int]]  # (relative score, group id) of every candidate, ascending; global only
+
+
+#: Halvings of the ratio interval when searching for a MAC target (the last step moves it by 0.8 / 4096).
+BISECTION_STEPS = 12
+
+
+def _pruned_macs(graph: ChannelGraph, input_shapes):
+    """MACs of decisions computed from the channel graph (analysis/pruned_macs.py), at the input
+    shapes the costing uses; None where only pruning a copy gives them exactly."""
+    from ..analysis.pruned_macs import PrunedMacs
+    from ..analysis.shapes import infer_shapes
+
+    wanted = {name: tuple(shape) for name, shape in (input_shapes or {}).items()}
+    shapes = graph.shapes if graph.shapes_at == wanted else infer_shapes(graph.model, input_shapes)
+    return PrunedMacs.of(graph, shapes)
+
+
+def _trial_macs(model: ir.Model, input_shapes):
+    """(MACs of `model`, MACs of a decision): the decision applied to a copy, which is then costed."""
+    from ..analysis.cost import analyze_cost
+
+    def macs_of(removed: set[int]) -> int:
+        trial = load(model)
+        ChannelGraph.build(trial, input_shapes).prune(removed)
+        return analyze_cost(trial, input_shapes).stats.macs
+
+    return analyze_cost(model, input_shapes).stats.macs, macs_of
 
 
 def keep_every_value_nonempty(graph: ChannelGraph, removed: set[int], scores: Mapping[int, float]) -> set[int]:
