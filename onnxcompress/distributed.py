@@ -113,8 +113,8 @@ class RayEngine:
             return reducer
         template = reducer.fresh()
         fetcher = Fetcher(model, names)
-        for count, values in fetcher.probe(first):  # the first batch here: it sizes the runs
-            reducer.add(count, values)
+        for count, values, mask in fetcher.probe(first):  # the first batch here: it sizes the runs
+            reducer.add(count, values, mask)
         start = len(next(iter(first.values())))
         plan = fetcher.plan(start, batch_size, FETCH_BUDGET_BYTES)
         ray = connect(self.address, self.workers)
@@ -170,8 +170,8 @@ def _reduce_shard(row: dict, *, model: bytes, names: list[str], plan, template, 
 
     calibration = pickle.loads(row["data"])
     part = template.fresh()
-    for count, values in Fetcher(load(onnx.load_from_string(model)), names, threads=threads).stream(calibration, plan):
-        part.add(count, values)
+    for count, values, mask in Fetcher(load(onnx.load_from_string(model)), names, threads=threads).stream(calibration, plan):
+        part.add(count, values, mask)
     return {"shard": row["shard"], "state": pickle.dumps(part)}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from .analysis.statistics import Statistics
 from .calibration import SAMPLE_SOURCE_KEY, Calibration, model_batches
 from .errors import OnnxCompressError
 from .interval import bootstrap_interval, pessimistic
@@ -159,7 +160,11 @@ def search(
 
     step("cleanup")
     checks = VerifyOptions(enabled=options.verify)
-    cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=checks).run(original, calibration=fit, input_shapes=shapes)
+    statistics = Statistics()  # every candidate's calibration statistics: one run per model state
+    pruning = build_pass(_prune_spec(options.prune, 1.0))
+    statistics.ahead.append(lambda m: pruning.requests_ahead(m, shapes, fit))  # the int8 step's run serves the next prune
+    cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=checks).run(
+        original, calibration=fit, input_shapes=shapes, statistics=statistics)
     base_macs = max(cleaned.report.after.macs, 1)
     original_stats = cleaned.report.before
     finish = [dict(spec) for spec in options.finish]
@@ -168,7 +173,8 @@ def search(
         if not finish:
             return float_model, []
         run = Pipeline([build_pass(spec) for spec in finish], verify=checks).run(
-            float_model, calibration=fit, input_shapes=shapes, on_pass=lambda name: step(f"{name} on the candidate"))
+            float_model, calibration=fit, input_shapes=shapes, on_pass=lambda name: step(f"{name} on the candidate"),
+            statistics=statistics)
         return run.model, list(run.report.passes)
 
     def timed(baseline: ir.Model, candidate: ir.Model) -> float:
@@ -255,7 +261,8 @@ def search(
             if level >= accepted_level:  # an earlier step overshot past this level
                 continue
             step(f"pruning to {level:.3f} of the MACs")
-            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs, options.verify)
+            outcome = _prune_step(accepted_float, accepted_level, level, options.prune, fit, shapes, base_macs, options.verify,
+                                  statistics)
             if outcome is None:  # too small a step for the channel granularity: try the next level
                 stalled = True
                 continue
@@ -278,7 +285,8 @@ def search(
             if accepted_level - mid < MIN_PROGRESS:
                 break
             step(f"pruning to {mid:.3f} of the MACs")
-            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs, options.verify)
+            outcome = _prune_step(accepted_float, accepted_level, mid, options.prune, fit, shapes, base_macs, options.verify,
+                                  statistics)
             if outcome is None:
                 break
             pruned, achieved, record = outcome
@@ -301,7 +309,7 @@ def search(
             step(f"recovering level {before.level:.3f} with {names}")
             try:
                 run = Pipeline([build_pass(spec) for spec in options.recover], verify=checks).run(
-                    float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model,
+                    float_model, calibration=fit, input_shapes=shapes, teacher=cleaned.model, statistics=statistics,
                     on_pass=lambda name: step(f"{name} on level {before.level:.3f}"))
             except OnnxCompressError as exc:  # recovery failing leaves every other stage as decided
                 recovery = {"level": before.level, "before": before.value, "error": str(exc)}
@@ -447,15 +455,20 @@ def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Call
 
 
 def _prune_step(model: ir.Model, current: float, level: float, prune: Mapping[str, Any], fit: Calibration,
-                shapes: Mapping[str, Sequence[int]], base_macs: int, verify: bool = True) -> tuple[ir.Model, float, PassRecord] | None:
+                shapes: Mapping[str, Sequence[int]], base_macs: int, verify: bool = True,
+                statistics: Statistics | None = None) -> tuple[ir.Model, float, PassRecord] | None:
     """Prune `model` (at `current` of the base MACs) towards `level`; None if it barely moves."""
-    spec = {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels",
-            "target_macs": min(1.0, level / current)}
-    run = Pipeline([build_pass(spec)], verify=VerifyOptions(enabled=verify, samples=2)).run(model, calibration=fit, input_shapes=shapes)
+    spec = _prune_spec(prune, min(1.0, level / current))
+    run = Pipeline([build_pass(spec)], verify=VerifyOptions(enabled=verify, samples=2)).run(
+        model, calibration=fit, input_shapes=shapes, statistics=statistics)
     achieved = run.report.after.macs / base_macs
     if current - achieved < MIN_PROGRESS:
         return None
     return run.model, achieved, run.report.passes[0]
+
+
+def _prune_spec(prune: Mapping[str, Any], target_macs: float) -> dict[str, Any]:
+    return {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels", "target_macs": target_macs}
 
 
 def _fixed_mixed_precision(finish: list[dict[str, Any]], records: list[PassRecord]) -> list[dict[str, Any]]:

@@ -158,7 +158,7 @@ def sample_inputs(
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ids: dict[str, list[np.ndarray]] = {n: [] for n in names}
     ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for _, values in stream_values(model, names, calibration, batch_size=8, limit=limit):
+    for _, values, _ in stream_values(model, names, calibration, batch_size=8, limit=limit):
         for name, array in values.items():
             array = np.asarray(array, dtype=np.float32)
             per_sample = array.reshape(array.shape[0], -1, array.shape[-1]) if array.ndim >= 2 else array[None, None]
@@ -224,23 +224,39 @@ def _output_error_db(x: np.ndarray, ranges: tuple[np.ndarray, np.ndarray], weigh
 # ---------------------------------------------------------------------------- Conv inputs
 
 
-def choose_conv_alphas(
-    model: ir.Model, calibration: Calibration, *, limit: int | None = None, kernels: Kernels = "any",
-    method: str = "minmax", percentile: float = 99.99,
-) -> list[InputChoice]:
-    """One InputChoice per 2-D Conv input whose channel ranges differ by more than CONV_MIN_SPREAD,
-    measured on output windows sampled from the calibration data (static int8)."""
+def _conv_groups(model: ir.Model) -> list:
+    """(group, route) of each 2-D Conv input that smoothing could equalize."""
     groups = []
     for g in find_groups(model)[0]:
         if g.rank == 4 and len({_kernel(n) for n in g.consumers}) == 1:
             route = conv_route(model, g)
             if route is not None:
                 groups.append((g, route))
+    return groups
+
+
+def conv_range_request(model: ir.Model, calibration: Calibration, limit: int | None = None):
+    """The channel statistics choose_conv_alphas reads first (a statistics.Request), or None."""
+    from ..analysis.statistics import Request
+
+    groups = _conv_groups(model)
+    if not groups:
+        return None
+    return Request(calibration, channels={g.value.name: 1 for g, _ in groups}, limit=min(limit or MAX_SAMPLES, MAX_SAMPLES))
+
+
+def choose_conv_alphas(
+    model: ir.Model, calibration: Calibration, *, limit: int | None = None, kernels: Kernels = "any",
+    method: str = "minmax", percentile: float = 99.99, statistics=None,
+) -> list[InputChoice]:
+    """One InputChoice per 2-D Conv input whose channel ranges differ by more than CONV_MIN_SPREAD,
+    measured on output windows sampled from the calibration data (static int8)."""
+    groups = _conv_groups(model)
     if not groups:
         return []
     limit = min(limit or MAX_SAMPLES, MAX_SAMPLES)
     # channel ranges first, so that windows are sampled only for the inputs with unequal channels
-    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit)
+    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit, statistics=statistics)
     wide = []
     for g, route in groups:
         ch = stats.values.get(g.value.name)
@@ -303,7 +319,7 @@ def sample_windows(
     windows: dict[str, np.ndarray] = {}  # filled in place: a list of parts and their concatenation would take twice the budget
     ranges: dict[str, np.ndarray] = {}
     done = start = 0
-    for count, values in stream_values(model, list(kernel), calibration, batch_size=8, limit=limit):
+    for count, values, _ in stream_values(model, list(kernel), calibration, batch_size=8, limit=limit):
         if count:
             start, done = done, done + count
         for name, array in values.items():
@@ -449,14 +465,15 @@ def smooth_outliers(
 
 def smooth_conv_inputs(
     model: ir.Model, calibration: Calibration, input_shapes, *, samples: int | None = None, kernels: Kernels = "any",
-    method: str = "minmax", percentile: float = 99.99,
+    method: str = "minmax", percentile: float = 99.99, statistics=None,
 ) -> tuple[ir.Model, list[str], dict | None]:
     """SmoothQuant on the Conv inputs choose_conv_alphas picks, each with its measured alpha (static
     int8); (model, changes, details). No Conv input with unequal channels: (model, [], None)."""
     from ..pipeline import PassContext
     from .smooth import SmoothQuant
 
-    choices = choose_conv_alphas(model, calibration, limit=samples, kernels=kernels, method=method, percentile=percentile)
+    choices = choose_conv_alphas(model, calibration, limit=samples, kernels=kernels, method=method, percentile=percentile,
+                                 statistics=statistics)
     if not choices:
         return model, [], None
     details: dict = {"inputs": [{"value": c.value, "consumers": c.consumers, "alpha": c.alpha, "error_db": c.error_db,
@@ -467,6 +484,8 @@ def smooth_conv_inputs(
         return model, [f"Conv input check: none of {len(choices)} Conv inputs with unequal channel ranges smoothed (modelled "
                        f"int8 output noise above {CONV_MAX_NOISE_DB:g} dB in {broken} of them, and smoothing gains too little there)"], details
     sub = PassContext(calibration=calibration, input_shapes=input_shapes, model=model)
+    if statistics is not None:  # a smoothing statistic of this model state the check already gathered is reused
+        sub.statistics = statistics
     smoothed = SmoothQuant(alphas=dict(alphas_of(choices)), samples=samples).run(load(model), sub)
     details["smoothing"] = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
     inserted = sum("inserted" in c for c in smoothed.record.changes)

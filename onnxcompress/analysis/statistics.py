@@ -1,0 +1,236 @@
+"""One statistics engine: what passes need of one model state over the calibration data, from one run.
+
+Passes declare their needs as `Request`s (per-channel statistics, histograms; over the calibration
+data or the first samples of it) and `Statistics.gather` serves all of them from one streaming run
+of the model (analysis/streaming.py: one ORT session, bounded memory). Results are kept per model
+state (a hash of the graph and its weights) and data, so a later pass, or a later search candidate
+on the same model, gets them without running the model again.
+
+A request over the first `limit` samples shares the run of a longer one: its reducer gets the batches
+before its limit and the first rows of the batch that crosses it, which are the batches its own run
+would have had (streaming runs start with one sample, then go on in runs of the same size). When a
+fetched value does not have the samples on its first axis, that request gets a run of its own. On a
+calibration engine (Ray) every request is reduced there on its own: the engine shards one reducer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ..calibration import Calibration, batch_size_for
+from .activations import ActivationStats
+from .histograms import Histograms
+from .streaming import FETCH_BUDGET_BYTES, Fetcher, Values, opening, reduce_values
+
+#: Model states whose statistics are kept (a search measures a few candidates at a time).
+KEPT_STATES = 8
+
+
+@dataclass
+class Request:
+    """Statistics one consumer needs of a model over `calibration` (its first `limit` samples):
+    per-channel statistics of `channels` (value -> channel axis), `bins`-bin histograms of `histograms`."""
+
+    calibration: Calibration
+    channels: Mapping[str, int] = field(default_factory=dict)
+    histograms: Sequence[str] = ()
+    limit: int | None = None
+    bins: int = 2048
+    batch_size: int = 16
+
+    @property
+    def span(self) -> int:
+        n = self.calibration.num_samples
+        return n if self.limit is None else min(self.limit, n)
+
+
+@dataclass
+class Gathered:
+    """The channel statistics and histograms of one request (a streaming.Reducer of both)."""
+
+    channels: ActivationStats
+    histograms: Histograms
+
+    @property
+    def samples(self) -> int:
+        return self.channels.samples
+
+    def add(self, count: int, values: Values, mask: np.ndarray | None) -> None:
+        self.channels.add(count, values, mask)
+        self.histograms.add(count, values, mask)
+
+
+def model_state(model: ir.Model) -> str:
+    """A hash of what the model computes: its nodes (subgraphs included), inputs, outputs, opsets
+    and weights. Equal models give equal hashes, whichever object holds them."""
+    h = hashlib.sha256()
+    h.update(repr(sorted(model.opset_imports.items())).encode())
+    h.update(repr([(v.name, str(v.dtype), str(v.shape)) for v in model.graph.inputs]).encode())
+    h.update(repr([v.name for v in model.graph.outputs]).encode())
+    for node in model.graph:
+        h.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        h.update(f"{name}:{None if tensor is None else (tensor.dtype, tuple(tensor.shape))}".encode())
+        if tensor is not None:
+            h.update(tensor.tobytes())
+    return h.hexdigest()
+
+
+def _data_key(calibration: Calibration) -> tuple:
+    """Which samples a calibration holds, up to their count: two keys are equal when one holds the
+    first samples of the other (Calibration.samples(0, n) and split() give views of the same arrays)."""
+    arrays = tuple((k, v.__array_interface__["data"][0], v.strides, v.dtype.str, v.shape[1:])
+                   for k, v in sorted(calibration.arrays.items()))
+    return arrays, calibration.scalars, id(calibration.engine)
+
+
+class Statistics:
+    """Statistics per model state and calibration data, gathered in one run per state (see the module
+    docstring); `runs` counts the streaming runs made, `served` the requests answered from the cache."""
+
+    def __init__(self, kept_states: int = KEPT_STATES) -> None:
+        self._kept = kept_states
+        self._states: OrderedDict[str, list[tuple[tuple, int, Request, Gathered]]] = OrderedDict()
+        self.runs = 0
+        self.served = 0
+        # What later consumers will ask of a state (model -> requests), gathered in the same run when a
+        # state is run anyway: a search prunes the candidate whose int8 statistics it just gathered.
+        self.ahead: list[Callable[[ir.Model], Sequence[Request]]] = []
+
+    def gather(self, model: ir.Model, requests: Sequence[Request]) -> list[Gathered]:
+        """Each request's statistics of `model`: from the cache, or from one run for all the others
+        (and for what `ahead` says later consumers will ask of this state)."""
+        state = model_state(model)
+        entries = self._states.setdefault(state, [])
+        self._states.move_to_end(state)
+        while len(self._states) > self._kept:
+            self._states.popitem(last=False)
+        key = lambda r: (_data_key(r.calibration), batch_size_for(model, r.batch_size))  # noqa: E731
+        found = [_lookup(entries, key(r), r) for r in requests]
+        self.served += sum(f is not None for f in found)
+        missing = [r for r, f in zip(requests, found) if f is None]
+        if missing:
+            later = [r for ahead in self.ahead for r in ahead(model) if _lookup(entries, key(r), r) is None]
+            run = [*missing, *later]
+            entries.extend((key(r), r, g) for r, g in zip(run, self._run(model, run, [key(r) for r in run])))
+        return [f if f is not None else _lookup(entries, key(r), r) for r, f in zip(requests, found)]
+
+    def channels(self, model: ir.Model, axes: Mapping[str, int], calibration: Calibration, *,
+                 limit: int | None = None, batch_size: int = 16) -> ActivationStats:
+        request = Request(calibration, channels=dict(axes), limit=limit, batch_size=batch_size)
+        return self.gather(model, [request])[0].channels
+
+    def histograms(self, model: ir.Model, names: Sequence[str], calibration: Calibration, *,
+                   bins: int = 2048, limit: int | None = None, batch_size: int = 16) -> Histograms:
+        request = Request(calibration, histograms=list(names), limit=limit, bins=bins, batch_size=batch_size)
+        return self.gather(model, [request])[0].histograms
+
+    def _run(self, model: ir.Model, requests: list[Request], keys: list[tuple]) -> list[Gathered]:
+        """Fresh statistics for `requests`: one run per group that shares data and run size."""
+        results: dict[int, Gathered] = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        for indices in groups.values():
+            if requests[indices[0]].calibration.engine is not None:
+                for i in indices:  # the engine shards one reducer per job
+                    self.runs += 1
+                    r = requests[i]
+                    results[i] = reduce_values(model, _names(r), r.calibration, _empty(r), batch_size=r.batch_size,
+                                               limit=r.limit)
+                continue
+            group = {i: requests[i] for i in indices}
+            uncut = self._shared_run(model, group, results)
+            for i in uncut:  # a value without the samples on its first axis: a run of its own
+                self._shared_run(model, {i: requests[i]}, results)
+        return [results[i] for i in range(len(requests))]
+
+    def _shared_run(self, model: ir.Model, group: dict[int, Request], results: dict[int, Gathered]) -> list[int]:
+        """One streaming run for `group`, into `results`; returns the requests whose limit could not be
+        cut from it."""
+        longest = max(group.values(), key=lambda r: r.span)
+        reducers = {i: _empty(r) for i, r in group.items()}
+        uncut: set[int] = set()
+        first = opening(model, longest.calibration, longest.span)
+        if first is not None:
+            self.runs += 1
+            fetcher = Fetcher(model, list(dict.fromkeys(n for r in group.values() for n in _names(r))))
+            count = len(next(iter(first.values())))
+            plan = fetcher.plan(count, longest.batch_size, FETCH_BUDGET_BYTES)
+            rest = fetcher.stream(longest.calibration, plan, count, longest.span)
+            for start, size, n, values, mask in _numbered(itertools.chain(fetcher.probe(first), rest)):
+                for i, request in group.items():
+                    if i in uncut or start >= request.span:
+                        continue
+                    if start + size <= request.span:
+                        reducers[i].add(n, values, mask)
+                        continue
+                    rows = request.span - start  # the batch that crosses the limit: its first rows
+                    cut = _first_rows(values, mask, rows, size)
+                    if cut is None:
+                        uncut.add(i)
+                    else:
+                        reducers[i].add(rows if n else 0, *cut)
+        results.update((i, reducers[i]) for i in group if i not in uncut)
+        return sorted(uncut)
+
+
+def _lookup(entries: list, key: tuple, request: Request) -> Gathered | None:
+    """A cached result that covers `request` (same samples and run size, every value), cut to its values."""
+    for known, asked, got in entries:
+        if (known, asked.span, asked.bins) != (key, request.span, request.bins):
+            continue
+        if all(asked.channels.get(n) == a for n, a in request.channels.items()) and \
+                set(request.histograms) <= set(asked.histograms):
+            return _cut(got, request)
+    return None
+
+
+def _numbered(parts: Iterator) -> Iterator[tuple[int, int, int, Values, np.ndarray | None]]:
+    """(first sample of the part's batch, the batch's samples, new samples, values, mask) per part."""
+    start, size = 0, 0
+    for count, values, mask in parts:
+        if count:
+            start, size = start + size, count
+        yield start, size, count, values, mask
+
+
+def _first_rows(values: Values, mask: np.ndarray | None, rows: int, size: int):
+    """(values, mask) cut to the batch's first `rows` samples, or None when a value's first axis is
+    not the batch's `size` samples."""
+    if any(np.ndim(a) == 0 or a.shape[0] != size for a in values.values()):
+        return None
+    return {name: a[:rows] for name, a in values.items()}, (None if mask is None else mask[:rows])
+
+
+def _names(request: Request) -> list[str]:
+    return list(dict.fromkeys([*request.channels, *request.histograms]))
+
+
+def _empty(request: Request) -> Gathered:
+    return Gathered(ActivationStats(source=request.calibration.source, axes=dict(request.channels)),
+                    Histograms(request.bins, names=frozenset(request.histograms)))
+
+
+def _batch(model: ir.Model, request: Request) -> int:
+    return batch_size_for(model, request.batch_size)
+
+
+def _cut(got: Gathered, request: Request) -> Gathered:
+    """`got` with only the values `request` asked for."""
+    channels = ActivationStats({n: got.channels.values[n] for n in request.channels if n in got.channels.values},
+                               got.channels.samples, got.channels.source, dict(request.channels))
+    hists = Histograms(request.bins, {n: got.histograms.values[n] for n in request.histograms
+                                      if n in got.histograms.values}, got.histograms.samples, frozenset(request.histograms))
+    return Gathered(channels, hists)
+
+
+__all__ = ["KEPT_STATES", "Gathered", "Request", "Statistics", "model_state"]

@@ -1,0 +1,97 @@
+"""One statistics engine (analysis/statistics.py): every statistic of one model state from one run of
+the model over the calibration data, the same numbers as a run per consumer, and one run per model
+state in a whole `optimize --calib` search."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcompress.analysis import streaming
+from onnxcompress.analysis.activations import collect
+from onnxcompress.analysis.histograms import collect_histograms
+from onnxcompress.analysis.statistics import Request, Statistics, model_state
+from onnxcompress.calibration import Calibration
+from onnxcompress.model import load
+from tests.graphs import conv_bn_relu_gemm
+from tests.test_cli import run_cli
+
+PARTS = ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum")
+
+
+def _setup(samples: int = 41):
+    model = load(conv_bn_relu_gemm(batch="N"))
+    data = np.random.default_rng(3).normal(size=(samples, 3, 8, 8)).astype(np.float32)
+    names = [v.name for node in model.graph if node.op_type not in ("Flatten", "Gemm") for v in node.outputs]  # [N, C, ...]
+    assert len(names) == 9
+    return model, Calibration.from_arrays(model, {model.graph.inputs[0].name: data}), names
+
+
+def test_requests_on_one_state_share_one_run_and_equal_runs_of_their_own():
+    """A shorter request (its limit inside a batch of the longer run) gets the batches its own run has."""
+    model, calibration, names = _setup()
+    axes = {n: 1 for n in names}
+    fit = calibration.samples(0, 30)  # a prefix, as Calibration.split's fitting part is
+    statistics = Statistics()
+    whole, limited, prefix = statistics.gather(model, [
+        Request(calibration, channels=axes, histograms=names), Request(calibration, channels=axes, limit=20),
+        Request(fit, channels=axes)])
+    assert statistics.runs == 1
+    for got, expected in ((whole.channels, collect(model, axes, calibration)),
+                          (limited.channels, collect(model, axes, calibration, limit=20)),
+                          (prefix.channels, collect(model, axes, fit))):
+        assert got.samples == expected.samples
+        for name in axes:
+            for part in PARTS:
+                assert np.array_equal(getattr(got.values[name], part), getattr(expected.values[name], part)), (name, part)
+    hists, samples = collect_histograms(model, names, calibration)
+    assert whole.histograms.samples == samples == 41
+    for name, hist in hists.items():
+        assert np.array_equal(whole.histograms.values[name].counts, hist.counts), name
+
+
+def test_a_later_request_on_the_same_state_is_served_without_a_run():
+    model, calibration, names = _setup()
+    statistics = Statistics()
+    statistics.gather(model, [Request(calibration, channels={n: 1 for n in names}, histograms=names)])
+    copy = load(model)  # another object, the same model state
+    assert model_state(copy) == model_state(model)
+    stats = collect(copy, {names[0]: 1}, calibration, statistics=statistics)
+    assert statistics.runs == 1 and statistics.served == 1 and set(stats.values) == {names[0]}
+    collect(copy, {names[0]: 1}, calibration, limit=7, statistics=statistics)  # other samples: a run
+    assert statistics.runs == 2
+
+
+def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, monkeypatch):
+    """The acceptance counter: in a whole `optimize --calib` search (cleanup, int8 on every candidate,
+    activation-importance pruning with bias compensation and refit) each model state that statistics
+    are gathered on is streamed through one ORT session. Verification (outputs on held-out samples),
+    latency timing and the refit's per-stage segment sessions are other concerns, counted apart."""
+    statistics_sessions: collections.Counter = collections.Counter()  # model state -> sessions
+    all_sessions = collections.Counter()
+    fetcher_init = streaming.Fetcher.__init__
+
+    def counting_fetcher(self, model, names, threads=None):
+        statistics_sessions[model_state(model)] += 1
+        fetcher_init(self, model, names, threads)
+
+    class CountingInferenceSession(ort.InferenceSession):  # every session, whoever creates it
+        def __init__(self, *args, **kwargs):
+            all_sessions["created"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(streaming.Fetcher, "__init__", counting_fetcher)
+    monkeypatch.setattr(ort, "InferenceSession", CountingInferenceSession)
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "o.onnx"
+    onnx.save(conv_bn_relu_gemm(batch="N"), model)
+    np.save(calib, np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    code, _, err = run_cli(capsys, "optimize", model, "-o", out, "--calib", calib, "--max-drop", "0.2",
+                           "--metric", "cosine", "--bench-runs", "0")
+    assert code == 0, err
+    assert len(statistics_sessions) >= 4  # the unpruned model and several pruned candidates
+    assert set(statistics_sessions.values()) == {1}, statistics_sessions
+    # verification, kernel checks and the refit's segments run sessions of their own, not counted above
+    assert all_sessions["created"] > sum(statistics_sessions.values())
