@@ -58,10 +58,6 @@ class Gathered:
     channels: ActivationStats
     histograms: Histograms
 
-    @property
-    def samples(self) -> int:
-        return self.channels.samples
-
     def add(self, count: int, values: Values, mask: np.ndarray | None) -> None:
         self.channels.add(count, values, mask)
         self.histograms.add(count, values, mask)
@@ -142,16 +138,26 @@ class Statistics:
         for indices in groups.values():
             if requests[indices[0]].calibration.engine is not None:
                 for i in indices:  # the engine shards one reducer per job
-                    self.runs += 1
-                    r = requests[i]
-                    results[i] = reduce_values(model, _names(r), r.calibration, _empty(r), batch_size=r.batch_size,
-                                               limit=r.limit)
+                    results[i] = self._on_engine(model, requests[i])
                 continue
             group = {i: requests[i] for i in indices}
             uncut = self._shared_run(model, group, results)
             for i in uncut:  # a value without the samples on its first axis: a run of its own
                 self._shared_run(model, {i: requests[i]}, results)
         return [results[i] for i in range(len(requests))]
+
+    def _on_engine(self, model: ir.Model, request: Request) -> Gathered:
+        """`request` reduced on its calibration's engine: channel statistics and histograms each in a job."""
+        gathered = _empty(request)
+        kw = {"batch_size": request.batch_size, "limit": request.limit}
+        if request.channels:
+            self.runs += 1
+            gathered.channels = reduce_values(model, list(request.channels), request.calibration, gathered.channels, **kw)
+        if request.histograms:
+            self.runs += 1
+            gathered.histograms = reduce_values(model, list(request.histograms), request.calibration, gathered.histograms,
+                                                **kw)
+        return gathered
 
     def _shared_run(self, model: ir.Model, group: dict[int, Request], results: dict[int, Gathered]) -> list[int]:
         """One streaming run for `group`, into `results`; returns the requests whose limit could not be
