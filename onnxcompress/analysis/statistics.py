@@ -94,7 +94,7 @@ class Statistics:
 
     def __init__(self, kept_states: int = KEPT_STATES) -> None:
         self._kept = kept_states
-        self._states: OrderedDict[str, list[tuple[tuple, int, Request, Gathered]]] = OrderedDict()
+        self._states: OrderedDict[str, list[tuple[tuple, Request, Gathered]]] = OrderedDict()
         self.runs = 0
         self.served = 0
         # What later consumers will ask of a state (model -> requests), gathered in the same run when a
@@ -114,7 +114,8 @@ class Statistics:
         self.served += sum(f is not None for f in found)
         missing = [r for r, f in zip(requests, found) if f is None]
         if missing:
-            later = [r for ahead in self.ahead for r in ahead(model) if _lookup(entries, key(r), r) is None]
+            later = [r for ahead in self.ahead for r in ahead(model) if _lookup(entries, key(r), r) is None
+                     and not any(key(m) == key(r) and _covers(m, r) for m in missing)]
             run = [*missing, *later]
             entries.extend((key(r), r, g) for r, g in zip(run, self._run(model, run, [key(r) for r in run])))
         return [f if f is not None else _lookup(entries, key(r), r) for r, f in zip(requests, found)]
@@ -172,7 +173,10 @@ class Statistics:
             count = len(next(iter(first.values())))
             plan = fetcher.plan(count, longest.batch_size, FETCH_BUDGET_BYTES)
             rest = fetcher.stream(longest.calibration, plan, count, longest.span)
+            probe_dims: dict[str, int] = {}  # first-axis length of each value in the opening batch
             for start, size, n, values, mask in _numbered(itertools.chain(fetcher.probe(first), rest)):
+                if start == 0:
+                    probe_dims.update((name, np.shape(a)[0] if np.ndim(a) else -1) for name, a in values.items())
                 for i, request in group.items():
                     if i in uncut or start >= request.span:
                         continue
@@ -180,7 +184,7 @@ class Statistics:
                         reducers[i].add(n, values, mask)
                         continue
                     rows = request.span - start  # the batch that crosses the limit: its first rows
-                    cut = _first_rows(values, mask, rows, size)
+                    cut = _first_rows(values, mask, rows, size, {k: probe_dims.get(k) == count for k in values})
                     if cut is None:
                         uncut.add(i)
                     else:
@@ -190,14 +194,14 @@ class Statistics:
 
 
 def _lookup(entries: list, key: tuple, request: Request) -> Gathered | None:
-    """A cached result that covers `request` (same samples and run size, every value), cut to its values."""
-    for known, asked, got in entries:
-        if (known, asked.span, asked.bins) != (key, request.span, request.bins):
-            continue
-        if all(asked.channels.get(n) == a for n, a in request.channels.items()) and \
-                set(request.histograms) <= set(asked.histograms):
-            return _cut(got, request)
-    return None
+    """A cached result that covers `request` (same data and run size), cut to its values."""
+    return next((_cut(got, request) for known, asked, got in entries if known == key and _covers(asked, request)), None)
+
+
+def _covers(asked: Request, request: Request) -> bool:
+    """Whether what `asked` gathers holds all `request` needs, given the same data and run size."""
+    return (asked.span, asked.bins) == (request.span, request.bins) and set(request.histograms) <= set(asked.histograms) \
+        and all(asked.channels.get(n) == a for n, a in request.channels.items())
 
 
 def _numbered(parts: Iterator) -> Iterator[tuple[int, int, int, Values, np.ndarray | None]]:
@@ -209,10 +213,11 @@ def _numbered(parts: Iterator) -> Iterator[tuple[int, int, int, Values, np.ndarr
         yield start, size, count, values, mask
 
 
-def _first_rows(values: Values, mask: np.ndarray | None, rows: int, size: int):
-    """(values, mask) cut to the batch's first `rows` samples, or None when a value's first axis is
-    not the batch's `size` samples."""
-    if any(np.ndim(a) == 0 or a.shape[0] != size for a in values.values()):
+def _first_rows(values: Values, mask: np.ndarray | None, rows: int, size: int, per_sample: Mapping[str, bool]):
+    """(values, mask) cut to the batch's first `rows` samples, or None unless every value's first
+    axis is the samples: `size` long here and, in `per_sample`, as long as the opening batch there
+    (a value whose first axis is a fixed size is as long in both, unless the batches are equal)."""
+    if any(np.ndim(a) == 0 or a.shape[0] != size or not per_sample[name] for name, a in values.items()):
         return None
     return {name: a[:rows] for name, a in values.items()}, (None if mask is None else mask[:rows])
 
@@ -224,10 +229,6 @@ def _names(request: Request) -> list[str]:
 def _empty(request: Request) -> Gathered:
     return Gathered(ActivationStats(source=request.calibration.source, axes=dict(request.channels)),
                     Histograms(request.bins, names=frozenset(request.histograms)))
-
-
-def _batch(model: ir.Model, request: Request) -> int:
-    return batch_size_for(model, request.batch_size)
 
 
 def _cut(got: Gathered, request: Request) -> Gathered:
