@@ -9,6 +9,7 @@ import collections
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from onnxcompress.analysis import streaming
 from onnxcompress.analysis.activations import collect
@@ -65,25 +66,46 @@ def test_a_later_request_on_the_same_state_is_served_without_a_run():
     assert statistics.runs == 2
 
 
-def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, monkeypatch):
+@pytest.fixture
+def statistics_sessions(monkeypatch) -> collections.Counter:
+    """Model state -> ORT sessions created to stream calibration data for statistics (every one is a
+    streaming.Fetcher's)."""
+    sessions: collections.Counter = collections.Counter()
+    fetcher_init = streaming.Fetcher.__init__
+
+    def counting_fetcher(self, model, names, threads=None):
+        sessions[model_state(model)] += 1
+        fetcher_init(self, model, names, threads)
+
+    monkeypatch.setattr(streaming.Fetcher, "__init__", counting_fetcher)
+    return sessions
+
+
+def test_int8_with_outlier_smoothing_runs_each_model_state_once(statistics_sessions):
+    """The outlier check's rows, the smoothing's ranges, the histograms and the bias means: one run of
+    the float model, one of the smoothed one (100 samples: the check's 64 are cut from the run)."""
+    from onnxcompress.passes.quantize import QuantizeQDQ
+    from onnxcompress.pipeline import Pipeline
+    from tests.test_int8_patterns import _attention_block, _data
+
+    model = load(_attention_block())
+    result = Pipeline([QuantizeQDQ()]).run(model, calibration=Calibration.from_arrays(model, {"x": _data(100)}))
+    assert result.report.passes[0].changes[0].startswith("outlier-aware smoothing (static int8)")
+    assert len(statistics_sessions) == 2 and set(statistics_sessions.values()) == {1}, statistics_sessions
+
+
+def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, monkeypatch, statistics_sessions):
     """The acceptance counter: in a whole `optimize --calib` search (cleanup, int8 on every candidate,
     activation-importance pruning with bias compensation and refit) each model state that statistics
     are gathered on is streamed through one ORT session. Verification (outputs on held-out samples),
     latency timing and the refit's per-stage segment sessions are other concerns, counted apart."""
-    statistics_sessions: collections.Counter = collections.Counter()  # model state -> sessions
     all_sessions = collections.Counter()
-    fetcher_init = streaming.Fetcher.__init__
-
-    def counting_fetcher(self, model, names, threads=None):
-        statistics_sessions[model_state(model)] += 1
-        fetcher_init(self, model, names, threads)
 
     class CountingInferenceSession(ort.InferenceSession):  # every session, whoever creates it
         def __init__(self, *args, **kwargs):
             all_sessions["created"] += 1
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(streaming.Fetcher, "__init__", counting_fetcher)
     monkeypatch.setattr(ort, "InferenceSession", CountingInferenceSession)
     model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "o.onnx"
     onnx.save(conv_bn_relu_gemm(batch="N"), model)

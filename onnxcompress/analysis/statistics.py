@@ -11,6 +11,7 @@ before its limit and the first rows of the batch that crosses it, which are the 
 would have had (streaming runs start with one sample, then go on in runs of the same size). When a
 fetched value does not have the samples on its first axis, that request gets a run of its own. On a
 calibration engine (Ray) every request is reduced there on its own: the engine shards one reducer.
+A request may bring a reducer of its own kind (int8's sampled MatMul input rows): fed the same parts.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -36,7 +38,9 @@ KEPT_STATES = 8
 @dataclass
 class Request:
     """Statistics one consumer needs of a model over `calibration` (its first `limit` samples):
-    per-channel statistics of `channels` (value -> channel axis), `bins`-bin histograms of `histograms`."""
+    per-channel statistics of `channels` (value -> channel axis), `bins`-bin histograms of `histograms`,
+    and a statistic of its own kind: `reducer()` makes one (add(count, values, mask)) that reads
+    `values`; `kind` names it for the cache (with the same `values`, the same statistic)."""
 
     calibration: Calibration
     channels: Mapping[str, int] = field(default_factory=dict)
@@ -44,6 +48,9 @@ class Request:
     limit: int | None = None
     bins: int = 2048
     batch_size: int = 16
+    reducer: Callable[[], Any] | None = None
+    values: Sequence[str] = ()
+    kind: Hashable = None
 
     @property
     def span(self) -> int:
@@ -57,10 +64,13 @@ class Gathered:
 
     channels: ActivationStats
     histograms: Histograms
+    custom: Any = None  # the request's own reducer, when it has one
 
     def add(self, count: int, values: Values, mask: np.ndarray | None) -> None:
         self.channels.add(count, values, mask)
         self.histograms.add(count, values, mask)
+        if self.custom is not None:
+            self.custom.add(count, values, mask)
 
 
 def model_state(model: ir.Model) -> str:
@@ -148,8 +158,16 @@ class Statistics:
         return [results[i] for i in range(len(requests))]
 
     def _on_engine(self, model: ir.Model, request: Request) -> Gathered:
-        """`request` reduced on its calibration's engine: channel statistics and histograms each in a job."""
+        """`request` reduced on its calibration's engine: channel statistics and histograms each in a
+        job; a statistic of its own kind, which need not merge, in this process."""
         gathered = _empty(request)
+        if request.reducer is not None:
+            self.runs += 1
+            local = Request(replace(request.calibration, engine=None), values=request.values, limit=request.limit,
+                            batch_size=request.batch_size, reducer=request.reducer, kind=request.kind)
+            results: dict[int, Gathered] = {}
+            self._shared_run(model, {0: local}, results)
+            gathered.custom = results[0].custom
         kw = {"batch_size": request.batch_size, "limit": request.limit}
         if request.channels:
             self.runs += 1
@@ -200,8 +218,10 @@ def _lookup(entries: list, key: tuple, request: Request) -> Gathered | None:
 
 def _covers(asked: Request, request: Request) -> bool:
     """Whether what `asked` gathers holds all `request` needs, given the same data and run size."""
+    # a statistic of its own kind may depend on the whole list of values (a generator per value, by position)
+    custom = request.reducer is None or (asked.kind == request.kind and list(request.values) == list(asked.values))
     return (asked.span, asked.bins) == (request.span, request.bins) and set(request.histograms) <= set(asked.histograms) \
-        and all(asked.channels.get(n) == a for n, a in request.channels.items())
+        and all(asked.channels.get(n) == a for n, a in request.channels.items()) and custom
 
 
 def _numbered(parts: Iterator) -> Iterator[tuple[int, int, int, Values, np.ndarray | None]]:
@@ -223,12 +243,13 @@ def _first_rows(values: Values, mask: np.ndarray | None, rows: int, size: int, p
 
 
 def _names(request: Request) -> list[str]:
-    return list(dict.fromkeys([*request.channels, *request.histograms]))
+    return list(dict.fromkeys([*request.channels, *request.histograms, *request.values]))
 
 
 def _empty(request: Request) -> Gathered:
     return Gathered(ActivationStats(source=request.calibration.source, axes=dict(request.channels)),
-                    Histograms(request.bins, names=frozenset(request.histograms)))
+                    Histograms(request.bins, names=frozenset(request.histograms)),
+                    None if request.reducer is None else request.reducer())
 
 
 def _cut(got: Gathered, request: Request) -> Gathered:
@@ -237,7 +258,7 @@ def _cut(got: Gathered, request: Request) -> Gathered:
                                got.channels.samples, got.channels.source, dict(request.channels))
     hists = Histograms(request.bins, {n: got.histograms.values[n] for n in request.histograms
                                       if n in got.histograms.values}, got.histograms.samples, frozenset(request.histograms))
-    return Gathered(channels, hists)
+    return Gathered(channels, hists, got.custom)
 
 
 __all__ = ["KEPT_STATES", "Gathered", "Request", "Statistics", "model_state"]
