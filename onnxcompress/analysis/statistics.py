@@ -124,11 +124,20 @@ class Statistics:
         self.served += sum(f is not None for f in found)
         missing = [r for r, f in zip(requests, found) if f is None]
         if missing:
-            later = [r for ahead in self.ahead for r in ahead(model) if _lookup(entries, key(r), r) is None
+            later = [r for r in self._anticipated(model) if _lookup(entries, key(r), r) is None
                      and not any(key(m) == key(r) and _covers(m, r) for m in missing)]
             run = [*missing, *later]
             entries.extend((key(r), r, g) for r, g in zip(run, self._run(model, run, [key(r) for r in run])))
         return [f if f is not None else _lookup(entries, key(r), r) for r, f in zip(requests, found)]
+
+    def _anticipated(self, model: ir.Model) -> list[Request]:
+        requests = []
+        for ahead in self.ahead:
+            try:
+                requests += ahead(model)
+            except Exception:  # only a guess at later needs: where it fails, the later consumer asks itself
+                continue
+        return requests
 
     def channels(self, model: ir.Model, axes: Mapping[str, int], calibration: Calibration, *,
                  limit: int | None = None, batch_size: int = 16) -> ActivationStats:

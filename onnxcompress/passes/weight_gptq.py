@@ -26,7 +26,7 @@ than the 3,072 inputs of the FFN's second MatMul) gave cosine 0.977 (min 0.76) a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
