@@ -94,11 +94,10 @@ def test_int8_with_outlier_smoothing_runs_each_model_state_once(statistics_sessi
     assert len(statistics_sessions) == 2 and set(statistics_sessions.values()) == {1}, statistics_sessions
 
 
-def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, monkeypatch, statistics_sessions):
-    """The acceptance counter: in a whole `optimize --calib` search (cleanup, int8 on every candidate,
-    activation-importance pruning with bias compensation and refit) each model state that statistics
-    are gathered on is streamed through one ORT session. Verification (outputs on held-out samples),
-    latency timing and the refit's per-stage segment sessions are other concerns, counted apart."""
+def _optimize_counting_sessions(capsys, monkeypatch, model, calib, out, statistics_sessions) -> None:
+    """`optimize --calib` through the CLI; asserts one statistics session per model state. Verification
+    (outputs on held-out samples), the kernel check and the refit's per-stage segment sessions are
+    other concerns, counted apart (timing is off: --bench-runs 0)."""
     all_sessions = collections.Counter()
 
     class CountingInferenceSession(ort.InferenceSession):  # every session, whoever creates it
@@ -107,13 +106,32 @@ def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, mo
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", CountingInferenceSession)
-    model, calib, out = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "o.onnx"
-    onnx.save(conv_bn_relu_gemm(batch="N"), model)
-    np.save(calib, np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
     code, _, err = run_cli(capsys, "optimize", model, "-o", out, "--calib", calib, "--max-drop", "0.2",
                            "--metric", "cosine", "--bench-runs", "0")
     assert code == 0, err
     assert len(statistics_sessions) >= 4  # the unpruned model and several pruned candidates
     assert set(statistics_sessions.values()) == {1}, statistics_sessions
-    # verification, kernel checks and the refit's segments run sessions of their own, not counted above
-    assert all_sessions["created"] > sum(statistics_sessions.values())
+    assert all_sessions["created"] > sum(statistics_sessions.values())  # the other concerns' sessions
+
+
+def test_optimize_calib_runs_the_model_once_per_model_state(capsys, tmp_path, monkeypatch, statistics_sessions):
+    """The acceptance counter: in a whole `optimize --calib` search (cleanup, int8 on every candidate,
+    activation-importance pruning with bias compensation and refit) each model state that statistics
+    are gathered on is streamed through one ORT session."""
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npy"
+    onnx.save(conv_bn_relu_gemm(batch="N"), model)
+    np.save(calib, np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32))
+    _optimize_counting_sessions(capsys, monkeypatch, model, calib, tmp_path / "o.onnx", statistics_sessions)
+
+
+@pytest.mark.slow
+def test_optimize_calib_on_a_zoo_resnet_runs_the_model_once_per_model_state(capsys, tmp_path, tmp_path_factory,
+                                                                           monkeypatch, statistics_sessions):
+    pytest.importorskip("torch")
+    from tests import zoo
+
+    model = zoo.exported(tmp_path_factory, "resnet_basic", dynamo=False, dynamic_batch=True)
+    _, inputs = zoo.FAMILIES["resnet_basic"]()
+    calib = tmp_path / "c.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((48, *inputs[0].shape[1:])).astype(np.float32))
+    _optimize_counting_sessions(capsys, monkeypatch, model, calib, tmp_path / "o.onnx", statistics_sessions)
