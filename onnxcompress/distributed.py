@@ -129,8 +129,8 @@ class RayEngine:
             return reducer
         template = reducer.fresh()
         fetcher = Fetcher(model, names)
-        for count, values in fetcher.probe(first):  # the first batch here: it sizes the runs
-            reducer.add(count, values)
+        for count, values, mask in fetcher.probe(first):  # the first batch here: it sizes the runs
+            reducer.add(count, values, mask)
         start = len(next(iter(first.values())))
         plan = fetcher.plan(start, batch_size, FETCH_BUDGET_BYTES)
         ray = connect(self.address, self.workers)
@@ -212,8 +212,8 @@ def _reduce_shard(row: dict, *, model: bytes | None, path: str | None, names: li
     calibration = pickle.loads(row["data"])
     part = template.fresh()
     source = path if path is not None else load(onnx.load_from_string(model))
-    for count, values in Fetcher(source, names, threads=threads).stream(calibration, plan):
-        part.add(count, values)
+    for count, values, mask in Fetcher(source, names, threads=threads).stream(calibration, plan):
+        part.add(count, values, mask)
     return {"shard": row["shard"], "state": pickle.dumps(part)}
 
 

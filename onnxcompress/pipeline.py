@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +27,9 @@ from .errors import RecipeError
 from .model import ModelLike, load, resolve_input_shapes
 from .report import Fidelity, ModelStats, PassRecord, RunReport
 from .verify import PassVerifier, VerifyOptions, random_feeds, reference_outputs
+
+if TYPE_CHECKING:
+    from .analysis.statistics import Statistics
 
 A = TypeVar("A")
 Analysis = Callable[[ir.Model, "PassContext"], Any]
@@ -50,6 +53,9 @@ class PassContext:
     input_values: Mapping[str, np.ndarray] = field(default_factory=dict)  # fixed synthetic inputs (--input sr=16000)
     model: ir.Model | None = None
     original: ir.Model | None = None  # the pipeline's input, untouched: the reference (teacher) for passes that fit to it
+    # Calibration statistics per model state (analysis/statistics.py): one run of the model per state,
+    # kept across passes, and across pipelines that share it (a search's candidates).
+    statistics: Statistics = field(default_factory=lambda: _statistics(), repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def get(self, analysis: Callable[[ir.Model, PassContext], A]) -> A:
@@ -60,6 +66,12 @@ class PassContext:
 
     def invalidate(self, preserved: frozenset = frozenset()) -> None:
         self._cache = {k: v for k, v in self._cache.items() if k in preserved}
+
+
+def _statistics() -> Statistics:
+    from .analysis.statistics import Statistics
+
+    return Statistics()
 
 
 def cost_analysis(model: ir.Model, ctx: PassContext):
@@ -133,11 +145,13 @@ class Pipeline:
         on_pass: Callable[[str], None] | None = None,
         input_values: Mapping[str, Any] | None = None,
         teacher: ModelLike | None = None,
+        statistics: Statistics | None = None,
     ) -> RunResult:
         """`input_values` fixes inputs of the synthetic verification feeds (name -> a value broadcast
         to the input's shape); calibration data, when given, is fed as it is. `teacher` is the model
         recovery passes (distill) match, when this run's input is already a compressed one (the
-        search's candidates); default: the input. Verification always compares with the input."""
+        search's candidates); default: the input. Verification always compares with the input.
+        `statistics`: calibration statistics kept from other runs on the same data (a search's)."""
         from .feeds import check_input_values
 
         source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
@@ -148,6 +162,8 @@ class Pipeline:
         shapes = resolve_input_shapes(original, given)
         values = check_input_values(original, input_values)
         ctx = PassContext(calibration=calibration, input_shapes=shapes, input_values=values, model=original)
+        if statistics is not None:
+            ctx.statistics = statistics
         before_cost = ctx.get(cost_analysis)
         before = before_cost.stats
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from .analysis.statistics import Statistics
 from .calibration import SAMPLE_SOURCE_KEY, Calibration, model_batches
 from .errors import OnnxCompressError
 from .interval import bootstrap_interval, pessimistic
@@ -192,8 +193,12 @@ class _Search:
 
         self.step("cleanup")
         self.checks = VerifyOptions(enabled=options.verify)
+        self.statistics = Statistics()  # every candidate's calibration statistics: one run per model state
+        pruning = build_pass(_prune_spec(options.prune, 1.0))
+        # the int8 step's run on a candidate also serves the prune that may follow it
+        self.statistics.ahead.append(lambda m: pruning.requests_ahead(m, self.shapes, self.fit))
         self.cleaned = Pipeline([build_pass(name) for name in options.cleanup], verify=self.checks).run(
-            self.original, calibration=self.fit, input_shapes=self.shapes)
+            self.original, calibration=self.fit, input_shapes=self.shapes, statistics=self.statistics)
         self.base_macs = max(self.cleaned.report.after.macs, 1)
         self.original_stats = self.cleaned.report.before
         self.finish = [dict(spec) for spec in options.finish]  # the closing passes as currently decided
@@ -211,7 +216,7 @@ class _Search:
             return float_model, []
         run = Pipeline([build_pass(spec) for spec in self.finish], verify=self.checks).run(
             float_model, calibration=self.fit, input_shapes=self.shapes,
-            on_pass=lambda name: self.step(f"{name} on the candidate"))
+            on_pass=lambda name: self.step(f"{name} on the candidate"), statistics=self.statistics)
         return run.model, list(run.report.passes)
 
     def timed(self, baseline: ir.Model, candidate: ir.Model) -> float:
@@ -303,7 +308,7 @@ class _Search:
     def _prune_towards(self, level: float) -> tuple[ir.Model, float, PassRecord] | None:
         o = self.options
         return _prune_step(self.accepted_float, self.accepted_level, level, o.prune, self.fit, self.shapes,
-                           self.base_macs, o.verify)
+                           self.base_macs, o.verify, self.statistics)
 
     def _try(self, pruned: ir.Model, achieved: float, record: PassRecord) -> SearchPoint:
         """Measure a pruned candidate; an accepted one becomes the frontier the next step prunes from."""
@@ -374,7 +379,7 @@ class _Search:
         try:
             run = Pipeline([build_pass(spec) for spec in self.options.recover], verify=self.checks).run(
                 float_model, calibration=self.fit, input_shapes=self.shapes, teacher=self.cleaned.model,
-                on_pass=lambda name: self.step(f"{name} on level {before.level:.3f}"))
+                statistics=self.statistics, on_pass=lambda name: self.step(f"{name} on level {before.level:.3f}"))
         except OnnxCompressError as exc:  # recovery failing leaves every other stage as decided
             self.notes.append(f"recovery ({names}) at level {before.level:.3f} failed and was left out: {exc}")
             return {"level": before.level, "before": before.value, "error": str(exc)}
@@ -519,15 +524,20 @@ def _fastest(points: list[SearchPoint], models: list, chosen: int, speedup: Call
 
 
 def _prune_step(model: ir.Model, current: float, level: float, prune: Mapping[str, Any], fit: Calibration,
-                shapes: Mapping[str, Sequence[int]], base_macs: int, verify: bool = True) -> tuple[ir.Model, float, PassRecord] | None:
+                shapes: Mapping[str, Sequence[int]], base_macs: int, verify: bool = True,
+                statistics: Statistics | None = None) -> tuple[ir.Model, float, PassRecord] | None:
     """Prune `model` (at `current` of the base MACs) towards `level`; None if it barely moves."""
-    spec = {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels",
-            "target_macs": min(1.0, level / current)}
-    run = Pipeline([build_pass(spec)], verify=VerifyOptions(enabled=verify, samples=2)).run(model, calibration=fit, input_shapes=shapes)
+    spec = _prune_spec(prune, min(1.0, level / current))
+    run = Pipeline([build_pass(spec)], verify=VerifyOptions(enabled=verify, samples=2)).run(
+        model, calibration=fit, input_shapes=shapes, statistics=statistics)
     achieved = run.report.after.macs / base_macs
     if current - achieved < MIN_PROGRESS:
         return None
     return run.model, achieved, run.report.passes[0]
+
+
+def _prune_spec(prune: Mapping[str, Any], target_macs: float) -> dict[str, Any]:
+    return {"importance": "activation", "recover": "refit", **prune, "type": "prune-channels", "target_macs": target_macs}
 
 
 def _fixed_mixed_precision(finish: list[dict[str, Any]], records: list[PassRecord]) -> list[dict[str, Any]]:

@@ -167,7 +167,7 @@ def test_streaming_and_layer_timing_run_external_models(models, elsewhere):
     path = models / "external_conv.onnx"
     model = M.load(path)
     x = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    streamed = [values["r1"] for _, values in stream_values(model, ["r1"], Calibration.from_arrays(model, x),
+    streamed = [values["r1"] for _, values, _ in stream_values(model, ["r1"], Calibration.from_arrays(model, x),
                                                              batch_size=1)]
     probe = onnx.load(str(path))
     probe.graph.output.append(onnx.ValueInfoProto(name="r1"))

@@ -194,8 +194,8 @@ def test_padding_rows_are_left_out_of_the_statistics():
 
     model = M.load(attention_block())
     x, padded, mask = padded_tokens(4, real=5, seed=9)
-    h = [collect_hessians(model, {"x": 32}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask}),
-                          mask_names=["attention_mask"])["x"] for a in (x, padded)]
+    h = [collect_hessians(model, {"x": 32}, Calibration.from_arrays(model, {"x": a, "attention_mask": mask})
+                          )["x"] for a in (x, padded)]
     np.testing.assert_allclose(h[0], h[1])
     rows = x[:, :5].reshape(-1, 32).astype(np.float64)
     np.testing.assert_allclose(h[0], 2 * rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)  # float32 sums

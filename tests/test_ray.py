@@ -68,7 +68,7 @@ class CrashOnce(Histograms):
     def fresh(self) -> CrashOnce:
         return CrashOnce(self.bins, marker=self.marker, armed=True)
 
-    def add(self, count, values) -> None:
+    def add(self, count, values, mask=None) -> None:
         if self.armed:
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -76,7 +76,7 @@ class CrashOnce(Histograms):
                 pass
             else:
                 os._exit(1)
-        super().add(count, values)
+        super().add(count, values, mask)
 
 
 def crash_once_then_run(job: Job) -> JobResult:

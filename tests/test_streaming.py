@@ -25,7 +25,7 @@ def test_budgeted_runs_cover_every_sample_and_value_once():
     model, calibration, names = _setup()
     seen: dict[str, int] = {}
     samples = 0
-    for count, values in stream_values(model, names, calibration, budget_bytes=1):  # one value per run
+    for count, values, _ in stream_values(model, names, calibration, budget_bytes=1):  # one value per run
         samples += count
         assert len(values) <= 1 or count  # beyond the first sample, a 1-byte budget fetches one value per run
         for name, value in values.items():
@@ -73,15 +73,15 @@ def _sharded(model, names, calibration, reducer, batch: int, shards: int):
     from onnxcompress.distributed import shard_bounds
 
     fetcher = Fetcher(model, names)
-    for count, values in fetcher.probe(opening(model, calibration, calibration.num_samples)):
-        reducer.add(count, values)
+    for count, values, mask in fetcher.probe(opening(model, calibration, calibration.num_samples)):
+        reducer.add(count, values, mask)
     plan = fetcher.plan(1, batch, FETCH_BUDGET_BYTES)
     bounds = shard_bounds(1, calibration.num_samples, plan.batch, shards)
     assert len(bounds) == shards and all((b - a) > plan.batch for a, b in bounds)  # several runs per shard
     for start, stop in bounds:
         part = reducer.fresh()
-        for count, values in Fetcher(model, names).stream(calibration.samples(start, stop), plan):
-            part.add(count, values)
+        for count, values, mask in Fetcher(model, names).stream(calibration.samples(start, stop), plan):
+            part.add(count, values, mask)
         reducer = reducer.merge(part)
     return reducer
 
@@ -121,8 +121,7 @@ def test_shards_keep_each_batch_s_attention_mask():
     calibration = Calibration.from_arrays(model, {"x": x, "attention_mask": mask})
     axes = {"h": 2, "x": 2}
     whole = collect(model, axes, calibration, batch_size=4)
-    stats = ActivationStats(axes=axes, masks=("attention_mask",))
-    merged = _sharded(model, ["h", "x", "attention_mask"], calibration, stats, batch=4, shards=2)
+    merged = _sharded(model, ["h", "x"], calibration, ActivationStats(axes=axes), batch=4, shards=2)
     assert whole.values["x"].count == int(mask.sum())  # only kept positions
     for name in axes:
         for part in ("total", "total_abs", "total_sq", "zeros", "minimum", "maximum"):

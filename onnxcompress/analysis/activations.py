@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from ..calibration import Calibration
-from ..feeds import feed_mask, mask_inputs, token_rows
+from ..feeds import token_rows
 from .streaming import reduce_values, stream_values
+
+if TYPE_CHECKING:
+    from .statistics import Statistics
 
 
 @dataclass
@@ -96,19 +100,15 @@ class ChannelStats:
 @dataclass
 class ActivationStats:
     """Channel statistics per value over a stream of batches (a streaming.Reducer); token
-    activations ([batch, sequence, channels]) only at the positions the `masks` inputs keep."""
+    activations ([batch, sequence, channels]) only at the positions the batch's mask keeps."""
 
     values: dict[str, ChannelStats] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
     axes: Mapping[str, int] = field(default_factory=dict)  # value name -> channel axis
-    masks: tuple[str, ...] = ()  # attention mask inputs, fetched with the values
     deferred: bool = False  # a shard after the first batch: see ChannelStats.deferred
-    mask: np.ndarray | None = field(default=None, repr=False)  # the current batch's, for its later parts
 
-    def add(self, count: int, values: Mapping[str, np.ndarray]) -> None:
-        self.mask = feed_mask(values, self.masks) if count else self.mask  # a batch's later parts carry no inputs
-        mask = self.mask
+    def add(self, count: int, values: Mapping[str, np.ndarray], mask: np.ndarray | None = None) -> None:
         for name, array in values.items():
             if name not in self.axes:
                 continue
@@ -124,10 +124,10 @@ class ActivationStats:
         merged = dict(self.values)
         for name, stats in later.values.items():
             merged[name] = merged[name].merge(stats) if name in merged else ChannelStats(stats.axis).merge(stats)
-        return ActivationStats(merged, self.samples + later.samples, self.source, self.axes, self.masks, self.deferred)
+        return ActivationStats(merged, self.samples + later.samples, self.source, self.axes, self.deferred)
 
     def fresh(self) -> ActivationStats:
-        return ActivationStats(source=self.source, axes=self.axes, masks=self.masks, deferred=True)
+        return ActivationStats(source=self.source, axes=self.axes, deferred=True)
 
 
 def collect(
@@ -138,20 +138,22 @@ def collect(
     batch_size: int = 16,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    statistics: Statistics | None = None,
 ) -> ActivationStats:
     """Per-channel statistics of the values named in `axes` (value name -> channel axis); token
-    activations ([batch, sequence, channels]) only at the positions an attention mask input keeps."""
-    masks = tuple(m for m in mask_inputs(model) if m not in axes)
-    stats = ActivationStats(source=calibration.source, axes=dict(axes), masks=masks)
+    activations ([batch, sequence, channels]) only at the positions an attention mask input keeps.
+    With `statistics`, from its cache of this model state, or its one run for all that was asked."""
+    if statistics is not None:
+        return statistics.channels(model, axes, calibration, limit=limit, batch_size=batch_size)
+    stats = ActivationStats(source=calibration.source, axes=dict(axes))
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
-    names = [*axes, *masks]
     if calibration.engine is not None:  # shards elsewhere: progress when they are merged
-        stats = reduce_values(model, names, calibration, stats, batch_size=batch_size, limit=limit)
+        stats = reduce_values(model, list(axes), calibration, stats, batch_size=batch_size, limit=limit)
         if progress:
             progress(stats.samples, total)
         return stats
-    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
-        stats.add(count, values)
+    for count, values, mask in stream_values(model, list(axes), calibration, batch_size=batch_size, limit=limit):
+        stats.add(count, values, mask)
         if progress and count:
             progress(stats.samples, total)
     return stats

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..feeds import feed_mask, mask_inputs, token_rows
+from ..feeds import token_rows
 
 #: Smallest bin width (a power of two): a constant tensor still gets a finite, canonical grid.
 MIN_WIDTH_EXP = -32
@@ -247,41 +247,44 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 class Histograms:
     """A histogram per value over a stream of batches (a streaming.Reducer): merges are exact in any
     order, so shards of the calibration data give the counts of one pass over all of it. Token
-    activations ([batch, sequence, features]) count only at the positions the `masks` inputs keep:
-    padding never reaches a real output, and its values would widen the ranges of real tokens."""
+    activations ([batch, sequence, features]) count only at the positions the batch's mask keeps:
+    padding never reaches a real output, and its values would widen the ranges of real tokens.
+    `names`: the values histogrammed (empty: every value streamed)."""
 
     bins: int = 2048
     values: dict[str, TensorHistogram] = field(default_factory=dict)
     samples: int = 0
-    masks: tuple[str, ...] = ()  # attention mask inputs, fetched with the values (not histogrammed)
-    mask: np.ndarray | None = field(default=None, repr=False)  # the current batch's, for its later parts
+    names: frozenset[str] = frozenset()
 
-    def add(self, count: int, values: dict[str, np.ndarray]) -> None:
-        self.mask = feed_mask(values, self.masks) if count else self.mask  # a batch's later parts carry no inputs
+    def add(self, count: int, values: dict[str, np.ndarray], mask: np.ndarray | None = None) -> None:
         for name, array in values.items():
-            if name in self.masks:
+            if self.names and name not in self.names:
                 continue
-            self.values.setdefault(name, TensorHistogram(self.bins)).update(token_rows(array, self.mask, keep_shape=True))
+            self.values.setdefault(name, TensorHistogram(self.bins)).update(token_rows(array, mask, keep_shape=True))
         self.samples += count
 
     def merge(self, later: Histograms) -> Histograms:
         merged = dict(self.values)
         for name, hist in later.values.items():
             merged[name] = merged[name].merge(hist) if name in merged else hist.copy()
-        return Histograms(self.bins, merged, self.samples + later.samples, self.masks)
+        return Histograms(self.bins, merged, self.samples + later.samples, self.names)
 
     def fresh(self) -> Histograms:
-        return Histograms(self.bins, masks=self.masks)
+        return Histograms(self.bins, names=self.names)
 
 
 def collect_histograms(model, names, calibration, *, bins: int = 2048, batch_size: int = 16,
-                       limit: int | None = None) -> tuple[dict[str, TensorHistogram], int]:
+                       limit: int | None = None, statistics=None) -> tuple[dict[str, TensorHistogram], int]:
     """Histograms of the named values (graph inputs or node outputs) over the calibration data,
-    updated batch by batch through ORT in bounded memory; returns (histograms, samples seen)."""
+    updated batch by batch through ORT in bounded memory; returns (histograms, samples seen).
+    With `statistics` (analysis/statistics.Statistics): from its cache or its one run per model state."""
     from .streaming import reduce_values
 
-    masks = tuple(m for m in mask_inputs(model) if m not in names)
-    hists = reduce_values(model, [*names, *masks], calibration, Histograms(bins, masks=masks), batch_size=batch_size, limit=limit)
+    if statistics is not None:
+        hists = statistics.histograms(model, names, calibration, bins=bins, limit=limit, batch_size=batch_size)
+        return hists.values, hists.samples
+    hists = reduce_values(model, list(names), calibration, Histograms(bins, names=frozenset(names)), batch_size=batch_size,
+                          limit=limit)
     return hists.values, hists.samples
 
 

@@ -6,6 +6,9 @@ EfficientNet-Lite1 samples fetch 2.6 GB of activations). So the first sample is 
 at a time to learn each value's size, then runs are sized to stay under a budget: several samples
 per run when a sample is small, one sample and a subset of the values per run when it is large.
 
+Every part of a batch comes with the batch's attention mask (feeds.mask_inputs; None without one),
+so token statistics leave padding out without each collector fetching and carrying the mask itself.
+
 `reduce_values` feeds those batches to a mergeable reducer (histograms, channel sums), in this
 process or, when the calibration data carries an engine (distributed.RayEngine), on shards of the
 same batches whose results are merged in sample order: the same statistics, bit for bit.
@@ -23,6 +26,7 @@ import onnx_ir as ir
 
 from .. import runtime
 from ..calibration import Calibration, batch_size_for
+from ..feeds import feed_mask, mask_inputs
 from ..model import load
 
 #: Bytes of fetched values per run that runs are sized to stay under (a single value may exceed it).
@@ -31,6 +35,8 @@ FETCH_BUDGET_BYTES = 64 * 2**20
 PROBE_GROUP = 16
 
 Values = dict[str, np.ndarray]
+#: (new samples, values, the batch's attention mask or None): one part of a batch.
+Part = tuple[int, Values, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,8 @@ class RunPlan:
 
 
 class Fetcher:
-    """One ORT session of `model` with the wanted values added as outputs (CPU arena off)."""
+    """One ORT session of `model` with the wanted values added as outputs (CPU arena off); the
+    model's attention mask inputs are read from the feeds of every batch."""
 
     def __init__(self, model: ir.Model | str | os.PathLike, names: Sequence[str], threads: int | None = None) -> None:
         # A path is a model written for a statistics run (distributed.RayEngine): the outputs it added may
@@ -55,6 +62,7 @@ class Fetcher:
         self.fixed = batch_size_for(probe, 0)  # an input that fixes its batch dimension leaves no choice
         self.fetched = list(dict.fromkeys(n for n in names if n in produced))
         self.fed = [n for n in dict.fromkeys(names) if n in inputs and n not in produced]
+        self.masks = mask_inputs(probe)
         added = [name for name in self.fetched if name not in outputs]
         for name in added:
             probe.graph.outputs.append(produced[name])
@@ -66,19 +74,21 @@ class Fetcher:
         self.session = runtime.session(run, options=options) if self.fetched else None
         self.sizes: dict[str, int] = {}
 
-    def parts(self, feeds: Values, groups: Sequence[Sequence[str]]) -> Iterator[tuple[int, Values]]:
-        """One batch: its sample count and inputs with the first group's values, then 0 and each other group's."""
+    def parts(self, feeds: Values, groups: Sequence[Sequence[str]]) -> Iterator[Part]:
+        """One batch: its sample count and inputs with the first group's values, then 0 and each other
+        group's; every part with the batch's mask (later parts carry no inputs of their own)."""
         count = len(next(iter(feeds.values())))
-        yield count, {**{n: feeds[n] for n in self.fed}, **self._run(feeds, groups[0] if groups else ())}
+        mask = feed_mask(feeds, self.masks)
+        yield count, {**{n: feeds[n] for n in self.fed}, **self._run(feeds, groups[0] if groups else ())}, mask
         for group in groups[1:]:
-            yield 0, self._run(feeds, group)
+            yield 0, self._run(feeds, group), mask
 
-    def probe(self, first: Values) -> Iterator[tuple[int, Values]]:
+    def probe(self, first: Values) -> Iterator[Part]:
         """The first batch, PROBE_GROUP values per run, learning each value's size."""
         groups = [self.fetched[i:i + PROBE_GROUP] for i in range(0, len(self.fetched), PROBE_GROUP)]
-        for count, values in self.parts(first, groups):
+        for count, values, mask in self.parts(first, groups):
             self.sizes.update((n, v.nbytes) for n, v in values.items() if n not in self.fed)
-            yield count, values
+            yield count, values, mask
 
     def plan(self, first_count: int, batch_size: int, budget_bytes: int) -> RunPlan:
         """Runs for the rest of the data, from the sizes the probe measured."""
@@ -88,7 +98,7 @@ class Fetcher:
         return RunPlan(batch, tuple(tuple(g) for g in _groups(self.fetched, sizes, budget_bytes)))
 
     def stream(self, calibration: Calibration, plan: RunPlan, start: int = 0,
-               stop: int | None = None) -> Iterator[tuple[int, Values]]:
+               stop: int | None = None) -> Iterator[Part]:
         """Samples `start` .. `stop` in runs of the plan."""
         for feeds in calibration.batches(plan.batch, limit=stop, start=start):
             yield from self.parts(feeds, plan.groups)
@@ -110,10 +120,11 @@ def stream_values(
     batch_size: int = 16,
     limit: int | None = None,
     budget_bytes: int | None = None,
-) -> Iterator[tuple[int, Values]]:
-    """(new samples, {name: value}) over the first `limit` calibration samples. A batch whose values
-    come in several runs yields its sample count with the first part and 0 with the others. `names`
-    are graph inputs (taken from the feeds) or node outputs (fetched); unknown names are left out."""
+) -> Iterator[Part]:
+    """(new samples, {name: value}, mask) over the first `limit` calibration samples. A batch whose
+    values come in several runs yields its sample count with the first part and 0 with the others.
+    `names` are graph inputs (taken from the feeds) or node outputs (fetched); unknown names are left
+    out. `mask`: the batch's attention mask input (feeds.mask_inputs), None when the model has none."""
     budget_bytes = FETCH_BUDGET_BYTES if budget_bytes is None else budget_bytes
     total = calibration.num_samples if limit is None else min(limit, calibration.num_samples)
     first = opening(model, calibration, total)
@@ -131,7 +142,7 @@ class Reducer(Protocol):
 
     samples: int
 
-    def add(self, count: int, values: Values) -> None: ...
+    def add(self, count: int, values: Values, mask: np.ndarray | None) -> None: ...
 
     def merge(self, later: Reducer) -> Reducer: ...
 
@@ -146,8 +157,8 @@ def reduce_values(model: ir.Model, names: Sequence[str], calibration: Calibratio
     """`reducer` fed every batch of `stream_values`: here, or on the calibration's engine (Ray)."""
     if calibration.engine is not None:
         return calibration.engine.reduce(model, names, calibration, reducer, batch_size=batch_size, limit=limit)
-    for count, values in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
-        reducer.add(count, values)
+    for count, values, mask in stream_values(model, names, calibration, batch_size=batch_size, limit=limit):
+        reducer.add(count, values, mask)
     return reducer
 
 
@@ -164,4 +175,4 @@ def _groups(names: Sequence[str], sizes: dict[str, int], budget: int) -> list[li
     return groups if groups[0] else []
 
 
-__all__ = ["FETCH_BUDGET_BYTES", "Fetcher", "Reducer", "RunPlan", "reduce_values", "stream_values"]
+__all__ = ["FETCH_BUDGET_BYTES", "Fetcher", "Part", "Reducer", "RunPlan", "reduce_values", "stream_values"]

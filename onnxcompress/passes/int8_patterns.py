@@ -37,7 +37,7 @@ did not reach the model's output (see CONV_MAX_NOISE_DB).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,12 +124,13 @@ def has_attention(model: ir.Model) -> bool:
         n.op_type == "MatMul" and not constant(n.inputs[0]) and not constant(n.inputs[1]) for n in nodes)
 
 
-def choose_alphas(model: ir.Model, calibration: Calibration, mode: Mode, *, limit: int | None = None) -> list[InputChoice]:
+def choose_alphas(model: ir.Model, calibration: Calibration, mode: Mode, *, limit: int | None = None,
+                  statistics=None) -> list[InputChoice]:
     """One InputChoice per smoothable MatMul/Gemm input, measured on calibration rows."""
     groups = [g for g in find_groups(model)[0] if g.rank is None]
     if not groups:
         return []
-    rows, ranges = sample_inputs(model, [g.value.name for g in groups], calibration, limit=limit)
+    rows, ranges = sample_inputs(model, [g.value.name for g in groups], calibration, limit=limit, statistics=statistics)
     choices = []
     for g in groups:
         x = rows.get(g.value.name)
@@ -144,33 +145,71 @@ def choose_alphas(model: ir.Model, calibration: Calibration, mode: Mode, *, limi
     return choices
 
 
-def sample_inputs(
-    model: ir.Model, names: list[str], calibration: Calibration, *, limit: int | None = None, seed: int = 0,
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """({value: sampled rows [n, C]}, {value: (per-sample per-channel minima and maxima
-    [samples, 2, C] over all of the sample's positions, the sample index of each row)}), from one
-    ORT run over the calibration data (analysis/streaming.py: bounded memory)."""
-    produced = {v.name for n in model.graph for v in n.outputs}
-    names = [n for n in names if n in produced]
-    # one generator per value: the rows drawn do not depend on how the runs group the values
-    rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
-    limit = min(limit or MAX_SAMPLES, MAX_SAMPLES)
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    ids: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for _, values in stream_values(model, names, calibration, batch_size=8, limit=limit):
+class SampledRows:
+    """Up to ROWS_PER_SAMPLE rows (channels last) of each sample of each value, and each sample's
+    per-channel minima and maxima (a statistics.Request reducer; every position, as the kernels see it)."""
+
+    def __init__(self, names: Sequence[str], seed: int = 0) -> None:
+        # one generator per value: the rows drawn do not depend on how the runs group the values
+        self.rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(names)}
+        self.rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.ids: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.ranges: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def add(self, count: int, values: Mapping[str, np.ndarray], mask: np.ndarray | None = None) -> None:
         for name, array in values.items():
+            if name not in self.rngs:
+                continue
             array = np.asarray(array, dtype=np.float32)
             per_sample = array.reshape(array.shape[0], -1, array.shape[-1]) if array.ndim >= 2 else array[None, None]
             for sample in per_sample:
-                k = len(ranges[name])
-                ranges[name].append(np.stack([sample.min(axis=0), sample.max(axis=0)]))
-                take = sample if len(sample) <= ROWS_PER_SAMPLE else sample[rngs[name].choice(len(sample), ROWS_PER_SAMPLE, replace=False)]
-                rows[name].append(take)
-                ids[name].append(np.full(len(take), k))
-    out_rows = {n: np.concatenate(rows[n]) for n in names if rows[n]}
-    out_ranges = {n: (np.asarray(ranges[n]), np.concatenate(ids[n])) for n in names if rows[n]}
-    return out_rows, out_ranges
+                k = len(self.ranges[name])
+                self.ranges[name].append(np.stack([sample.min(axis=0), sample.max(axis=0)]))
+                take = sample if len(sample) <= ROWS_PER_SAMPLE else sample[self.rngs[name].choice(len(sample), ROWS_PER_SAMPLE, replace=False)]
+                self.rows[name].append(take)
+                self.ids[name].append(np.full(len(take), k))
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        names = [n for n in self.rngs if self.rows[n]]
+        return ({n: np.concatenate(self.rows[n]) for n in names},
+                {n: (np.asarray(self.ranges[n]), np.concatenate(self.ids[n])) for n in names})
+
+
+def sample_request(model: ir.Model, names: list[str], calibration: Calibration, *, limit: int | None = None,
+                   seed: int = 0):
+    """The statistics.Request for `sample_inputs`."""
+    from ..analysis.statistics import Request
+
+    produced = {v.name for n in model.graph for v in n.outputs}
+    names = [n for n in names if n in produced]
+    return Request(calibration, values=names, limit=min(limit or MAX_SAMPLES, MAX_SAMPLES),
+                   reducer=functools.partial(SampledRows, names, seed), kind=("sampled rows", seed))
+
+
+def sample_inputs(
+    model: ir.Model, names: list[str], calibration: Calibration, *, limit: int | None = None, seed: int = 0,
+    statistics=None,
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """({value: sampled rows [n, C]}, {value: (per-sample per-channel minima and maxima
+    [samples, 2, C] over all of the sample's positions, the sample index of each row)}), from one
+    ORT run over the calibration data (analysis/streaming.py: bounded memory), or from `statistics`
+    (analysis/statistics.Statistics) where this model state's run already gathered them."""
+    from ..analysis.statistics import Statistics
+
+    request = sample_request(model, names, calibration, limit=limit, seed=seed)
+    return (statistics or Statistics()).gather(model, [request])[0].custom.result()
+
+
+def outlier_requests(model: ir.Model, calibration: Calibration, samples: int | None = None) -> list:
+    """What smooth_outliers reads of this model state (statistics.Requests): the MatMul inputs'
+    sampled rows, and their channel ranges for the smoothing that may follow; none without attention."""
+    from ..analysis.statistics import Request
+
+    groups = [g for g in find_groups(model)[0] if g.rank is None]
+    if not groups or not has_attention(model):
+        return []
+    return [sample_request(model, [g.value.name for g in groups], calibration, limit=samples),
+            Request(calibration, channels={g.value.name: g.axis for g in groups}, limit=samples)]
 
 
 def _key(alpha: float | None) -> str:
@@ -224,23 +263,39 @@ def _output_error_db(x: np.ndarray, ranges: tuple[np.ndarray, np.ndarray], weigh
 # ---------------------------------------------------------------------------- Conv inputs
 
 
-def choose_conv_alphas(
-    model: ir.Model, calibration: Calibration, *, limit: int | None = None, kernels: Kernels = "any",
-    method: str = "minmax", percentile: float = 99.99,
-) -> list[InputChoice]:
-    """One InputChoice per 2-D Conv input whose channel ranges differ by more than CONV_MIN_SPREAD,
-    measured on output windows sampled from the calibration data (static int8)."""
+def _conv_groups(model: ir.Model) -> list:
+    """(group, route) of each 2-D Conv input that smoothing could equalize."""
     groups = []
     for g in find_groups(model)[0]:
         if g.rank == 4 and len({_kernel(n) for n in g.consumers}) == 1:
             route = conv_route(model, g)
             if route is not None:
                 groups.append((g, route))
+    return groups
+
+
+def conv_range_request(model: ir.Model, calibration: Calibration, limit: int | None = None):
+    """The channel statistics choose_conv_alphas reads first (a statistics.Request), or None."""
+    from ..analysis.statistics import Request
+
+    groups = _conv_groups(model)
+    if not groups:
+        return None
+    return Request(calibration, channels={g.value.name: 1 for g, _ in groups}, limit=min(limit or MAX_SAMPLES, MAX_SAMPLES))
+
+
+def choose_conv_alphas(
+    model: ir.Model, calibration: Calibration, *, limit: int | None = None, kernels: Kernels = "any",
+    method: str = "minmax", percentile: float = 99.99, statistics=None,
+) -> list[InputChoice]:
+    """One InputChoice per 2-D Conv input whose channel ranges differ by more than CONV_MIN_SPREAD,
+    measured on output windows sampled from the calibration data (static int8)."""
+    groups = _conv_groups(model)
     if not groups:
         return []
     limit = min(limit or MAX_SAMPLES, MAX_SAMPLES)
     # channel ranges first, so that windows are sampled only for the inputs with unequal channels
-    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit)
+    stats = collect(model, {g.value.name: 1 for g, _ in groups}, calibration, limit=limit, statistics=statistics)
     wide = []
     for g, route in groups:
         ch = stats.values.get(g.value.name)
@@ -303,7 +358,7 @@ def sample_windows(
     windows: dict[str, np.ndarray] = {}  # filled in place: a list of parts and their concatenation would take twice the budget
     ranges: dict[str, np.ndarray] = {}
     done = start = 0
-    for count, values in stream_values(model, list(kernel), calibration, batch_size=8, limit=limit):
+    for count, values, _ in stream_values(model, list(kernel), calibration, batch_size=8, limit=limit):
         if count:
             start, done = done, done + count
         for name, array in values.items():
@@ -420,6 +475,7 @@ def alphas_of(choices: list[InputChoice]) -> Mapping[str, float | None]:
 
 def smooth_outliers(
     model: ir.Model, calibration: Calibration, input_shapes, mode: Mode, *, samples: int | None = None,
+    statistics=None,
 ) -> tuple[ir.Model, list[str], dict]:
     """SmoothQuant with the alpha choose_alphas measured for each input; (model, changes, details).
     Models without the attention pattern come back untouched."""
@@ -428,7 +484,9 @@ def smooth_outliers(
 
     if not has_attention(model):
         return model, [], {"applied": False, "why": "no attention pattern (a Softmax and a MatMul of two activations)"}
-    choices = choose_alphas(model, calibration, mode, limit=samples)
+    if statistics is not None:  # the rows and the ranges a smoothing reads: one run of this model state
+        statistics.gather(model, outlier_requests(model, calibration, samples))
+    choices = choose_alphas(model, calibration, mode, limit=samples, statistics=statistics)
     alphas = alphas_of(choices)
     chosen = [c for c in choices if c.alpha is not None]
     details = {"applied": True, "mode": mode, "inputs": [
@@ -436,6 +494,8 @@ def smooth_outliers(
     if not chosen:
         return model, [f"outlier check: none of {len(choices)} MatMul inputs gains from smoothing"], details
     sub = PassContext(calibration=calibration, input_shapes=input_shapes, model=model)
+    if statistics is not None:  # the ranges were gathered with the rows, in this model state's run
+        sub.statistics = statistics
     smoothed = SmoothQuant(alphas=dict(alphas), samples=samples).run(model, sub)
     details["smoothing"] = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
     gains = sorted(chosen, key=lambda c: -c.gain_db)
@@ -449,14 +509,15 @@ def smooth_outliers(
 
 def smooth_conv_inputs(
     model: ir.Model, calibration: Calibration, input_shapes, *, samples: int | None = None, kernels: Kernels = "any",
-    method: str = "minmax", percentile: float = 99.99,
+    method: str = "minmax", percentile: float = 99.99, statistics=None,
 ) -> tuple[ir.Model, list[str], dict | None]:
     """SmoothQuant on the Conv inputs choose_conv_alphas picks, each with its measured alpha (static
     int8); (model, changes, details). No Conv input with unequal channels: (model, [], None)."""
     from ..pipeline import PassContext
     from .smooth import SmoothQuant
 
-    choices = choose_conv_alphas(model, calibration, limit=samples, kernels=kernels, method=method, percentile=percentile)
+    choices = choose_conv_alphas(model, calibration, limit=samples, kernels=kernels, method=method, percentile=percentile,
+                                 statistics=statistics)
     if not choices:
         return model, [], None
     details: dict = {"inputs": [{"value": c.value, "consumers": c.consumers, "alpha": c.alpha, "error_db": c.error_db,
@@ -467,6 +528,8 @@ def smooth_conv_inputs(
         return model, [f"Conv input check: none of {len(choices)} Conv inputs with unequal channel ranges smoothed (modelled "
                        f"int8 output noise above {CONV_MAX_NOISE_DB:g} dB in {broken} of them, and smoothing gains too little there)"], details
     sub = PassContext(calibration=calibration, input_shapes=input_shapes, model=model)
+    if statistics is not None:  # a smoothing statistic of this model state the check already gathered is reused
+        sub.statistics = statistics
     smoothed = SmoothQuant(alphas=dict(alphas_of(choices)), samples=samples).run(load(model), sub)
     details["smoothing"] = {**smoothed.record.details, "skipped": list(smoothed.record.skipped)}
     inserted = sum("inserted" in c for c in smoothed.record.changes)
@@ -505,4 +568,4 @@ def pick_range_method(quantizer, feeds, reference, source: str):
 
 __all__ = ["ALPHAS", "CONV_ALPHAS", "CONV_MAX_NOISE_DB", "CONV_MIN_SPREAD", "INSERT_MIN_GAIN_DB", "InputChoice", "MIN_GAIN_DB", "OUTLIER_MODES",
            "alphas_of", "choose_alphas", "choose_conv_alphas", "has_attention", "pick_range_method",
-           "sample_inputs", "sample_windows", "smooth_conv_inputs", "smooth_outliers"]
+           "SampledRows", "outlier_requests", "sample_inputs", "sample_request", "sample_windows", "smooth_conv_inputs", "smooth_outliers"]

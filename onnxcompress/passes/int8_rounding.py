@@ -175,7 +175,7 @@ def collect_grams(
     rngs = {n.name: np.random.default_rng([seed, i]) for i, n in enumerate(chosen)}
     grams: dict[str, Gram] = {}
     # small batches: the rows are sampled per item (analysis/streaming.py bounds the memory)
-    for _, values in stream_values(load(quantized), list(readers), calibration, batch_size=batch_size, limit=limit):
+    for _, values, _ in stream_values(load(quantized), list(readers), calibration, batch_size=batch_size, limit=limit):
         for value, array in values.items():
             for node in readers[value]:
                 x = _rows_of(node, shapes[node.name], array, rngs[node.name])

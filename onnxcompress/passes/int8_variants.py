@@ -25,6 +25,7 @@ from .int8_rounding import Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import WeightEncoding
 
 if TYPE_CHECKING:
+    from ..analysis.statistics import Statistics
     from .quantize import QuantizeQDQ
 
 
@@ -45,8 +46,10 @@ class Quantizer:
     """Quantized variants of one float model with chosen layers kept in float; histograms and input
     means are collected once per value and reused by every variant (tolerance mode builds many)."""
 
-    def __init__(self, options: QuantizeQDQ, model: ir.Model, calibration: Calibration) -> None:
+    def __init__(self, options: QuantizeQDQ, model: ir.Model, calibration: Calibration,
+                 statistics: Statistics | None = None) -> None:
         self.options, self.model, self.calibration = options, model, calibration
+        self.statistics = statistics  # where histograms and means of this model state are gathered (or kept)
         self.kernels = options.kernels
         self.proto = to_proto(model, with_data=True)  # weights are read from the proto (numpy_helper)
         self.hists: dict[str, TensorHistogram] = {}
@@ -63,7 +66,8 @@ class Quantizer:
                               fold_relu=True)
         missing = [v for v in plan.values if v not in self.asked]
         if missing:
-            hists, self.seen = collect_histograms(self.model, missing, self.calibration, bins=o.bins, limit=o.samples)
+            hists, self.seen = collect_histograms(self.model, missing, self.calibration, bins=o.bins, limit=o.samples,
+                                                  statistics=self.statistics)
             self.hists.update(hists)
             self.asked.update(missing)
         params = o.ranges(plan, self.hists)
@@ -88,7 +92,7 @@ class Quantizer:
         axes = correction_inputs(self.proto, plan)
         need = {v: a for v, a in axes.items() if v not in self.asked_means}
         if need:
-            stats = collect(self.model, need, self.calibration, limit=o.samples)
+            stats = collect(self.model, need, self.calibration, limit=o.samples, statistics=self.statistics)
             self.means.update({v: s.mean for v, s in stats.values.items()})
             self.asked_means.update(need)
         return correct_biases(self.proto, plan, params, self.means, encodings=encodings)

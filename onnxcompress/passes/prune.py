@@ -66,9 +66,7 @@ class PruneChannels(Pass):
         if self.importance in ("activation", "output", "apoz"):
             if ctx.calibration is None:
                 raise OnnxCompressError(f"importance '{self.importance}' needs calibration data (--calib)")
-            from ..analysis.activations import collect
-
-            stats = collect(model, graph.sink_inputs(), ctx.calibration, limit=self.calibration_samples)
+            stats = ctx.statistics.gather(model, self.requests(model, graph, ctx.calibration))[0].channels
             if ctx.calibration.is_random:
                 notes.append("activation importance measured on random data")
         scores = self._scores(graph, stats)
@@ -110,13 +108,38 @@ class PruneChannels(Pass):
 
             original, sinks = recovery_inputs
             details["recovery"] = recover(original, model, sinks, ctx.calibration, mode=self.recover,
-                                          samples=self.calibration_samples, seed=self.seed)
+                                          samples=self.calibration_samples, seed=self.seed, statistics=ctx.statistics)
         changes = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['channels']} -> {r['kept']} channels"
                    for r in records if r["removed"]]
         skipped = [f"group {r['id']} ({', '.join(r['sources'][:3])}): {r['frozen_reason']}"
                    for r in records if r["frozen_reason"] and not r["removed"]]
         skipped += _subgraph_layers(model)
         return self.result(model, changes=changes, skipped=skipped, details=details, modified=bool(removed))
+
+    def requests(self, model: ir.Model, graph: ChannelGraph, calibration) -> list:
+        """The activation statistics this pass reads of `model`, asked at once (one run): the sinks'
+        inputs for importance and, for recovery, the same inputs' means on the samples it fits to."""
+        from ..analysis.statistics import Request
+        from .recover import BATCH_SIZE, fitting_part
+
+        axes = graph.sink_inputs()
+        requests = [Request(calibration, channels=axes, limit=self.calibration_samples)]
+        fit = fitting_part(calibration, self.calibration_samples) if self.recover != "none" else None
+        if fit is not None:
+            requests.append(Request(fit, channels=axes, batch_size=BATCH_SIZE))
+        return requests
+
+    def requests_ahead(self, model: ir.Model, input_shapes, calibration) -> list:
+        """What `run` will ask of this model state, for a run of the state that comes first (a search's
+        int8 step on a candidate it prunes next); none when preparing the model changes its state."""
+        from ..analysis.statistics import model_state
+
+        if self.importance not in ("activation", "output", "apoz"):
+            return []
+        prepared = prepare(load(model))
+        if model_state(prepared) != model_state(model):
+            return []
+        return self.requests(prepared, ChannelGraph.build(prepared, input_shapes), calibration)
 
     # ------------------------------------------------------------------ ranking and allocation
 

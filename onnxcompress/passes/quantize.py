@@ -161,7 +161,8 @@ class QuantizeQDQ(Pass):
         held_feeds = list(checked.batches(batch_size_for(model, HELD_BATCH)))
         reference = outputs(model, held_feeds, f"pass '{self.name}' (float reference)")
         model, changes, smoothing = self._prepare(model, ctx, calibration)
-        quantizer = Quantizer(self, model, calibration)
+        self._declare(model, ctx, calibration)  # gathered already unless a smoothing made another model state
+        quantizer = Quantizer(self, model, calibration, ctx.statistics)
         if smoothing is not None and smoothing.get("applied") and self.method != "minmax":
             from .int8_patterns import pick_range_method
 
@@ -200,7 +201,7 @@ class QuantizeQDQ(Pass):
         if self.smooth_alpha is not None:
             from .smooth import SmoothQuant
 
-            sub = PassContext(calibration=calibration, input_shapes=ctx.input_shapes, model=model)
+            sub = PassContext(calibration=calibration, input_shapes=ctx.input_shapes, model=model, statistics=ctx.statistics)
             smoothed = SmoothQuant(alpha=self.smooth_alpha, samples=self.samples).run(model, sub)
             model = smoothed.model
             changes += [f"smooth-quant: {c}" for c in smoothed.record.changes]
@@ -208,14 +209,37 @@ class QuantizeQDQ(Pass):
         elif self.outliers == "auto":
             from .int8_patterns import smooth_conv_inputs, smooth_outliers
 
-            model, notes, smoothing = smooth_outliers(model, calibration, ctx.input_shapes, "static", samples=self.samples)
+            self._declare(model, ctx, calibration, outliers=True)
+            model, notes, smoothing = smooth_outliers(model, calibration, ctx.input_shapes, "static", samples=self.samples,
+                                                      statistics=ctx.statistics)
             changes += notes
+            self._declare(model, ctx, calibration)  # nothing new unless smoothing made another model state
             model, notes, conv_smoothing = smooth_conv_inputs(
                 model, calibration, ctx.input_shapes, samples=self.samples, kernels=self.kernels, method=self.method,
-                percentile=self.percentile)
+                percentile=self.percentile, statistics=ctx.statistics)
             changes += notes
             smoothing = {**smoothing, "conv": conv_smoothing}
         return model, changes, smoothing
+
+    def _declare(self, model: ir.Model, ctx: PassContext, calibration: Calibration, outliers: bool = False) -> None:
+        """Ask at once for what the quantizer and the checks before it read of this model state: the
+        ranges' histograms, the bias-correction means, the Conv-input check's channel ranges and
+        (`outliers`) the attention outlier check's rows and ranges; one run for all. A smoothing
+        that applies makes a new model state, which is run again."""
+        from ..analysis.statistics import Request
+        from .int8_patterns import conv_range_request, outlier_requests
+
+        proto = to_proto(model, with_data=True)
+        plan = self.plan(proto)
+        requests = [Request(calibration, histograms=list(plan.values), limit=self.samples, bins=self.bins)]
+        if self.bias_correction:
+            requests.append(Request(calibration, channels=correction_inputs(proto, plan), limit=self.samples))
+        conv = conv_range_request(model, calibration, self.samples)
+        if conv is not None:
+            requests.append(conv)
+        if outliers:
+            requests += outlier_requests(model, calibration, self.samples)
+        ctx.statistics.gather(model, requests)
 
     def _quantize_checked(
         self, quantizer: Quantizer, tolerance: Tolerance | None, feeds: list[dict[str, np.ndarray]],

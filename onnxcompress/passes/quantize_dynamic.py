@@ -69,7 +69,8 @@ class QuantizeDynamic(Pass):
         if self.outliers == "auto" and ctx.calibration is not None:
             from .int8_patterns import smooth_outliers
 
-            model, smoothing_changes, smoothing = smooth_outliers(model, ctx.calibration, ctx.input_shapes, "dynamic")
+            model, smoothing_changes, smoothing = smooth_outliers(model, ctx.calibration, ctx.input_shapes, "dynamic",
+                                                                  statistics=ctx.statistics)
         with tempfile.TemporaryDirectory(prefix="onnxcompress-dynamic-") as tmp:
             source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
             save(model, source)

@@ -82,12 +82,9 @@ class QuantizeWeightOnly(Pass):
             return self.result(model, skipped=skipped, details=self._details(method, 0, 0, 0, {}, 0.0))
         hessians, seconds = {}, 0.0
         if method == "gptq":
-            from ..feeds import mask_inputs
-
             start = time.perf_counter()
             widths = {t.x.name: t.k for t in targets}
-            hessians = collect_hessians(model, widths, ctx.calibration, budget_bytes=self.calibration_budget_mb * 2**20,
-                                        mask_names=mask_inputs(model))
+            hessians = collect_hessians(model, widths, ctx.calibration, budget_bytes=self.calibration_budget_mb * 2**20)
         names, gains, before, after, prepared = Names(model), {}, 0, 0, {}
         for target in targets:  # one weight in memory at a time
             weight = target.load_weight()

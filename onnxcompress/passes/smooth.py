@@ -114,7 +114,7 @@ class SmoothQuant(Pass):
             return self.result(model, changes=[], skipped=skipped, details={"alpha": self.alpha, "inputs": []},
                                preserved=frozenset({cost_analysis}))
         axes = {g.value.name: g.axis for g in groups}
-        stats = collect(model, axes, ctx.calibration, limit=self.samples)
+        stats = collect(model, axes, ctx.calibration, limit=self.samples, statistics=ctx.statistics)
         names = _NameSource(model)
         changes, records = [], []
         for group in groups:

@@ -26,7 +26,7 @@ than the 3,072 inputs of the FFN's second MatMul) gave cosine 0.977 (min 0.76) a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,13 +43,13 @@ BUDGET_BYTES = 256 * 2**20
 
 
 def collect_hessians(model: ir.Model, inputs: Mapping[str, int], calibration: Calibration, *,
-                     budget_bytes: int = BUDGET_BYTES, mask_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+                     budget_bytes: int = BUDGET_BYTES) -> dict[str, np.ndarray]:
     """{value name: H = 2 X^T X / rows [K, K]} for the named values (name -> K, their last axis),
-    exact over the calibration rows; positions where a mask input is 0 are left out. The values
+    exact over the calibration rows; positions where an attention mask input is 0 are left out. The values
     are collected in as few streaming runs of `model` as keep their float32 Grams under
     `budget_bytes` together (one run unless they do not fit)."""
     from ..analysis.streaming import stream_values
-    from ..feeds import feed_mask, token_rows
+    from ..feeds import token_rows
 
     groups: list[list[str]] = [[]]
     used = 0
@@ -59,14 +59,11 @@ def collect_hessians(model: ir.Model, inputs: Mapping[str, int], calibration: Ca
             used = 0
         groups[-1].append(name)
         used += 4 * k * k
-    masks = list(mask_names)
     hessians: dict[str, np.ndarray] = {}
     for group in groups:
         grams = {name: np.zeros((inputs[name], inputs[name]), np.float32) for name in group}
         rows = dict.fromkeys(group, 0)
-        mask = None
-        for count, values in stream_values(model, [*masks, *group], calibration):
-            mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
+        for _, values, mask in stream_values(model, group, calibration):
             for name, array in values.items():
                 if name not in grams:
                     continue

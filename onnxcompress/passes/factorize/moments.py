@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from ...analysis.streaming import stream_values
 from ...calibration import Calibration, batch_size_for
-from ...feeds import feed_mask, mask_inputs, token_rows
+from ...feeds import token_rows
 from .layers import Layer
 
 
@@ -48,11 +48,9 @@ def collect_moments(model: ir.Model, layers: list[Layer], calibration: Calibrati
         return {}
     rng = np.random.default_rng(seed)
     moments = {l.node.name: Moments() for l in wanted}
-    masks = mask_inputs(model)  # token rows under an attention mask's padding are left out
     names = list(dict.fromkeys(l.node.inputs[0].name for l in wanted))
-    mask = None
-    for count, values in stream_values(model, [*names, *masks], calibration, batch_size=batch_size_for(model, 8), limit=samples):
-        mask = feed_mask(values, masks) if count else mask  # a batch's later parts carry no inputs
+    # token rows under an attention mask's padding are left out (the mask comes with every part)
+    for _, values, mask in stream_values(model, names, calibration, batch_size=batch_size_for(model, 8), limit=samples):
         for layer in wanted:
             x = values.get(layer.node.inputs[0].name)
             if x is not None:

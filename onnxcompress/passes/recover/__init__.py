@@ -78,12 +78,14 @@ def recover(
     max_inputs: int = MAX_INPUTS,
     cache_bytes: int = CACHE_BYTES,
     batch_size: int = BATCH_SIZE,
+    statistics=None,
 ) -> dict:
     """Recover `model` (pruned from `original`, same node and initializer names) in place.
 
     mode "bias" compensates biases; "refit" then refits every sink's kept weights and bias. Returns a
     JSON-able report: per sink what was done and its held-out error, whole-model fidelity against
-    `original` on held-out samples before and after, warnings, and the seconds spent.
+    `original` on held-out samples before and after, warnings, and the seconds spent. `statistics`
+    (analysis/statistics.Statistics): where the bias means of `original` are gathered or kept.
     """
     if mode not in ("bias", "refit"):
         raise ValueError(f"recovery mode must be 'bias' or 'refit', got {mode!r}")
@@ -126,7 +128,7 @@ def recover(
             report["sinks"].append(layer.record)
 
     t0 = time.perf_counter()
-    compensate(original, model, layers, fit, bs)
+    compensate(original, model, layers, fit, bs, statistics)
     report["bias_seconds"] = time.perf_counter() - t0
     if mode == "refit":
         report["fidelity"]["after_bias"] = fidelity()
@@ -139,6 +141,12 @@ def recover(
     return report
 
 
+def fitting_part(calibration: Calibration, samples: int | None, holdout: float = HOLDOUT) -> Calibration | None:
+    """The samples recovery fits to (bias means, refit), None when there are too few to hold any out."""
+    calib = _first(calibration, samples)
+    return calib.split(holdout)[0] if calib.num_samples >= 2 else None
+
+
 def _first(calibration: Calibration, samples: int | None) -> Calibration:
     if samples is None or samples >= calibration.num_samples:
         return calibration
@@ -147,5 +155,5 @@ def _first(calibration: Calibration, samples: int | None) -> Calibration:
 
 __all__ = [
     "BATCH_SIZE", "CACHE_BYTES", "HOLDOUT", "MAX_INPUTS", "MAX_ROWS", "POSITIONS_PER_SAMPLE", "RIDGE_GRID",
-    "SMALL_CALIBRATION", "recover",
+    "SMALL_CALIBRATION", "fitting_part", "recover",
 ]

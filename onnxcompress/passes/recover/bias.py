@@ -12,11 +12,13 @@ from .layers import Layer, effective
 from .write import write_params
 
 
-def compensate(original: ir.Model, model: ir.Model, layers: list[Layer], fit: Calibration, batch: int) -> None:
+def compensate(original: ir.Model, model: ir.Model, layers: list[Layer], fit: Calibration, batch: int,
+               statistics=None) -> None:
     """b += mean(removed inputs) · W_removed, with the means measured on the original model."""
     if not layers:
         return
-    stats = collect(original, {l.sink.input: l.sink.input_axis for l in layers}, fit, batch_size=batch)
+    stats = collect(original, {l.sink.input: l.sink.input_axis for l in layers}, fit, batch_size=batch,
+                    statistics=statistics)
     for layer in layers:
         channel = stats.values.get(layer.sink.input)
         w_orig, _ = effective(layer.original)
