@@ -189,7 +189,7 @@ class SampleCount:
 
     samples: int = 0
 
-    def add(self, count, values) -> None:
+    def add(self, count, values, mask) -> None:
         self.samples += count
 
 
