@@ -106,6 +106,14 @@ class Builder:
             return found, "scikit-learn 1.9.1 docstrings (sklearn/**/*.py, tests and vendored code left out)"
         return self.memo(f"pool/{split}", make)
 
+    def sentence_sources(self, split: str) -> dict[str, str]:
+        """Each sentence of the split's pool -> its source: a documentation topic or a source file."""
+        def make():
+            if split == "calibration":
+                return inputs.python_doc_sources()
+            return inputs.docstring_sources(self.wheels["scikit-learn"], "sklearn/")
+        return self.memo(f"sources/{split}", make)
+
     def sentences(self, split: str) -> list[str]:
         pool, _ = self.sentence_pool(split)
         return self.memo(f"sentences/{split}", lambda: inputs.pick(pool, SENTENCES, inputs.SEEDS[split]))
@@ -334,7 +342,8 @@ class Builder:
             log(f"data   {spec.name}: {sum(spec.counts.values())} sentences tokenized")
             arrays, meta = {}, {}
             for split in inputs.SPLITS:
-                arrays[split], meta[split] = datasets.text_samples(tok, self.sentences(split)[: spec.counts[split]])
+                arrays[split], meta[split] = datasets.text_samples(tok, self.sentences(split)[: spec.counts[split]],
+                                                                   self.sentence_sources(split))
             self.save_data(spec.name, arrays, meta)
         return checks.encoder(spec.name, path, module, tok, pad, self.sentences("evaluation"))
 

@@ -177,9 +177,13 @@ def layout_samples(real: tuple[Image.Image, str], pages: list[inputs.Page], coun
 # ----------------------------------------------------------------------------------------- sentences
 
 
-def text_samples(tok, sentences: list[str]) -> tuple[dict, list]:
+def text_samples(tok, sentences: list[str], sources: dict[str, str] | None = None) -> tuple[dict, list]:
+    """Token ids of `sentences`; each sample's provenance names its text and, where known, its source
+    (the documentation topic or file it comes from)."""
     encoded = tok.encode_batch(sentences)
     lengths = [len(e.ids) for e in encoded]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = np.concatenate([np.asarray(e.ids, np.int64) for e in encoded])
-    return {"ids": ids, "offsets": offsets}, [{"text": s, "tokens": n} for s, n in zip(sentences, lengths)]
+    meta = [{"text": s, "tokens": n, **({"source": sources[s]} if sources and sources.get(s) else {})}
+            for s, n in zip(sentences, lengths)]
+    return {"ids": ids, "offsets": offsets}, meta

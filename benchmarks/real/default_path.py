@@ -8,7 +8,7 @@ For every corpus model (default: DEFAULT_MODELS, the CNNs and minilm):
 1. The first --calib samples of the corpus calibration split, stacked on axis 0 (text right-padded
    with attention mask 0, as compare_int8 feeds every quantizer), go to a temporary CALIB.npz keyed
    by input name, with `__source__` naming each sample's photo or page where the corpus records it
-   (so the tool holds out whole sources; the sentences of the text encoders are unlabelled).
+   (so the tool holds out whole sources; a sentence's source is its Python documentation topic).
 2. `python -m onnxcompress optimize MODEL -o OUT.onnx --calib CALIB.npz --json --report REPORT.json
    [--extra ARGS]` runs as a subprocess, stdout and stderr redirected to files (stderr is a file, as
    the issue asks: the progress lines are the non-TTY ones). Recorded: wall time, exit code, and the

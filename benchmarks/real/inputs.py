@@ -225,8 +225,25 @@ def python_doc_sentences() -> tuple[list[str], str]:
     return natural_sentences(_prose_paragraphs(text)), f"Python {version} pydoc_data/topics.py (sha256 {digest}...)"
 
 
+def python_doc_sources() -> dict[str, str]:
+    """Each sentence of python_doc_sentences -> the documentation topic it first appears in (its
+    source: sentences of one topic share vocabulary, so held-out data should be whole topics)."""
+    import pydoc_data.topics as topics
+
+    found: dict[str, str] = {}
+    for key in sorted(topics.topics):
+        for sentence in natural_sentences(_prose_paragraphs(topics.topics[key])):
+            found.setdefault(sentence, f"Python docs topic '{key}'")
+    return found
+
+
 def docstring_sentences(wheel: Wheel, package_dir: str) -> list[str]:
-    paragraphs = []
+    return list(docstring_sources(wheel, package_dir))
+
+
+def docstring_sources(wheel: Wheel, package_dir: str) -> dict[str, str]:
+    """The natural sentences of the package's docstrings -> the file each first appears in."""
+    paragraphs: list[tuple[str, str]] = []
     for member in wheel.names(package_dir, ".py"):
         if "/tests/" in member or "/externals/" in member or "_vendor" in member:
             continue
@@ -238,8 +255,13 @@ def docstring_sentences(wheel: Wheel, package_dir: str) -> list[str]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc:
-                    paragraphs += _prose_paragraphs(doc)
-    return natural_sentences(paragraphs)
+                    paragraphs += [(p, member) for p in _prose_paragraphs(doc)]
+    order = natural_sentences([p for p, _ in paragraphs])
+    found: dict[str, str] = {}
+    for paragraph, member in paragraphs:
+        for sentence in natural_sentences([paragraph]):
+            found.setdefault(sentence, member)
+    return {s: found.get(s, "") for s in order}
 
 
 def pick(sentences: list[str], count: int, seed: int) -> list[str]:

@@ -115,7 +115,7 @@ def render(data: dict[str, Any]) -> str:
         "--json --report REPORT.json FLAGS` with the corpus calibration samples labelled by source (`__source__`).", "",
         markdown_table(HEADERS, table_rows(data), right=[False, False] + [True] * 10), "",
         "estimate: the report's fidelity, measured by the tool on calibration samples its passes never fitted (whole "
-        "photos/pages where labelled; the sentences are unlabelled, so text holds out sentences of the same documents). "
+        "photos, pages, and Python documentation topics for the sentences). "
         "on other sources: the output against the float model on the corpus evaluation split (other photos, pages, "
         "texts), 1 intra-op thread; top-1 agreement for classifiers, mean cosine for text, worst-output SQNR for the "
         "rest. within bound: |gap| <= 3 points (top-1) or 0.01 (cosine). measured: the tool's `bench` and this "
