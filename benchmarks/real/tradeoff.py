@@ -35,13 +35,17 @@ from real.compare_int8 import TEXT, TOP1_KINDS  # noqa: E402
 NAME = "tradeoff"
 #: Settings per model kind: fixed pruning ratios for CNNs; MLP pruning and factorization for text.
 SETTINGS = {
-    "image-classifier": {"prune 0.1": "--prune 0.1", "prune 0.2": "--prune 0.2", "prune 0.3": "--prune 0.3"},
+    "image-classifier": {"prune 0.1": "--prune 0.1", "prune 0.2": "--prune 0.2",
+                         "prune 0.1 output, sensitivity": "--prune 0.1 --importance output --set prune-channels.allocation=sensitivity",
+                         "prune 0.2 output, sensitivity": "--prune 0.2 --importance output --set prune-channels.allocation=sensitivity"},
     "binary-classifier": {"prune 0.2": "--prune 0.2"},
     "ocr-cls": {"prune 0.2": "--prune 0.2"},
     "ocr-rec": {"prune 0.2": "--prune 0.2"},
     "ocr-det": {"prune 0.2": "--prune 0.2"},
     "layout": {"prune 0.2": "--prune 0.2"},
-    TEXT: {"prune 0.25 output": "--prune 0.25 --importance output", "factorize-budget 0.8": "--factorize-budget 0.8"},
+    TEXT: {"prune 0.25 output": "--prune 0.25 --importance output",
+           "prune 0.25 output, sensitivity": "--prune 0.25 --importance output --set prune-channels.allocation=sensitivity",
+           "factorize-budget 0.8": "--factorize-budget 0.8"},
 }
 #: The issue's bound on estimate vs truth: 3 points of top-1 agreement, 0.01 of cosine.
 ESTIMATE_SLACK = {"top1": 0.03, "cosine": 0.01}
