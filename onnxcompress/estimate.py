@@ -88,16 +88,19 @@ def measure(original: ir.Model, result: ir.Model, data: Calibration, tolerance: 
     reference = reference_outputs(original, feeds, data.source)
     got = outputs(result, feeds, "the result")
     fidelity = compare(reference, got, f"{data.source}, {data.num_samples} samples")  # as the search's judge
-    return fidelity, estimate_from(reference, got, fidelity, data, tolerance, basis)
+    rows = sum(len(next(iter(f.values()))) for f in feeds)  # a partial fixed batch is left out
+    sources = None if data.sources is None else data.sources[:rows]
+    return fidelity, estimate_from(reference, got, fidelity, data, tolerance, basis, sources)
 
 
 def estimate_from(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]], fidelity: Fidelity,
-                  data: Calibration, tolerance: Tolerance | None, basis: str) -> Estimate:
+                  data: Calibration, tolerance: Tolerance | None, basis: str,
+                  sources: Sequence[object] | None = None) -> Estimate:
+    """The estimate from outputs already computed; `sources` per row resamples whole sources."""
     # the search's default metric where no tolerance was given (top-1 would read embeddings as classes)
     tolerance = default_tolerance(reference) if tolerance is None else tolerance.resolved(reference)
     value = tolerance.value(fidelity)
-    rows = sum(len(np.asarray(r[0])) for r in reference)  # samples in the fed batches, in order
-    interval = bootstrap_interval(tolerance, reference, got, sources=None if data.sources is None else data.sources[:rows])
+    interval = bootstrap_interval(tolerance, reference, got, sources=sources)
     return Estimate(
         metric=tolerance.metric, value=value, interval=interval,
         pessimistic=value if interval is None else pessimistic(tolerance, interval),

@@ -571,6 +571,8 @@ class _Judge:
         self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate
         self.baseline = float(evaluate(load(original))) if evaluate else None
+        rows = sum(len(next(iter(f.values()))) for f in self.feeds)  # a partial fixed batch is left out
+        self.sources = None if held.sources is None else held.sources[:rows]  # resampled whole, as estimate.py does
 
     def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool, tuple[float, float] | None]:
         got = outputs(model, self.feeds, "search candidate")
@@ -579,7 +581,7 @@ class _Judge:
             drop = self.baseline - float(self.evaluate(load(model)))
             return fidelity, drop, drop <= self.tolerance.bound, None
         # the verdict rests on the interval's pessimistic end: a few samples can flatter a candidate
-        interval = bootstrap_interval(self.tolerance, self.reference, got)
+        interval = bootstrap_interval(self.tolerance, self.reference, got, sources=self.sources)
         accepted = self.tolerance.accepts(fidelity) and (interval is None or self.tolerance.within(pessimistic(self.tolerance, interval)))
         return fidelity, self.tolerance.value(fidelity), accepted, interval
 
