@@ -7,11 +7,10 @@ to. The search steps down a grid of MAC levels until a candidate falls outside t
 target is reached, then bisects between the last accepted and the first rejected level. The model
 returned is always one that was measured and accepted: a point on the reported curve.
 
-Per-group sensitivity enters through the pruning itself: activation importance ranks the channels
-of every group on the same calibration data, and recovery refits each consumer; the search decides
-how far that can go. When even the unpruned, quantized model is outside the tolerance, the int8
-step first keeps its most sensitive layers in float (its own tolerance mode, where available), and
-failing that is dropped, so the exact cleaned model is the floor.
+Activation importance ranks the channels of every group on the calibration data and recovery
+refits each consumer; the search decides how far that can go. When even the unpruned int8 model is
+outside the tolerance, int8 first keeps its most sensitive layers in float (its tolerance mode,
+where available), and failing that is dropped, so the exact cleaned model is the floor.
 """
 
 from __future__ import annotations
@@ -571,8 +570,8 @@ class _Judge:
         self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate
         self.baseline = float(evaluate(load(original))) if evaluate else None
-        rows = sum(len(next(iter(f.values()))) for f in self.feeds)  # a partial fixed batch is left out
-        self.sources = None if held.sources is None else held.sources[:rows]  # resampled whole, as estimate.py does
+        # resampled whole, as estimate.py does (a partial fixed batch is left out of the feeds)
+        self.sources = held.sources and held.sources[:sum(len(next(iter(f.values()))) for f in self.feeds)]
 
     def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool, tuple[float, float] | None]:
         got = outputs(model, self.feeds, "search candidate")
