@@ -1,7 +1,7 @@
 """Model I/O: load from anything, save atomically, hand back as graphsurgeon; input shapes.
 
 Every model handed to the rest of the package is an `onnx_ir.Model` owned by the caller: loading
-from an in-memory model copies it, so passes never modify the user's object or file.
+from an in-memory model copies it (`clone`), so passes never modify the user's object or file.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def load(source: ModelLike) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return ir.serde.deserialize_model(_copy_proto(source))
     if isinstance(source, ir.Model):
-        return _copy(source)
+        return clone(source)
     if type(source).__name__ == "Graph" and type(source).__module__.startswith("onnx_graphsurgeon"):
         import onnx_graphsurgeon as gs
 
@@ -49,7 +49,24 @@ def load(source: ModelLike) -> ir.Model:
     raise ModelLoadError(f"cannot load a model from a {type(source).__name__}")
 
 
-def _copy(model: ir.Model) -> ir.Model:
+def clone(model: ir.Model) -> ir.Model:
+    """A copy of `model` that may be changed freely: its own graphs, nodes, values and attribute
+    maps, sharing the weight tensors (no serialized copy of them; external ones stay mapped once).
+
+    Safe because no code writes into a tensor's array: passes replace `value.const_value` and
+    attributes with new tensors (tests/test_input_untouched.py). `meta` (where the model was loaded
+    from, which `save` never overwrites) carries over.
+    """
+    try:
+        copy = model.clone()
+    except (RuntimeError, ValueError):  # (onnx-ir wraps its errors in RuntimeError)
+        # A node reads a value defined further down: clone needs sorted nodes, serialization does not.
+        copy = _serialized_copy(model)
+    copy.meta.update(model.meta)
+    return copy
+
+
+def _serialized_copy(model: ir.Model) -> ir.Model:
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     # A serialized tensor keeps its external file's location but not the folder it is relative to.
     for source, copied in zip(external_tensors(model), external_tensors(copy), strict=True):
