@@ -157,6 +157,27 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+def upgrade_opset(model: ir.Model, opset: int, needed_by: str) -> tuple[ir.Model, str | None]:
+    """`model` if its default-domain opset is at least `opset`, else a copy converted by
+    onnx.version_converter (meta kept) and a note "opset A -> B"; a one-line error naming
+    `needed_by` when the conversion fails."""
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if current >= opset:
+        return model, None
+    from onnx import version_converter
+
+    try:
+        # With its data: the converted proto is loaded without the folder its locations are relative to.
+        proto = version_converter.convert_version(to_proto(model, with_data=True), opset)
+    except Exception as exc:
+        raise OnnxCompressError(f"{needed_by} needs opset >= {opset} and converting from opset {current} failed "
+                                f"({_first_line(exc)})") from None
+    proto.ir_version = max(proto.ir_version, 7)
+    converted = load(proto)
+    converted.meta.update(model.meta)
+    return converted, f"opset {current} -> {opset}"
+
+
 def to_proto(model: ir.Model, *, with_data: bool = False) -> onnx.ModelProto:
     """The model as an `onnx.ModelProto`. External tensors stay references to their files unless
     `with_data`: then their data is read in, for code that reads weights from the proto alone
@@ -327,15 +348,21 @@ def _replace_pair(tmp_data: Path, data: Path, tmp_model: Path, model: Path) -> N
         raise
 
 
-def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes], *, what: str = "output") -> Path:
-    """Write `chunks` to `path` through a temporary file in the same folder and a rename, so a reader
-    never sees a partial file and a failure leaves no debris; `what` names the file in errors."""
-    path = Path(path)
+def writable_folder(path: Path, what: str = "output") -> Path:
+    """The folder a file `path` goes to; a one-line error when it is missing or `path` is a folder."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OnnxCompressError(f"{folder}: {what} folder does not exist")
     if path.is_dir():
         raise OnnxCompressError(f"{path}: is a directory")
+    return folder
+
+
+def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes], *, what: str = "output") -> Path:
+    """Write `chunks` to `path` through a temporary file in the same folder and a rename, so a reader
+    never sees a partial file and a failure leaves no debris; `what` names the file in errors."""
+    path = Path(path)
+    folder = writable_folder(path, what)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -28,7 +28,7 @@ def plot_speedups(report: BenchReport, path: str | os.PathLike) -> Path:
     Points on the dashed y = x line realize their full theoretical speedup; points below it lose
     some to memory traffic, kernel choice or overheads. Writes a PNG to `path` and returns it.
     """
-    Figure, FigureCanvasAgg = _matplotlib()
+    _matplotlib()  # a missing matplotlib fails before any work
     points = [
         (row.model, row.batch, row.theoretical_speedup, row.measured_speedup)
         for row in report.rows
@@ -40,9 +40,7 @@ def plot_speedups(report: BenchReport, path: str | os.PathLike) -> Path:
             "(the models must run and have complete MAC counts)"
         )
     path = _checked_path(path)
-    figure = Figure(figsize=(7, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _figure((7, 5))
     values = [v for _, _, t, m in points for v in (t, m)]
     low, high = min(values) * (1 - AXIS_MARGIN), max(values) * (1 + AXIS_MARGIN)
     axes.plot([low, high], [low, high], linestyle="--", color="grey", label="measured = theoretical")
@@ -78,14 +76,12 @@ def plot_tradeoff(search: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """The tolerance search's curve: MAC reduction against the metric, with the bound and the chosen point.
 
     `search` is RunReport.search (plain data), so a report read back from JSON plots the same."""
-    Figure, FigureCanvasAgg = _matplotlib()
+    _matplotlib()  # a missing matplotlib fails before any work
     points = search["points"]
     if not points:
         raise OnnxCompressError("nothing to plot: the search measured no candidate")
     path = _checked_path(path)
-    figure = Figure(figsize=(7, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _figure((7, 5))
     order = sorted(range(len(points)), key=lambda i: points[i]["macs_ratio"], reverse=True)
     x = [1.0 / points[i]["macs_ratio"] for i in order]
     y = [points[i]["value"] for i in order]
@@ -110,7 +106,7 @@ def plot_tradeoff(search: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def plot_reductions(report: RunReport, path: str | os.PathLike) -> Path:
     """Bars: how many times smaller (params, MACs, weights, file) and faster (measured latency) the result is."""
-    Figure, FigureCanvasAgg = _matplotlib()
+    _matplotlib()  # a missing matplotlib fails before any work
     b, a = report.before, report.after
     bars = [(label, x / y) for label, x, y in (("parameters", b.params, a.params), ("MACs", b.macs, a.macs),
                                                ("weight bytes", b.weight_bytes, a.weight_bytes),
@@ -121,9 +117,7 @@ def plot_reductions(report: RunReport, path: str | os.PathLike) -> Path:
     if not bars:
         raise OnnxCompressError("nothing to plot: the report has no before/after numbers")
     path = _checked_path(path)
-    figure = Figure(figsize=(7, 4), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = _figure((7, 4))
     labels, values = [label for label, _ in bars], [v for _, v in bars]
     drawn = axes.barh(labels, values, color=[f"C{i}" for i in range(len(bars))])
     axes.bar_label(drawn, labels=[f"{v:.2f}x" for v in values], padding=3)
@@ -147,6 +141,14 @@ def _matplotlib():
     except ImportError:
         raise OnnxCompressError("plotting needs matplotlib: pip install onnxcompress[plot]") from None
     return Figure, FigureCanvasAgg
+
+
+def _figure(size: tuple[float, float]):
+    """A figure drawn off screen (Agg) with one axes."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    figure = Figure(figsize=size, dpi=120)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
 
 def _checked_path(path: str | os.PathLike) -> Path:

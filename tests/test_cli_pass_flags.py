@@ -62,6 +62,8 @@ def _sample(cls: type, f: dataclasses.Field, hint) -> object:
 def _options():
     for name in pass_names():
         cls = Pass.registry[name]
+        if not cls.__module__.startswith("onnxcompress."):  # passes other tests register in this process
+            continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in option_names(cls, python_only=False):

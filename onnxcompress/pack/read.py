@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import OnnxCompressError
-from ..model import EXTERNAL_DATA_THRESHOLD
+from ..model import EXTERNAL_DATA_THRESHOLD, writable_folder
 from .compression import decode, decompress
 from .format import FORMAT_VERSION, HEADER, MAGIC, MIN_SECTION_BYTES, model_tensors
 from .format import PackCorruptError, PackError, PackFormatError
@@ -92,11 +92,7 @@ def unpack_file(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     if source.resolve() == target.resolve():
         raise OnnxCompressError(f"{target}: output would overwrite the .occ file; choose another path")
     proto = unpack_proto(source)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise OnnxCompressError(f"{folder}: output folder does not exist")
-    if target.is_dir():
-        raise OnnxCompressError(f"{target}: is a directory")
+    folder = writable_folder(target)
     external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = target.name + ".data"
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{target.name}.tmp-") as tmp:

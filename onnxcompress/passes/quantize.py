@@ -44,7 +44,7 @@ from ..analysis.histograms import TensorHistogram, clip_range
 from ..analysis.kernel_check import KernelCheck, check_kernels
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
-from ..model import load, to_proto
+from ..model import load, to_proto, upgrade_opset
 from ..pipeline import Pass, PassContext, PassResult, option
 from ..report import Fidelity
 from ..tolerance import Tolerance
@@ -365,21 +365,8 @@ def describe_forms(encodings: Mapping[str, WeightEncoding], kernels: str) -> str
 
 def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
     """Per-axis QDQ needs opset >= 13: convert older models with onnx.version_converter."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-    if opset >= QDQ_MIN_OPSET:
-        return model, None
-    from onnx import version_converter
-
-    try:
-        # With its data: the converted proto is loaded without the folder its locations are relative to.
-        proto = version_converter.convert_version(to_proto(model, with_data=True), QDQ_MIN_OPSET)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise OnnxCompressError(
-            f"quantize-int8 needs opset >= {QDQ_MIN_OPSET} and converting from opset {opset} failed ({first})"
-        ) from None
-    proto.ir_version = max(proto.ir_version, 7)
-    return load(proto), f"opset {opset} -> {QDQ_MIN_OPSET} (per-channel QDQ needs opset 13)"
+    model, note = upgrade_opset(model, QDQ_MIN_OPSET, "quantize-int8")
+    return model, note and f"{note} (per-channel QDQ needs opset 13)"
 
 
 def subgraph_layers(model: ir.Model) -> list[str]:

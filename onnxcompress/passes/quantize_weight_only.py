@@ -139,22 +139,10 @@ def _quantized_bytes(k: int, n: int, bits: int, block: int, symmetric: bool) -> 
 
 def _ensure_opset(model: ir.Model) -> tuple[ir.Model, str | None]:
     """Blocked DequantizeLinear and int4 need opset 21: convert older models with onnx.version_converter."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-    if opset >= DQ_OPSET:
-        return model, None
-    from onnx import version_converter
+    from ..model import upgrade_opset
 
-    from ..model import load, to_proto
-
-    try:
-        proto = version_converter.convert_version(to_proto(model, with_data=True), DQ_OPSET)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise OnnxCompressError(f"quantize-weight-only form dequantize-linear needs opset {DQ_OPSET} and converting "
-                                f"from opset {opset} failed ({first})") from None
-    converted = load(proto)
-    converted.meta.update(model.meta)
-    return converted, f"opset {opset} -> {DQ_OPSET} (blocked DequantizeLinear of int4/int8)"
+    model, note = upgrade_opset(model, DQ_OPSET, "quantize-weight-only form dequantize-linear")
+    return model, note and f"{note} (blocked DequantizeLinear of int4/int8)"
 
 
 __all__ = ["ACCURACY_LEVELS", "METHODS", "QuantizeWeightOnly"]
