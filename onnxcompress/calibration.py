@@ -246,6 +246,13 @@ def batch_size_for(model: ir.Model, requested: int) -> int:
     return requested
 
 
+def fed_sources(data: Calibration, feeds: Sequence[Mapping[str, np.ndarray]]) -> tuple | None:
+    """The source of each sample in `feeds` (batches of `data` in order; a partial fixed batch may
+    have been left out), None when `data` names none."""
+    rows = sum(len(next(iter(f.values()))) for f in feeds)
+    return None if data.sources is None else tuple(data.sources[:rows])
+
+
 def model_batches(model: ir.Model, data: Calibration, preferred: int = 8) -> list[dict[str, np.ndarray]]:
     """All of `data` in batches the model runs: its fixed batch size (a partial last batch left out,
     it would not fit) or else `preferred`."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .calibration import Calibration, model_batches
+from .calibration import Calibration, fed_sources, model_batches
 from .interval import bootstrap_interval, pessimistic
 from .report import Fidelity
 from .tolerance import Tolerance, default_tolerance
@@ -54,6 +54,15 @@ class Estimate:
     measured_on: str
     basis: str  # a key of CAVEATS
 
+    @classmethod
+    def of(cls, tolerance: Tolerance, value: float, interval: tuple[float, float] | None, data: Calibration,
+           basis: str) -> Estimate:
+        """The estimate of `tolerance`'s metric measured on `data`."""
+        return cls(metric=tolerance.metric, value=value, interval=interval,
+                   pessimistic=value if interval is None else pessimistic(tolerance, interval),
+                   samples=data.num_samples, sources=data.source_count, measured_on=data.source,
+                   basis="fitted samples" if data.is_random else basis)
+
     def describe(self) -> str:
         unit = " dB" if self.metric == "sqnr" else ""
         what = "SQNR" if self.metric == "sqnr" else f"{self.metric} drop"
@@ -88,9 +97,7 @@ def measure(original: ir.Model, result: ir.Model, data: Calibration, tolerance: 
     reference = reference_outputs(original, feeds, data.source)
     got = outputs(result, feeds, "the result")
     fidelity = compare(reference, got, f"{data.source}, {data.num_samples} samples")  # as the search's judge
-    rows = sum(len(next(iter(f.values()))) for f in feeds)  # a partial fixed batch is left out
-    sources = None if data.sources is None else data.sources[:rows]
-    return fidelity, estimate_from(reference, got, fidelity, data, tolerance, basis, sources)
+    return fidelity, estimate_from(reference, got, fidelity, data, tolerance, basis, fed_sources(data, feeds))
 
 
 def estimate_from(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]], fidelity: Fidelity,
@@ -99,17 +106,5 @@ def estimate_from(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Seque
     """The estimate from outputs already computed; `sources` per row resamples whole sources."""
     # the search's default metric where no tolerance was given (top-1 would read embeddings as classes)
     tolerance = default_tolerance(reference) if tolerance is None else tolerance.resolved(reference)
-    value = tolerance.value(fidelity)
     interval = bootstrap_interval(tolerance, reference, got, sources=sources)
-    return Estimate(
-        metric=tolerance.metric, value=value, interval=interval,
-        pessimistic=value if interval is None else pessimistic(tolerance, interval),
-        samples=data.num_samples, sources=data.source_count, measured_on=data.source,
-        basis="fitted samples" if data.is_random else basis,
-    )
-
-
-def accepts(tolerance: Tolerance, fidelity: Fidelity, estimate: Estimate) -> bool:
-    """Within `tolerance` on the value and on the interval's pessimistic end: a few samples can
-    flatter a result."""
-    return tolerance.accepts(fidelity) and tolerance.within(estimate.pessimistic)
+    return Estimate.of(tolerance, tolerance.value(fidelity), interval, data, basis)

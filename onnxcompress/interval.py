@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .report import Fidelity
 from .tolerance import Tolerance
 from .verify import _looks_like_scores, as_compared, output_rows
 
@@ -41,6 +42,12 @@ def bootstrap_interval(tolerance: Tolerance, reference: Sequence[Sequence[np.nda
     tail = (1.0 - INTERVAL) / 2
     low, high = np.quantile(worst, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def accepted(tolerance: Tolerance, fidelity: Fidelity, interval: tuple[float, float] | None) -> bool:
+    """Within `tolerance` on the value and on the interval's pessimistic end: a few samples can
+    flatter a model."""
+    return tolerance.accepts(fidelity) and (interval is None or tolerance.within(pessimistic(tolerance, interval)))
 
 
 def _resample_weights(rng: np.random.Generator, n: int, sources: list | None) -> np.ndarray:

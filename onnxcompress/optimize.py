@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .calibration import Calibration
-from .estimate import MIN_SPLIT_SAMPLES, Estimate, accepts, basis_of, measure, split_for_estimate
-from .interval import pessimistic
+from .estimate import MIN_SPLIT_SAMPLES, Estimate, basis_of, measure, split_for_estimate
+from .interval import accepted
 from .errors import OnnxCompressError
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
@@ -216,10 +216,7 @@ def _search(source, calibration, options, evaluate, shapes, on_step, timing=None
     fitted, judged = (None, validation) if validation is not None else calibration.split(SearchOptions.holdout)
     estimate = None
     if evaluate is None:  # a user metric has no interval and is the user's own estimate
-        estimate = Estimate(metric=tolerance.metric, value=chosen.value, interval=chosen.interval,
-                            pessimistic=chosen.value if chosen.interval is None else pessimistic(tolerance, chosen.interval),
-                            samples=judged.num_samples, sources=judged.source_count, measured_on=judged.source,
-                            basis=basis_of(judged, fitted))
+        estimate = Estimate.of(tolerance, chosen.value, chosen.interval, judged, basis_of(judged, fitted))
     return dataclasses.replace(found, report=dataclasses.replace(found.report, tolerance=verdict, estimate=estimate))
 
 
@@ -264,7 +261,7 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
                      "samples, none held out): not an estimate for other data")
     report = dataclasses.replace(report, fidelity=fidelity, estimate=estimate, notes=(*result.report.notes, *notes))
     if options.tolerance is not None:
-        met = accepts(options.tolerance, fidelity, estimate) if estimate else options.tolerance.accepts(fidelity)
+        met = accepted(options.tolerance, fidelity, estimate and estimate.interval)
         report = dataclasses.replace(report, tolerance={
             "description": options.tolerance.describe(), "value": options.tolerance.value(fidelity),
             "met": met, "measured_on": fidelity.inputs,

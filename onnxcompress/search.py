@@ -25,9 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .analysis.statistics import Statistics
-from .calibration import SAMPLE_SOURCE_KEY, Calibration, model_batches
+from .calibration import SAMPLE_SOURCE_KEY, Calibration, fed_sources, model_batches
 from .errors import OnnxCompressError
-from .interval import bootstrap_interval, pessimistic
+from .interval import accepted, bootstrap_interval
 from .model import ModelLike, load, resolve_input_shapes
 from .pipeline import Pipeline, build_pass
 from .report import Fidelity, ModelStats, PassRecord, RunReport
@@ -570,8 +570,7 @@ class _Judge:
         self.reference = reference_outputs(original, self.feeds, held.source)
         self.tolerance, self.evaluate = tolerance, evaluate
         self.baseline = float(evaluate(load(original))) if evaluate else None
-        # resampled whole, as estimate.py does (a partial fixed batch is left out of the feeds)
-        self.sources = held.sources and held.sources[:sum(len(next(iter(f.values()))) for f in self.feeds)]
+        self.sources = fed_sources(held, self.feeds)  # the interval resamples whole sources
 
     def __call__(self, model: ir.Model) -> tuple[Fidelity, float, bool, tuple[float, float] | None]:
         got = outputs(model, self.feeds, "search candidate")
@@ -581,8 +580,7 @@ class _Judge:
             return fidelity, drop, drop <= self.tolerance.bound, None
         # the verdict rests on the interval's pessimistic end: a few samples can flatter a candidate
         interval = bootstrap_interval(self.tolerance, self.reference, got, sources=self.sources)
-        accepted = self.tolerance.accepts(fidelity) and (interval is None or self.tolerance.within(pessimistic(self.tolerance, interval)))
-        return fidelity, self.tolerance.value(fidelity), accepted, interval
+        return fidelity, self.tolerance.value(fidelity), accepted(self.tolerance, fidelity, interval), interval
 
 
 def _speedup(original: ir.Model, candidate: ir.Model, shapes: Mapping[str, Sequence[int]], runs: int,

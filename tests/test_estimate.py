@@ -10,8 +10,8 @@ import pytest
 
 from onnxcompress import pipeline as pipeline_module
 from onnxcompress.calibration import SAMPLE_SOURCE_KEY, Calibration
-from onnxcompress.estimate import CAVEATS, MIN_SPLIT_SAMPLES, Estimate, accepts
-from onnxcompress.interval import bootstrap_interval
+from onnxcompress.estimate import CAVEATS, MIN_SPLIT_SAMPLES, Estimate
+from onnxcompress.interval import accepted, bootstrap_interval
 from onnxcompress.model import load
 from onnxcompress.optimize import OptimizeOptions, optimize
 from onnxcompress.report import Fidelity
@@ -100,7 +100,7 @@ def test_the_verdict_rests_on_the_pessimistic_end():
     tolerance = Tolerance("cosine", 0.005)
     narrow = Estimate("cosine", 0.004, (0.003, 0.0045), 0.0045, 8, 1, "held out", "held-out sources")
     wide = Estimate("cosine", 0.004, (0.001, 0.009), 0.009, 8, 1, "held out", "held-out sources")
-    assert accepts(tolerance, fidelity, narrow) and not accepts(tolerance, fidelity, wide)
+    assert accepted(tolerance, fidelity, narrow.interval) and not accepted(tolerance, fidelity, wide.interval)
 
 
 def test_the_json_report_carries_the_estimate_and_the_verdict_its_interval(capsys, tmp_path):
