@@ -28,8 +28,9 @@ def test_a_closed_gate_measures_exactly_what_masking_the_channels_does():
     graph = ChannelGraph.build(model, SHAPES)
     calib = Calibration.random(model, SHAPES, count=6, seed=1)
     scores = graph.importance("l2")
+    candidates = {g.id: sorted(g.prunable, key=lambda c: scores.get(c, 0.0)) for g in graph.groups}
     limits = {g.id: len(g.classes) - 1 for g in graph.groups}
-    curves = measure_curves(model, graph, scores, set(), calib, limits=limits, macs={}, round_to=1)
+    curves = measure_curves(model, graph, candidates, calib, limits=limits, macs={}, round_to=1)
     assert len(curves) == 2  # conv1's and conv2's channels
     feeds = [f for f in calib.batches(1)]
     reference = outputs(model, feeds, "original")

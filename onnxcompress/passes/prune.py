@@ -9,7 +9,7 @@ can check the result against the original with those channels masked.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -75,7 +75,7 @@ class PruneChannels(Pass):
         protected = self._protected(graph)
         self._curves = None
         if self.allocation == "sensitivity":
-            self._curves = self._sensitivity(model, graph, scores, protected, ctx)
+            self._curves = self._sensitivity(model, graph, self._rank(graph, scores, protected).candidates, ctx)
         if self.target_macs is not None:
             ratio, removed = self._search_target(model, graph, scores, protected, ctx)
         else:
@@ -177,7 +177,7 @@ class PruneChannels(Pass):
         else:
             budget = int(math.floor(ratio * sum(len(g.classes) for g in graph.groups)))
             counts: dict[int, int] = {g.id: 0 for g in graph.groups}
-            limit = {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
+            limit = self._limits(graph)
             for _, gid in ranking.across_groups:
                 if budget <= 0:
                     break
@@ -187,13 +187,20 @@ class PruneChannels(Pass):
             quota = counts
         removed: set[int] = set()
         for g in graph.groups:
-            n = len(g.classes)
-            k = min(quota.get(g.id, 0), int(self.max_group_ratio * n), len(candidates[g.id]))
-            k = _round_removal(n, k, self.round_to)
-            removed.update(candidates[g.id][:k])
+            removed.update(candidates[g.id][:self._removal_count(g, quota.get(g.id, 0), candidates[g.id])])
         return keep_every_value_nonempty(graph, removed, scores)
 
-    def _sensitivity(self, model, graph, scores, protected, ctx):
+    def _limits(self, graph: ChannelGraph) -> dict[int, int]:
+        """The most classes each group may lose (`max_group_ratio`)."""
+        return {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
+
+    def _removal_count(self, group, quota: int, candidates: Sequence[int]) -> int:
+        """How many of a group's candidates go for a quota: capped by `max_group_ratio` and the
+        candidates, then rounded so the kept count is a multiple of `round_to`."""
+        n = len(group.classes)
+        return _round_removal(n, min(quota, int(self.max_group_ratio * n), len(candidates)), self.round_to)
+
+    def _sensitivity(self, model, graph, candidates, ctx):
         """Measured error curves per group (prune_sensitivity), with the MACs each class saves."""
         if ctx.calibration is None:
             raise OnnxCompressError("allocation 'sensitivity' needs calibration data (--calib)")
@@ -201,8 +208,7 @@ class PruneChannels(Pass):
         from .prune_sensitivity import class_macs, measure_curves
 
         node_macs = {n.name: n.macs for n in analyze_cost(model, ctx.input_shapes).nodes}
-        limits = {g.id: int(self.max_group_ratio * len(g.classes)) for g in graph.groups}
-        return measure_curves(model, graph, scores, protected, ctx.calibration, limits=limits,
+        return measure_curves(model, graph, candidates, ctx.calibration, limits=self._limits(graph),
                               macs=class_macs(graph, node_macs), round_to=self.round_to)
 
     def _allocated(self, graph: ChannelGraph, candidates: Mapping[int, list[int]], ratio: float) -> set[int]:
@@ -210,19 +216,13 @@ class PruneChannels(Pass):
         from .prune_sensitivity import allocate
 
         curves = self._curves or {}
-        saving = 0.0
-        for g in graph.groups:
-            k = _round_removal(len(g.classes), min(int(math.floor(ratio * len(g.classes))), len(candidates[g.id]),
-                                                   int(self.max_group_ratio * len(g.classes))), self.round_to)
-            if g.id in curves:
-                saving += sum(curves[g.id].macs[:k])
+        groups = {g.id: g for g in graph.groups}
+        saving = sum(sum(curve.macs[:self._removal_count(groups[gid], int(math.floor(ratio * len(groups[gid].classes))),
+                                                         candidates[gid])])
+                     for gid, curve in curves.items())
         taken = allocate(curves, saving, max(1, self.round_to))
-        removed: set[int] = set()
-        for gid, k in taken.items():
-            group = next(g for g in graph.groups if g.id == gid)
-            k = _round_removal(len(group.classes), k, self.round_to)
-            removed.update(curves[gid].order[:k])
-        return removed
+        return {c for gid, k in taken.items()
+                for c in curves[gid].order[:_round_removal(len(groups[gid].classes), k, self.round_to)]}
 
     def _rank(self, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int]) -> _Ranking:
         """Each group's prunable classes, least important first, and (global allocation) all of them

@@ -46,16 +46,17 @@ class Curve:
         return float(np.interp(k, self.counts, self.errors))
 
 
-def measure_curves(model: ir.Model, graph: ChannelGraph, scores: Mapping[int, float], protected: set[int],
+def measure_curves(model: ir.Model, graph: ChannelGraph, candidates: Mapping[int, Sequence[int]],
                    calibration: Calibration, *, limits: Mapping[int, int], macs: Mapping[int, float],
                    round_to: int, samples: int = SAMPLES) -> dict[int, Curve]:
     """Per prunable group id: its Curve, measured with one gated session over `samples` samples.
+    `candidates`: each group's prunable classes, least important first (PruneChannels._rank);
     `limits`: the most classes a group may lose; `macs`: MACs saved per class."""
     from .prune import _round_removal
 
     plans: dict[int, tuple[list[int], list[int]]] = {}
     for g in graph.groups:
-        order = sorted((c for c in g.prunable if c not in protected), key=lambda c: scores.get(c, 0.0))
+        order = list(candidates[g.id])
         counts = sorted({min(_round_removal(len(g.classes), int(math.floor(r * len(g.classes))), round_to),
                              limits[g.id], len(order)) for r in MEASURED_RATIOS} - {0})
         if order and counts:
