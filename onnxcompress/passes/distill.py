@@ -257,13 +257,13 @@ class _Trainer:
         return {k: batch[k] for k in self.inputs}
 
     def _chunks(self, arrays: Mapping[str, np.ndarray]):
+        """`arrays` in batches of `self.batch` samples, as arrays."""
         n = len(next(iter(arrays.values())))
         for start in range(0, n, self.batch):
-            yield self._tensors({k: v[start:start + self.batch] for k, v in arrays.items()})
+            yield {k: v[start:start + self.batch] for k, v in arrays.items()}
 
     def _teacher_outputs(self, arrays: Mapping[str, np.ndarray]) -> list[list]:
-        n = len(next(iter(arrays.values())))
-        return [self._teacher({k: v[i:i + self.batch] for k, v in arrays.items()}) for i in range(0, n, self.batch)]
+        return [self._teacher(chunk) for chunk in self._chunks(arrays)]
 
     def _teacher(self, arrays: Mapping[str, np.ndarray]) -> list:
         """The teacher's outputs (and matched features) for one batch of arrays, as torch tensors."""
@@ -305,7 +305,7 @@ class _Trainer:
         self.student.eval()
         total, count, agree, rows = 0.0, 0, 0, 0
         with torch.no_grad():
-            for batch, t_out in zip(self._chunks(self.held), self.teacher_cache):
+            for batch, t_out in zip(map(self._tensors, self._chunks(self.held)), self.teacher_cache):
                 s_out = self.student(self._feeds(batch), self.features)
                 size = len(next(iter(batch.values())))
                 total += float(self.loss(s_out, t_out, batch)) * size
