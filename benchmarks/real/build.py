@@ -102,7 +102,7 @@ class Builder:
         def make():
             if split == "calibration":
                 return inputs.python_doc_sentences()
-            found = inputs.docstring_sentences(self.wheels["scikit-learn"], "sklearn/")
+            found = list(self.sentence_sources(split))  # the docstrings are parsed once, for both
             return found, "scikit-learn 1.9.1 docstrings (sklearn/**/*.py, tests and vendored code left out)"
         return self.memo(f"pool/{split}", make)
 

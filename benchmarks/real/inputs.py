@@ -237,10 +237,6 @@ def python_doc_sources() -> dict[str, str]:
     return found
 
 
-def docstring_sentences(wheel: Wheel, package_dir: str) -> list[str]:
-    return list(docstring_sources(wheel, package_dir))
-
-
 def docstring_sources(wheel: Wheel, package_dir: str) -> dict[str, str]:
     """The natural sentences of the package's docstrings -> the file each first appears in."""
     paragraphs: list[tuple[str, str]] = []
@@ -256,12 +252,14 @@ def docstring_sources(wheel: Wheel, package_dir: str) -> dict[str, str]:
                 doc = ast.get_docstring(node)
                 if doc:
                     paragraphs += [(p, member) for p in _prose_paragraphs(doc)]
-    order = natural_sentences([p for p, _ in paragraphs])
-    found: dict[str, str] = {}
+    found: dict[str, str] = {}  # in order, deduplicated ignoring case, as natural_sentences over all of them
+    seen: set[str] = set()
     for paragraph, member in paragraphs:
         for sentence in natural_sentences([paragraph]):
-            found.setdefault(sentence, member)
-    return {s: found.get(s, "") for s in order}
+            if sentence.lower() not in seen:
+                seen.add(sentence.lower())
+                found[sentence] = member
+    return found
 
 
 def pick(sentences: list[str], count: int, seed: int) -> list[str]:
