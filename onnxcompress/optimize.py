@@ -244,11 +244,11 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
         pipeline.verify = VerifyOptions(enabled=False)
     fit, held = (calibration, validation) if calibration is None or validation is not None else split_for_estimate(calibration)
     result = pipeline.run(source, calibration=fit, input_shapes=shapes, on_pass=on_step, input_values=values)
-    report = dataclasses.replace(result.report, notes=(*result.report.notes, *notes))
+    report = result.report
     if report.fidelity is None:
         if options.tolerance is not None:
             raise OnnxCompressError("a tolerance needs verification: drop --no-verify")
-        return dataclasses.replace(result, report=report)
+        return dataclasses.replace(result, report=dataclasses.replace(report, notes=(*report.notes, *notes)))
     fidelity, estimate = report.fidelity, None
     if held is not None:  # the user's evaluation data, or calibration samples no pass fitted to
         fidelity, estimate = measure(source, result.model, held, options.tolerance,
@@ -257,9 +257,9 @@ def _recipe(source, calibration, options, shapes, on_step, values=None, validati
             notes.append(f"estimate on {held.num_samples} calibration samples held out from the passes "
                          f"(they fitted the other {fit.num_samples})")
     elif calibration is not None:
-        notes.append(f"fidelity measured on samples the passes fitted (fewer than {MIN_SPLIT_SAMPLES} calibration "
-                     "samples, none held out): not an estimate for other data")
-    report = dataclasses.replace(report, fidelity=fidelity, estimate=estimate, notes=(*result.report.notes, *notes))
+        why = "random data" if calibration.is_random else f"fewer than {MIN_SPLIT_SAMPLES} calibration samples"
+        notes.append(f"fidelity measured on samples the passes fitted ({why}, none held out): not an estimate for other data")
+    report = dataclasses.replace(report, fidelity=fidelity, estimate=estimate, notes=(*report.notes, *notes))
     if options.tolerance is not None:
         met = accepted(options.tolerance, fidelity, estimate and estimate.interval)
         report = dataclasses.replace(report, tolerance={
