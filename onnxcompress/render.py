@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .model import graph_inputs
-from .report import Fidelity, RunReport, human, to_jsonable
+from .report import Fidelity, RunReport, human, output_metric_texts, to_jsonable
 
 
 def analysis_dict(model: ir.Model, cost, shapes: Mapping[str, tuple[int, ...]], *, file_bytes: int | None, top: int) -> dict[str, Any]:
@@ -119,6 +119,8 @@ def render_run(console: Console, report: RunReport) -> None:
         table.add_row(f"fidelity{on}: SQNR / cosine", "-", f"{f.sqnr_db:.1f} dB / {f.cosine:.5f}", "")
         if f.top1_agreement is not None:
             table.add_row(f"fidelity{on}: top-1 agreement", "-", f"{100 * f.top1_agreement:.2f}%", "")
+        for label, text in output_metric_texts(to_jsonable(f)):
+            table.add_row(f"fidelity{on}: {label}", "-", text, "")
     console.print(table)
     if report.search:
         _render_search(console, report.search)
@@ -192,6 +194,7 @@ def fidelity_line(f: Fidelity) -> str:
     parts = [f"max abs err {f.max_abs_error:.3g}", f"SQNR {f.sqnr_db:.1f} dB", f"cosine {f.cosine:.6f}"]
     if f.top1_agreement is not None:
         parts.append(f"top-1 agreement {100 * f.top1_agreement:.1f}%")
+    parts += [f"{label} {text}" for label, text in output_metric_texts(to_jsonable(f))]
     counted = f.inputs.endswith(f"{f.samples} samples")  # judged data names its count already
     return ", ".join(parts) + (f" ({f.inputs})" if counted else f" ({f.samples} samples, {f.inputs})")
 

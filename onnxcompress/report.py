@@ -42,6 +42,13 @@ class Fidelity:
     # 2-class outputs [N, 2]: the share of samples whose decision changed, worst output. A 2-class
     # softmax keeps a cosine near 1 whatever the model decides, so tolerances check this too.
     decisions_changed: float | None = None
+    # The metric that fits each output kind (output_metrics.py), worst output; None where no output
+    # is of that kind. Reporting only: tolerances decide on the fields above.
+    kl_divergence: float | None = None  # class scores [N, C>2]: KL(p_ref || p_got) in nats, mean over samples
+    positive_class_correlation: float | None = None  # [N, 2]: Pearson of the class-1 probability
+    similarity_rank_correlation: float | None = None  # embeddings [N, D]: Spearman of pairwise cosines
+    token_error_rate: float | None = None  # sequences [N, T, C]: greedy CTC decode, edits / reference tokens
+    mask_iou: float | None = None  # probability maps [N, (1,) H, W]: IoU of the masks above 0.5
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,22 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return obj.item()
     return obj
+
+
+#: The per-output-kind metrics of a Fidelity (output_metrics.py): key, label, format; shown when set.
+OUTPUT_METRICS = (
+    ("kl_divergence", "KL divergence", "{:.3g}"),
+    ("positive_class_correlation", "positive-class correlation", "{:.4f}"),
+    ("similarity_rank_correlation", "similarity rank correlation", "{:.4f}"),
+    ("token_error_rate", "token error rate", "{:.2%}"),
+    ("mask_iou", "mask IoU", "{:.4f}"),
+)
+
+
+def output_metric_texts(fidelity: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) for each per-kind metric a Fidelity (as JSON data) has."""
+    return [(label, form.format(fidelity[key])) for key, label, form in OUTPUT_METRICS
+            if fidelity.get(key) is not None]
 
 
 def human(n: float | int | None, unit: str = "") -> str:

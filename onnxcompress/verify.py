@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import runtime
+from . import output_metrics, runtime
 from .errors import ProviderUnavailableError, UnsupportedModelError, VerificationError
 from .model import graph_inputs, input_dtype, needs_file, release, temporary_path, weight_bytes
 from .report import Fidelity
@@ -58,6 +58,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
 
     Every metric is the worst over the model's outputs, so one broken head is not averaged away.
     A 2-class probability output is compared as the positive class's log-odds (its decisions as given).
+    The metric that fits each kind of output (KL divergence, token error rate, ...) is output_metrics'.
     """
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate have different sample counts")
@@ -66,6 +67,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
     sqnr, cosine = float("inf"), 1.0
     top1: list[float] = []
     flips: list[float] = []
+    per_kind: list[dict[str, float]] = []
     for k in range(n_outputs):
         ref, got = output_rows(reference, candidate, k)
         if ref.shape != got.shape:
@@ -74,6 +76,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
             top1.append(float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1))))
             if ref.shape[1] == 2:
                 flips.append(1.0 - top1[-1])
+        per_kind.append(output_metrics.measure([s[k] for s in reference], [s[k] for s in candidate], (ref, got)))
         ref, got = as_compared(ref, got)  # decisions from the rows as given, every other metric on these
         err = got - ref
         abs_err = float(np.max(np.abs(err))) if err.size else 0.0
@@ -94,6 +97,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], candidate: Sequence[Seque
         cosine=cosine,
         top1_agreement=min(top1) if top1 else None,
         decisions_changed=max(flips) if flips else None,
+        **output_metrics.worst(per_kind),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..report import to_jsonable
+from ..report import output_metric_texts, to_jsonable
 from .write import PackStats
 
 
@@ -42,4 +42,5 @@ def fidelity_text(fidelity: Mapping[str, Any]) -> str:
              f"max rel error {fidelity['max_rel_error']:.3g}"]
     if fidelity.get("top1_agreement") is not None:
         parts.append(f"top-1 agreement {fidelity['top1_agreement']:.1%}")
+    parts += [f"{label} {text}" for label, text in output_metric_texts(fidelity)]
     return ", ".join(parts) + f" on {fidelity['samples']} samples of {fidelity['inputs']} inputs"
