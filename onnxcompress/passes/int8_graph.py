@@ -244,7 +244,8 @@ def _place(g: PlanGraph, pre_nodes: list[ir.Node], pairs: Mapping[str, list[ir.N
     graph = g.graph
     inputs = {v.name for v in graph.inputs}
     first = [n for v, pair in pairs.items() if v in inputs for n in pair]
-    graph.insert_before(g.nodes[0], pre_nodes + first)
+    if pre_nodes or first:
+        graph.insert_before(g.nodes[0], pre_nodes + first)
     for node in g.nodes:
         after = [n for o in node.outputs for n in pairs.get(o.name, [])]
         if after:
