@@ -90,7 +90,8 @@ def _guard(graph: ir.Graph, node: ir.Node, fresh: NameAllocator) -> ir.Node | No
         names.append(fresh(f"{base}_zero_point"))
     inputs = [dq.inputs[0]]
     for name, array in zip(names, arrays):
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        tensor = ir.tensor(array, name=name)  # typed: shape inference declares weights by their value's type
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
         graph.register_initializer(value)
         inputs.append(value)
     return ir.node("DequantizeLinear", inputs, {"axis": axis}, outputs=[ir.Value(name=fresh(base))],

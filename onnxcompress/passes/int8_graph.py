@@ -69,9 +69,11 @@ class FreshNames(NameAllocator):
         self.graph = model.graph
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
-        """A new initializer holding `array`."""
+        """A new initializer holding `array`, typed (shape inference declares large weights by their
+        value's type and shape: analysis/shapes.py)."""
         name = self.fresh(base)
-        value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array, order="C"), name=name))
+        tensor = ir.tensor(np.asarray(array, order="C"), name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
         self.graph.register_initializer(value)
         return value
 
@@ -180,7 +182,7 @@ def _activation_pairs(
         q_name, dq_name = names.fresh(f"{v}_quantized"), names.fresh(f"{v}_dequantized")
         value = g.values[v]
         if v in g.outputs:
-            dq_out = ir.Value(name=v, type=value.type, shape=value.shape)
+            dq_out = ir.Value(name=v, type=value.type, shape=None if value.shape is None else ir.Shape(value.shape))
             value.name = names.fresh(f"{v}_float")
             value.replace_all_uses_with(dq_out, replace_graph_outputs=True)
         else:

@@ -133,4 +133,4 @@ def _learnable(node: ir.Node) -> bool:
     """Whether learned rounding knows this layer's input rows: 2-D Conv with explicit pads, MatMul, Gemm."""
     if node.op_type != "Conv":
         return True
-    return len(node.inputs[1].const_value.shape) == 4 and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+    return len(node.inputs[1].const_value.shape) == 4 and node_attr(node, "auto_pad", "NOTSET") == "NOTSET"

@@ -127,7 +127,8 @@ def shift_unsafe_weights(model: ir.Model) -> list[str]:
             _set_uint8(zero, u8_zp)
         else:
             name = f"{weight.name}_zero_point_u8"
-            zero = ir.Value(name=name, const_value=ir.tensor(u8_zp, name=name))
+            zero = ir.Value(name=name, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(u8_zp.shape),
+                            const_value=ir.tensor(u8_zp, name=name))
             weight.graph.register_initializer(zero)  # beside the weight: visible where it is
             node.resize_inputs(4)
             node.replace_input_with(3, zero)
