@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import onnx
 import onnx_ir as ir
 
 
 class NameAllocator:
-    """Names not yet used in an onnx_ir model's main graph, an ONNX GraphProto, or a set of names."""
+    """Names not yet used in an onnx_ir model's main graph, or in a set of names."""
 
-    def __init__(self, source: ir.Model | onnx.GraphProto | Iterable[str] = ()) -> None:
+    def __init__(self, source: ir.Model | Iterable[str] = ()) -> None:
         if isinstance(source, ir.Model):
             graph = source.graph
             values = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None and v.name}
             self.taken = values | set(graph.initializers) | {v.name for v in graph.inputs} | {n.name for n in graph if n.name}
-        elif isinstance(source, onnx.GraphProto):
-            values = {v for n in source.node for v in (*n.input, *n.output) if v}
-            self.taken = (values | {t.name for t in source.initializer} | {i.name for i in source.input}
-                          | {n.name for n in source.node if n.name})
         else:
             self.taken = set(source)
 

@@ -103,8 +103,8 @@ def test_without_the_guard_ort_quantizes_the_float_layer(tmp_path):
 
 
 def test_guard_leaves_int8_layers_and_values_alone():
-    proto = _int8_float_int8()
-    assert guard_float_layers(proto) == []  # no DequantizeLinear anywhere: nothing to guard
+    model = load(_int8_float_int8())
+    assert guard_float_layers(model) == []  # no DequantizeLinear anywhere: nothing to guard
     x = np.random.default_rng(2).normal(0, 1, (2, 3, 12, 12)).astype(np.float32)
     before = _session(_int8_float_int8(), False).run(None, {"x": x})[0]
-    np.testing.assert_array_equal(_session(proto, False).run(None, {"x": x})[0], before)
+    np.testing.assert_array_equal(_session(to_proto(model), False).run(None, {"x": x})[0], before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -33,10 +34,15 @@ def _conv_node(groups: int = 1, **attrs) -> onnx.NodeProto:
     return helper.make_node("Conv", ["x", "w"], ["y"], name="conv", group=groups, **attrs)
 
 
+def _ir(node: onnx.NodeProto) -> ir.Node:
+    """The Conv `node` as the onnx_ir node the rounding code reads (attributes only)."""
+    return ir.node(node.op_type, [], {a.name: helper.get_attribute_value(a) for a in node.attribute})
+
+
 def _gram(node: onnx.NodeProto, w: np.ndarray, x: np.ndarray) -> Gram:
     """Every im2col row of x [N, C, H, W] for the Conv `node`."""
     groups = int(next((a.i for a in node.attribute if a.name == "group"), 1))
-    geometry = conv_geometry(node, w.shape[2:], x.shape[2], x.shape[3])
+    geometry = conv_geometry(_ir(node), w.shape[2:], x.shape[2], x.shape[3])
     positions = np.arange(geometry["out"][0] * geometry["out"][1])
     rows = np.concatenate([conv_patches(xi, geometry, groups, positions) for xi in x], axis=1)
     gram = Gram.empty(rows.shape[0], rows.shape[2])
@@ -59,7 +65,7 @@ def test_conv_rows_are_the_kernel_order(groups, attrs):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "w")])
     y = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).run(None, {"x": x})[0]
-    geometry = conv_geometry(node, (3, 3), 7, 9)
+    geometry = conv_geometry(_ir(node), (3, 3), 7, 9)
     assert geometry["out"] == y.shape[2:]
     rows = conv_patches(x[0], geometry, groups, np.arange(y.shape[2] * y.shape[3]))  # [G, P, K]
     w_rows = reduction_rows("Conv", w).reshape(groups, 6 // groups, -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -263,13 +264,12 @@ def test_quantization_clamps_to_checks_both_bound_codes():
 ], ids=["clip-after-conv", "relu-after-add"])
 def test_dropping_a_folded_activation_changes_no_output(method, build, shape, activation):
     """Folded and unfolded graphs agree bit for bit with every ORT rewrite off."""
-    proto, data = build(), _data(shape)
+    model, data = load(build()), _data(shape)
     quantizer = QuantizeQDQ(method=method)
-    plan = quantizer.plan(proto)
-    hists, _ = collect_histograms(load(proto), plan.values, Calibration.from_arrays(load(proto), {"x": data[:CALIB]}))
+    plan = quantizer.plan(model)
+    hists, _ = collect_histograms(model, plan.values, Calibration.from_arrays(model, {"x": data[:CALIB]}))
     params = quantizer.ranges(plan, hists)
-    folded, _ = quantize_graph(proto, plan, params, drop_relus=True)
-    kept, _ = quantize_graph(proto, plan, params, drop_relus=False)
+    folded, kept = (to_proto(quantize_graph(model, plan, params, drop_relus=drop)[0]) for drop in (True, False))
     assert activation not in {n.op_type for n in folded.graph.node} and activation in {n.op_type for n in kept.graph.node}
     held_out = data[CALIB:]
     np.testing.assert_array_equal(_unoptimized_outputs(folded, held_out), _unoptimized_outputs(kept, held_out))
@@ -353,8 +353,9 @@ def test_bias_correction_is_weight_rounding_error_times_input_mean():
     flat_mean = w.astype(np.float64) @ x_mean + b
     conv_shift = _rounding_error("Conv", _init(proto, "w"), 0).reshape(16, 8).astype(np.float64) @ x_mean
     fc_shift = _rounding_error("Gemm", fc_w, 0, trans_b=True).astype(np.float64) @ flat_mean
-    plan = QuantizeQDQ().plan(proto)
-    fixed, shifts, skipped = correct_biases(proto, plan, {}, {"x": x_mean, "flat": flat_mean})
+    plan = QuantizeQDQ().plan(load(proto))
+    fixed, shifts, skipped = correct_biases(load(proto), plan, {}, {"x": x_mean, "flat": flat_mean})
+    fixed = to_proto(fixed)
     conv, fc = (next(n for n in fixed.graph.node if n.name == k) for k in ("conv", "fc"))
     np.testing.assert_allclose(_init(fixed, conv.input[2]), b - conv_shift, rtol=0, atol=BIAS_ATOL)
     np.testing.assert_allclose(_init(fixed, fc.input[2]), fc_b - fc_shift, rtol=0, atol=BIAS_ATOL)
@@ -380,8 +381,8 @@ def test_grouped_conv_shift_equals_the_dense_block_diagonal_shift():
         for m in range(out_channels):
             g = m // per_group
             dense[m, g * (channels // groups) : (g + 1) * (channels // groups)] = delta[m]
-        node = helper.make_node("Conv", ["x", "w"], ["y"], group=groups)
-        expected = bias_shift(helper.make_node("Conv", ["x", "w"], ["y"]), dense, mean)
+        node = ir.node("Conv", [], {"group": groups})
+        expected = bias_shift(ir.node("Conv", []), dense, mean)
         np.testing.assert_allclose(bias_shift(node, delta, mean), expected, rtol=1e-12, atol=1e-12)
 
 

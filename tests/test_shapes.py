@@ -316,3 +316,18 @@ def test_inference_copy_of_vgg19_holds_no_weights(load_folded_light):
     model = load_folded_light("vgg19")
     light = shapes_module._light_proto(model, resolve_input_shapes(model))
     assert light.ByteSize() < LIGHT_COPY_MAX_BYTES
+
+
+def test_a_large_initializer_added_without_a_type_is_declared_by_its_tensor():
+    """A pass may register a weight as a bare ir.Value (no type or shape): inference still sees it."""
+    model = load(helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["h"], name="id")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)]))
+    weight = ir.Value(name="w", const_value=ir.tensor(np.zeros((64, 32), np.float32), name="w"))  # > SMALL_TENSOR_ELEMENTS
+    model.graph.register_initializer(weight)
+    matmul = ir.node("MatMul", [model.graph.node(0).outputs[0], weight], name="mm")
+    model.graph.append(matmul)
+    matmul.outputs[0].name = "y"
+    model.graph.outputs[0] = matmul.outputs[0]
+    assert weight.type is None and infer_shapes(model)["y"].shape == (2, 32)

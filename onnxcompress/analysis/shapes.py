@@ -168,6 +168,8 @@ def _light_proto(model: ir.Model, static_inputs: Mapping[str, tuple[int, ...]]) 
             # With its data: inference and ORT read a proto without knowing the model's folder.
             graph.initializer.append(ir.serde.serialize_tensor(tensor_in_memory(tensor)))
             graph.initializer[-1].name = value.name
+        elif tensor is not None:  # declared by its tensor: a value a pass added may carry no type
+            graph.input.append(_declaration(value.name, tensor.dtype, tensor.shape))
         elif value.dtype is not None and value.shape is not None:
             graph.input.append(_declaration(value.name, value.dtype, value.shape))
     for node in model.graph:

@@ -16,8 +16,7 @@ are identical, ORT leaves the weight alone, and the int8 producer still fuses th
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 from ..names import NameAllocator
 
@@ -25,13 +24,13 @@ from ..names import NameAllocator
 GUARDED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    return node.attributes.get_int(name, default)
 
 
-def _input_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> tuple[int, int] | None:
+def _input_channels(node: ir.Node, weight: ir.TensorProtocol) -> tuple[int, int] | None:
     """(axis of input 0 that holds the channels, their count), or None if the weight does not say."""
-    dims = list(weight.dims)
+    dims = list(weight.shape)
     if node.op_type == "Conv" and len(dims) >= 3:
         return 1, dims[1] * _attr(node, "group", 1)
     if node.op_type == "ConvTranspose" and len(dims) >= 3:
@@ -41,53 +40,62 @@ def _input_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> tuple[int
     return None
 
 
-def guard_float_layers(proto: onnx.ModelProto) -> list[str]:
-    """Give every float Conv/ConvTranspose/Gemm that reads a per-tensor DequantizeLinear its own
-    per-axis copy of it (in place). Returns the names of the guarded nodes."""
-    graph = proto.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    fresh = NameAllocator(graph)
+def guard_float_layers(model: ir.Model) -> list[str]:
+    """Give every float Conv/ConvTranspose/Gemm of the main graph that reads a per-tensor
+    DequantizeLinear its own per-axis copy of it (in place). Returns the names of the guarded nodes."""
+    graph = model.graph
+    fresh = NameAllocator(model)
     guarded: list[str] = []
-    nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        guard = _guard(node, producer, inits, fresh)
-        if guard is not None:
-            dq, new_inits = guard
-            graph.initializer.extend(new_inits)
-            nodes.append(dq)
-            node.input[0] = dq.output[0]
+    for node in list(graph):
+        copy = _guard(graph, node, fresh)
+        if copy is not None:
+            graph.insert_before(node, copy)
+            node.replace_input_with(0, copy.outputs[0])
             guarded.append(node.name)
-        nodes.append(node)
     if guarded:  # a DequantizeLinear that only fed guarded layers is dead now
-        used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-        del graph.node[:]
-        graph.node.extend(n for n in nodes if n.op_type != "DequantizeLinear" or n.output[0] in used)
+        graph.remove([n for n in graph if n.op_type == "DequantizeLinear"
+                      and not any(o.uses() or o.is_graph_output() for o in n.outputs)], safe=True)
     return guarded
 
 
-def _guard(node, producer, inits, fresh) -> tuple[onnx.NodeProto, list[onnx.TensorProto]] | None:
-    if node.op_type not in GUARDED_OPS or len(node.input) < 2:
+def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of `value` when it is an initializer of `graph`."""
+    if value is None or graph.initializers.get(value.name) is not value:
         return None
-    weight = inits.get(node.input[1])
-    dq = producer.get(node.input[0])
-    if weight is None or weight.data_type != TensorProto.FLOAT or dq is None or dq.op_type != "DequantizeLinear":
+    return value.const_value
+
+
+def _guard(graph: ir.Graph, node: ir.Node, fresh: NameAllocator) -> ir.Node | None:
+    """The per-axis copy of the per-tensor DequantizeLinear that `node` reads, with its scale and zero
+    point registered as initializers; None where there is nothing to guard."""
+    if node.op_type not in GUARDED_OPS or len(node.inputs) < 2:
         return None
-    scale = inits.get(dq.input[1])
-    zero = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    weight = _initializer(graph, node.inputs[1])
+    dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if weight is None or weight.dtype != ir.DataType.FLOAT or dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    has_zero = len(dq.inputs) > 2 and dq.inputs[2] is not None
+    scale = _initializer(graph, dq.inputs[1])
+    zero = _initializer(graph, dq.inputs[2]) if has_zero else None
     channels = _input_channels(node, weight)
-    if scale is None or int(np.prod(scale.dims)) != 1 or channels is None or (len(dq.input) > 2 and dq.input[2] and zero is None):
+    if scale is None or scale.size != 1 or channels is None or (has_zero and zero is None):
         return None
     axis, count = channels
-    base = f"{node.input[0]}_float_{node.name or 'layer'}"
-    new = [numpy_helper.from_array(np.full(count, numpy_helper.to_array(scale).item(), dtype=np.float32), fresh(f"{base}_scale"))]
-    inputs = [dq.input[0], new[0].name]
+    base = f"{node.inputs[0].name}_float_{node.name or 'layer'}"
+    arrays = [np.full(count, scale.numpy().item(), dtype=np.float32)]
+    names = [fresh(f"{base}_scale")]
     if zero is not None:
-        z = numpy_helper.to_array(zero)
-        new.append(numpy_helper.from_array(np.full(count, z.item(), dtype=z.dtype), fresh(f"{base}_zero_point")))
-        inputs.append(new[1].name)
-    copy = helper.make_node("DequantizeLinear", inputs, [fresh(base)], name=fresh(f"{base}_DequantizeLinear"), axis=axis)
-    return copy, new
+        z = zero.numpy()
+        arrays.append(np.full(count, z.item(), dtype=z.dtype))
+        names.append(fresh(f"{base}_zero_point"))
+    inputs = [dq.inputs[0]]
+    for name, array in zip(names, arrays):
+        tensor = ir.tensor(array, name=name)  # typed: shape inference declares weights by their value's type
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+        graph.register_initializer(value)
+        inputs.append(value)
+    return ir.node("DequantizeLinear", inputs, {"axis": axis}, outputs=[ir.Value(name=fresh(base))],
+                   name=fresh(f"{base}_DequantizeLinear"))
 
 
 __all__ = ["GUARDED_OPS", "guard_float_layers"]

@@ -10,25 +10,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
-from .int8_graph import QuantParams, editable_copy, weight_encodings
-from .int8_placement import Plan, ProtoGraph, constant_weight_anchors, node_attr
+from .int8_graph import FreshNames, QuantParams, editable_copy, weight_encodings
+from .int8_placement import Plan, PlanGraph, constant_weight_anchors, input_name, node_attr
 from .int8_weights import WeightEncoding, quantize_weight
 
 
-def _input_axis(node: onnx.NodeProto) -> int:
+def _input_axis(node: ir.Node) -> int:
     """The axis of the node's activation input that the weight contracts over."""
     return -1 if node.op_type == "MatMul" else 1  # Conv NCHW channels; Gemm [M, K] (transA=0)
 
 
-def correction_inputs(proto: onnx.ModelProto, plan: Plan) -> dict[str, int]:
+def correction_inputs(model: ir.Model, plan: Plan) -> dict[str, int]:
     """{activation input: channel axis} whose per-channel means bias correction needs."""
-    g = ProtoGraph(proto.graph)
+    g = PlanGraph(model.graph)
     axes: dict[str, int] = {}
     for node in constant_weight_anchors(g, plan):
-        axes.setdefault(node.input[0], _input_axis(node))
+        axes.setdefault(input_name(node, 0), _input_axis(node))
     return axes
 
 
@@ -41,7 +40,7 @@ def weight_rounding_error(w: np.ndarray, axis: int | None) -> np.ndarray:
     return q.astype(np.float32) * scale.reshape(shape) - w
 
 
-def bias_shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
+def bias_shift(node: ir.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """Per-output change of the expected output, sum over inputs (and kernel taps) of delta * mean.
 
     Conv: every tap sees the channel mean; zero padding makes border outputs see fewer taps, which
@@ -60,62 +59,67 @@ def bias_shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> np.
 
 
 def correct_biases(
-    proto: onnx.ModelProto,
+    model: ir.Model,
     plan: Plan,
     params: Mapping[str, QuantParams],
     means: Mapping[str, np.ndarray],
     *,
     encodings: Mapping[str, WeightEncoding] | None = None,
     per_channel: bool = True,
-) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
-    """A copy of `proto` whose int8 layers' float biases absorb their weight-rounding shift (the
-    rounding of `encodings`, computed for any kernels when not given); returns
-    (model, {node: max |shift|}, ["node: why not corrected"])."""
+) -> tuple[ir.Model, dict[str, float], list[str]]:
+    """A copy of `model` (sharing its weights) whose int8 layers' float biases absorb their
+    weight-rounding shift (the rounding of `encodings`, computed for any kernels when not given);
+    returns (model, {node: max |shift|}, ["node: why not corrected"])."""
     if encodings is None:
-        encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
-    out, g, names = editable_copy(proto)
-    graph = out.graph
+        encodings = weight_encodings(model, plan, params, per_channel=per_channel)
+    out, g, names = editable_copy(model)
     shifts: dict[str, float] = {}
     skipped: list[str] = []
-
-    def new_bias(base: str, array: np.ndarray) -> str:
-        name = names.fresh(f"{base}_corrected")
-        graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
-        return name
-
     for node in constant_weight_anchors(g, plan):
-        mean = means.get(node.input[0])
-        w = numpy_helper.to_array(g.inits[node.input[1]]).astype(np.float32)
+        name, mean = g.name(node), means.get(input_name(node, 0))
+        w = g.array(input_name(node, 1)).astype(np.float32)
         k_in = w.shape[1] * int(node_attr(node, "group", 1)) if node.op_type == "Conv" else (
             w.shape[1] if node.op_type == "Gemm" and node_attr(node, "transB", 0) else w.shape[0])
         if mean is None or mean.size != k_in:
-            skipped.append(f"{node.name}: no input mean")
+            skipped.append(f"{name}: no input mean")
             continue
-        enc = encodings[node.name]
+        enc = encodings[name]
         shift = bias_shift(node, enc.dequantized() - w, mean)
-        if node.op_type == "MatMul":  # no bias slot: fold into a following Add of a constant
-            users = g.consumers.get(node.output[0], [])
-            add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
-            slot = next((k for k, v in enumerate(add.input) if v != node.output[0] and v in g.inits), None) if add else None
-            if slot is None:
-                skipped.append(f"{node.name}: MatMul without a constant bias Add")
-                continue
-            b = numpy_helper.to_array(g.inits[add.input[slot]]).astype(np.float64)
-            if b.ndim > 1 and b.shape[-1] not in (1, shift.size):
-                skipped.append(f"{node.name}: bias Add does not broadcast along the output columns")
-                continue
-            add.input[slot] = new_bias(add.input[slot], b - shift)
-        elif len(node.input) > 2 and node.input[2]:
-            b = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float64)
-            corrected = b - shift  # Gemm's C broadcasts over [M, N]: the shift runs along N
-            node.input[2] = new_bias(node.input[2], corrected.reshape(-1) if corrected.size == shift.size else corrected)
-        else:
-            x = params.get(node.input[0])
-            # create a bias only when the shift survives int32 rounding (half a bias step)
-            if x is None or not np.any(np.abs(shift) >= 0.5 * x.scale * enc.scales.astype(np.float64)):
-                continue
-            while len(node.input) < 2:
-                node.input.append("")
-            node.input.append(new_bias(f"{node.name}_bias", -shift))
-        shifts[node.name] = float(np.max(np.abs(shift)))
+        x = params.get(input_name(node, 0))
+        if node.op_type != "MatMul" and not input_name(node, 2) and not _survives(shift, x, enc.scales):
+            continue  # create a bias only when the shift survives int32 rounding (half a bias step)
+        reason = _absorb(g, node, shift, names)
+        if reason is not None:
+            skipped.append(f"{name}: {reason}")
+            continue
+        shifts[name] = float(np.max(np.abs(shift)))
     return out, shifts, skipped
+
+
+def _survives(shift: np.ndarray, x: QuantParams | None, w_scales: np.ndarray) -> bool:
+    return x is not None and bool(np.any(np.abs(shift) >= 0.5 * x.scale * w_scales.astype(np.float64)))
+
+
+def _absorb(g: PlanGraph, node: ir.Node, shift: np.ndarray, names: FreshNames) -> str | None:
+    """Subtract `shift` from the layer's bias (a new initializer; a new bias where it has none):
+    None when done, why not otherwise."""
+    bias = input_name(node, 2)
+    if node.op_type == "MatMul":  # no bias slot: fold into a following Add of a constant
+        users = g.consumers.get(node.outputs[0].name, [])
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        slot = next((k for k in range(len(add.inputs)) if input_name(add, k) != node.outputs[0].name
+                     and input_name(add, k) in g.inits), None) if add else None
+        if slot is None:
+            return "MatMul without a constant bias Add"
+        b = g.array(input_name(add, slot)).astype(np.float64)
+        if b.ndim > 1 and b.shape[-1] not in (1, shift.size):
+            return "bias Add does not broadcast along the output columns"
+        add.replace_input_with(slot, names.const(f"{input_name(add, slot)}_corrected", (b - shift).astype(np.float32)))
+    elif bias:
+        corrected = g.array(bias).astype(np.float64) - shift  # Gemm's C broadcasts over [M, N]: the shift runs along N
+        corrected = corrected.reshape(-1) if corrected.size == shift.size else corrected
+        node.replace_input_with(2, names.const(f"{bias}_corrected", corrected.astype(np.float32)))
+    else:
+        node.resize_inputs(3)
+        node.replace_input_with(2, names.const(f"{g.name(node)}_bias_corrected", (-shift).astype(np.float32)))
+    return None

@@ -14,12 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
+from ..model import clone
 from ..names import NameAllocator
 from .float_guard import guard_float_layers
-from .int8_placement import Plan, ProtoGraph, clamp_bounds, constant_weight_anchors, ensure_node_names, node_attr
+from .int8_placement import (
+    Plan,
+    PlanGraph,
+    clamp_bounds,
+    constant_weight_anchors,
+    ensure_node_names,
+    input_name,
+    node_attr,
+)
 from .int8_weights import MIN_SCALE, Kernels, WeightEncoding, encode_weight, quantize_bias
 
 
@@ -27,23 +35,23 @@ from .int8_weights import MIN_SCALE, Kernels, WeightEncoding, encode_weight, qua
 class QuantParams:
     scale: float
     zero_point: int
-    dtype: int  # TensorProto.UINT8 or INT8
+    dtype: ir.DataType  # UINT8 or INT8
 
 
 def activation_params(lo: float, hi: float, *, symmetric: bool) -> QuantParams:
     """uint8 asymmetric over [lo, hi] (zero exactly representable), or int8 symmetric over max(|lo|, |hi|)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if symmetric:
-        return QuantParams(max(max(-lo, hi) / 127.0, MIN_SCALE), 0, TensorProto.INT8)
+        return QuantParams(max(max(-lo, hi) / 127.0, MIN_SCALE), 0, ir.DataType.INT8)
     scale = max((hi - lo) / 255.0, MIN_SCALE)
     zero_point = int(np.clip(round(-lo / scale), 0, 255))
-    return QuantParams(scale, zero_point, TensorProto.UINT8)
+    return QuantParams(scale, zero_point, ir.DataType.UINT8)
 
 
 def quantization_clamps_to(p: QuantParams, lower: float, upper: float) -> bool:
     """Whether Q(x) == Q(clip(x, lower, upper)) for every x: Q is monotone, so it suffices that the
     bounds themselves quantize to the bottom and top codes (float32 divide, round half to even, as ORT)."""
-    info = np.iinfo(np.uint8 if p.dtype == TensorProto.UINT8 else np.int8)
+    info = np.iinfo(np.uint8 if p.dtype == ir.DataType.UINT8 else np.int8)
     scale = np.float32(p.scale)
 
     def code(x: float) -> float:
@@ -53,28 +61,32 @@ def quantization_clamps_to(p: QuantParams, lower: float, upper: float) -> bool:
 
 
 class FreshNames(NameAllocator):
-    """Names not yet used in one graph (base, base_1, base_2, ...), and the initializers added under them."""
+    """Names not yet used in one model's main graph (base, base_1, base_2, ...), and new initializers
+    registered on it under them."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        super().__init__(graph)
-        self.initializers: list[onnx.TensorProto] = []
+    def __init__(self, model: ir.Model) -> None:
+        super().__init__(model)
+        self.graph = model.graph
 
-    def const(self, base: str, array: np.ndarray) -> str:
-        """A new initializer holding `array`, kept in `initializers` until the caller adds them."""
+    def const(self, base: str, array: np.ndarray) -> ir.Value:
+        """A new initializer holding `array`, typed (shape inference declares large weights by their
+        value's type and shape: analysis/shapes.py)."""
         name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+        tensor = ir.tensor(np.asarray(array, order="C"), name=name)
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
 
 
-def editable_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, ProtoGraph, FreshNames]:
-    """A copy of `proto` to rewrite, every node named, with its producer/consumer maps and its fresh names."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+def editable_copy(model: ir.Model) -> tuple[ir.Model, PlanGraph, FreshNames]:
+    """A copy of `model` to rewrite (sharing its weight tensors), every node named, with its
+    producer/consumer maps and its fresh names."""
+    out = clone(model)
     ensure_node_names(out.graph)
-    return out, ProtoGraph(out.graph), FreshNames(out.graph)
+    return out, PlanGraph(out.graph), FreshNames(out)
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
+def _weight_axis(node: ir.Node) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
@@ -83,58 +95,54 @@ def _weight_axis(node: onnx.NodeProto) -> int:
 
 
 def weight_encodings(
-    proto: onnx.ModelProto, plan: Plan, params: Mapping[str, QuantParams], *, per_channel: bool = True,
+    model: ir.Model, plan: Plan, params: Mapping[str, QuantParams], *, per_channel: bool = True,
     kernels: Kernels = "any", mean_squares: Mapping[str, float] | None = None,
 ) -> dict[str, WeightEncoding]:
     """{int8 anchor node: its weight's encoding} (passes/int8_weights.py), from the float weight, the
     per-channel axis, the input's scale and E[x^2] (`mean_squares`) and the float bias (so the int32
     bias fits)."""
     mean_squares = mean_squares or {}
-    g = ProtoGraph(proto.graph)
+    g = PlanGraph(model.graph)
     encodings: dict[str, WeightEncoding] = {}
     for node in constant_weight_anchors(g, plan):
-        w = numpy_helper.to_array(g.inits[node.input[1]]).astype(np.float32)
-        x = params.get(node.input[0])
-        b_name = node.input[2] if len(node.input) > 2 else ""
-        bias = numpy_helper.to_array(g.inits[b_name]).astype(np.float32) if b_name in g.inits else None
+        w = g.array(input_name(node, 1)).astype(np.float32)
+        x = params.get(input_name(node, 0))
+        b_name = input_name(node, 2)
+        bias = g.array(b_name).astype(np.float32) if b_name in g.inits else None
         bias = bias if bias is not None and bias.ndim == 1 else None
         groups = int(node_attr(node, "group", 1))
         depthwise = node.op_type == "Conv" and groups > 1 and w.shape[1] == 1 and w.shape[0] == groups
-        encodings[node.name] = encode_weight(
+        encodings[g.name(node)] = encode_weight(
             node.op_type, w, _weight_axis(node) if per_channel else None, trans_b=bool(node_attr(node, "transB", 0)),
-            depthwise=depthwise, kernels=kernels, x_scale=None if x is None else x.scale, x_mean_square=mean_squares.get(node.input[0]),
-            bias=bias)
+            depthwise=depthwise, kernels=kernels, x_scale=None if x is None else x.scale,
+            x_mean_square=mean_squares.get(input_name(node, 0)), bias=bias)
     return encodings
 
 
 def quantize_graph(
-    proto: onnx.ModelProto,
+    model: ir.Model,
     plan: Plan,
     params: Mapping[str, QuantParams],
     *,
     encodings: Mapping[str, WeightEncoding] | None = None,
     per_channel: bool = True,
     drop_relus: bool = True,
-) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of `proto` with Q/DQ pairs on the planned values and int8/int32 weights and biases
-    (`encodings` from weight_encodings; computed here for any kernels when not given)."""
+) -> tuple[ir.Model, list[str]]:
+    """A copy of `model` (sharing its float weights) with Q/DQ pairs on the planned values and
+    int8/int32 weights and biases (`encodings` from weight_encodings; computed here for any kernels
+    when not given)."""
     if encodings is None:
-        encodings = weight_encodings(proto, plan, params, per_channel=per_channel)
-    out, g, names = editable_copy(proto)
-    graph = out.graph
+        encodings = weight_encodings(model, plan, params, per_channel=per_channel)
+    out, g, names = editable_copy(model)
     notes: list[str] = []
     dropped = _dropped_activations(g, plan, params, drop_relus)
-    qdq, renamed = _activation_pairs(g, plan, params, dropped, names)
+    # the weights first: the layers' inputs still have the names their parameters are kept under
     pre_nodes, saturated = _weight_dequantizers(g, plan, params, encodings, names)
+    pairs = _activation_pairs(g, plan, params, dropped, names)
     if saturated:
         notes.append(f"int32 bias saturated in {', '.join(saturated)}")
-    nodes, used = _ordered_nodes(graph, plan, pre_nodes, qdq, renamed, dropped)
-    graph_inputs = {i.name for i in graph.input}
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + names.initializers)
+    _place(g, pre_nodes, pairs, dropped)
+    _drop_unused_initializers(out.graph)
     guarded = guard_float_layers(out)  # else ORT gives the float layers per-tensor int8 weights itself
     if guarded:
         notes.append(f"{len(guarded)} float layers read int8 activations through a per-axis DequantizeLinear, "
@@ -143,115 +151,118 @@ def quantize_graph(
 
 
 def _dropped_activations(
-    g: ProtoGraph, plan: Plan, params: Mapping[str, QuantParams], drop_relus: bool,
+    g: PlanGraph, plan: Plan, params: Mapping[str, QuantParams], drop_relus: bool,
 ) -> dict[str, str]:
     """{activation output: activation input} of the folded Relu/Clip nodes that the output
     quantization replaces exactly (its clamp is theirs)."""
     dropped: dict[str, str] = {}
-    by_name = {n.name: n for n in g.graph.node}
+    by_name = {g.name(n): n for n in g.nodes}
     for act_name in plan.fused_activations:
         act = by_name[act_name]
-        p, bounds = params.get(act.output[0]), clamp_bounds(g, act)
+        p, bounds = params.get(act.outputs[0].name), clamp_bounds(g, act)
         if drop_relus and p is not None and bounds is not None and quantization_clamps_to(p, *bounds):
-            dropped[act.output[0]] = act.input[0]
+            dropped[act.outputs[0].name] = input_name(act, 0)
     return dropped
 
 
 def _activation_pairs(
-    g: ProtoGraph, plan: Plan, params: Mapping[str, QuantParams], dropped: Mapping[str, str], names: FreshNames,
-) -> tuple[dict[str, list[onnx.NodeProto]], dict[str, str]]:
-    """({value: its Q and DQ nodes, to be placed after its producer}, {value: the DQ output its
-    consumers read instead})."""
-    qdq: dict[str, list[onnx.NodeProto]] = {}
-    renamed: dict[str, str] = {}
+    g: PlanGraph, plan: Plan, params: Mapping[str, QuantParams], dropped: Mapping[str, str], names: FreshNames,
+) -> dict[str, list[ir.Node]]:
+    """{value: its Q and DQ nodes, to be placed after its producer}; the main graph's readers of
+    each planned value read its DQ output instead (a graph output keeps its name: its producer
+    writes a new one and the DQ writes the output)."""
+    pairs: dict[str, list[ir.Node]] = {}
     for v in plan.values:
         p = params.get(v)
         if p is None:
             continue
         scale = names.const(f"{v}_scale", np.float32(p.scale))
         zp = names.const(f"{v}_zero_point",
-                         np.array(p.zero_point, dtype=np.uint8 if p.dtype == TensorProto.UINT8 else np.int8))
-        q, dq = names.fresh(f"{v}_quantized"), names.fresh(f"{v}_dequantized")
-        source = dropped.get(v, v)
-        if v in g.outputs:  # the producer writes a new name; the DQ writes the graph output
-            source = names.fresh(f"{v}_float")
-            g.producer[v].output[list(g.producer[v].output).index(v)] = source
-            dq = v
+                         np.array(p.zero_point, dtype=np.uint8 if p.dtype == ir.DataType.UINT8 else np.int8))
+        q_name, dq_name = names.fresh(f"{v}_quantized"), names.fresh(f"{v}_dequantized")
+        value = g.values[v]
+        if v in g.outputs:
+            dq_out = ir.Value(name=v, type=value.type, shape=None if value.shape is None else ir.Shape(value.shape))
+            value.name = names.fresh(f"{v}_float")
+            value.replace_all_uses_with(dq_out, replace_graph_outputs=True)
         else:
-            renamed[v] = dq
-        qdq[source if v in g.outputs else v] = [
-            helper.make_node("QuantizeLinear", [source, scale, zp], [q], name=names.fresh(f"{v}_QuantizeLinear")),
-            helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=names.fresh(f"{v}_DequantizeLinear")),
-        ]
-    return qdq, renamed
+            dq_out = ir.Value(name=dq_name)
+            for user, k in list(value.uses()):
+                if user.graph is g.graph:  # a subgraph body reading it stays in float
+                    user.replace_input_with(k, dq_out)
+        source = g.values[dropped.get(v, v)]
+        q = ir.node("QuantizeLinear", [source, scale, zp], outputs=[ir.Value(name=q_name)],
+                    name=names.fresh(f"{v}_QuantizeLinear"))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], outputs=[dq_out],
+                     name=names.fresh(f"{v}_DequantizeLinear"))
+        pairs[source.name if v in g.outputs else v] = [q, dq]
+    return pairs
 
 
 def _weight_dequantizers(
-    g: ProtoGraph, plan: Plan, params: Mapping[str, QuantParams], encodings: Mapping[str, WeightEncoding],
+    g: PlanGraph, plan: Plan, params: Mapping[str, QuantParams], encodings: Mapping[str, WeightEncoding],
     names: FreshNames,
-) -> tuple[list[onnx.NodeProto], list[str]]:
+) -> tuple[list[ir.Node], list[str]]:
     """(DequantizeLinear nodes of the int8 weights and int32 biases, the layers whose bias saturated
     int32); each int8 layer is rewired to read them."""
-    weight_dq: dict[tuple, str] = {}  # one DQ per distinct encoding of a weight
-    pre_nodes: list[onnx.NodeProto] = []
+    weight_dq: dict[tuple, ir.Value] = {}  # one DQ per distinct encoding of a weight
+    pre_nodes: list[ir.Node] = []
     saturated: list[str] = []
     for node in constant_weight_anchors(g, plan):
-        w_name, enc = node.input[1], encodings[node.name]
-        x_params = params.get(node.input[0])
+        w_name, enc = input_name(node, 1), encodings[g.name(node)]
+        x_params = params.get(input_name(node, 0))
         ws = enc.scales
         key = (w_name, enc.axis, enc.codes.dtype.str, ws.tobytes())
         if key not in weight_dq:
             scale = names.const(f"{w_name}_scale", ws)
             zp = names.const(f"{w_name}_zero_point", np.full(ws.shape, enc.zero_point, dtype=enc.codes.dtype))
-            weight_dq[key] = names.fresh(f"{w_name}_dequantized")
-            attrs = {"axis": enc.axis} if enc.axis is not None else {}
-            pre_nodes.append(helper.make_node(
-                "DequantizeLinear", [names.const(f"{w_name}_quantized", enc.codes), scale, zp], [weight_dq[key]],
-                name=names.fresh(f"{w_name}_DequantizeLinear"), **attrs))
-        node.input[1] = weight_dq[key]
-        if len(node.input) > 2 and node.input[2] and node.input[2] in g.constants and x_params is not None:
-            b = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float32)
+            out = ir.Value(name=names.fresh(f"{w_name}_dequantized"))
+            codes = names.const(f"{w_name}_quantized", enc.codes)
+            pre_nodes.append(ir.node("DequantizeLinear", [codes, scale, zp], {"axis": enc.axis} if enc.axis is not None
+                                     else None, outputs=[out], name=names.fresh(f"{w_name}_DequantizeLinear")))
+            weight_dq[key] = out
+        node.replace_input_with(1, weight_dq[key])
+        b_name = input_name(node, 2)
+        if b_name and b_name in g.constants and x_params is not None:
+            b = g.array(b_name).astype(np.float32)
             if b.ndim == 1 and (ws.size == 1 or ws.size == b.size):
                 bq, bs, sat = quantize_bias(b, x_params.scale, ws)
                 if sat:
-                    saturated.append(node.name)
-                bscale = names.const(f"{node.input[2]}_scale", bs)
-                bzp = names.const(f"{node.input[2]}_zero_point", np.zeros(bs.shape, dtype=np.int32))
-                b_out = names.fresh(f"{node.input[2]}_dequantized")
-                pre_nodes.append(helper.make_node(
-                    "DequantizeLinear", [names.const(f"{node.input[2]}_quantized", bq), bscale, bzp], [b_out],
-                    name=names.fresh(f"{node.name}_bias_DequantizeLinear"), axis=0))
-                node.input[2] = b_out
+                    saturated.append(g.name(node))
+                bscale = names.const(f"{b_name}_scale", bs)
+                bzp = names.const(f"{b_name}_zero_point", np.zeros(bs.shape, dtype=np.int32))
+                b_out = ir.Value(name=names.fresh(f"{b_name}_dequantized"))
+                codes = names.const(f"{b_name}_quantized", bq)
+                pre_nodes.append(ir.node("DequantizeLinear", [codes, bscale, bzp], {"axis": 0}, outputs=[b_out],
+                                         name=names.fresh(f"{g.name(node)}_bias_DequantizeLinear")))
+                node.replace_input_with(2, b_out)
     return pre_nodes, saturated
 
 
-def _ordered_nodes(
-    graph: onnx.GraphProto, plan: Plan, pre_nodes: list[onnx.NodeProto], qdq: Mapping[str, list[onnx.NodeProto]],
-    renamed: Mapping[str, str], dropped: Mapping[str, str],
-) -> tuple[list[onnx.NodeProto], set[str]]:
-    """(the new node list, the values it reads): Q/DQ right after each quantized value's producer,
-    consumers rewired, dropped activations left out."""
-    nodes: list[onnx.NodeProto] = list(pre_nodes)
-    graph_inputs = {i.name for i in graph.input}
-    for v, pair in qdq.items():
-        if v in graph_inputs:
-            nodes += pair
-    dropped_acts = {n.name for n in graph.node if n.name in plan.fused_activations and n.output[0] in dropped}
-    for node in graph.node:
-        if node.name in dropped_acts:
-            for v in node.output:
-                nodes += qdq.get(v, [])
-            continue
-        for k, name in enumerate(node.input):
-            if name in renamed:
-                node.input[k] = renamed[name]
-        nodes.append(node)
-        for v in node.output:
-            nodes += qdq.get(v, [])
-    # Producers feeding dropped activations: the Q reads the producer output, placed after the
-    # activation's slot, which is after the producer (graph order is topological).
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    bound_inputs = {i for n in graph.node if n.name in dropped_acts for i in n.input[1:]}
+def _place(g: PlanGraph, pre_nodes: list[ir.Node], pairs: Mapping[str, list[ir.Node]],
+           dropped: Mapping[str, str]) -> None:
+    """Insert the weight DQs first, each Q/DQ pair right after its value's producer (graph inputs'
+    first), and remove the dropped activations with the Constant nodes that only held their bounds."""
+    graph = g.graph
+    inputs = {v.name for v in graph.inputs}
+    first = [n for v, pair in pairs.items() if v in inputs for n in pair]
+    if pre_nodes or first:
+        graph.insert_before(g.nodes[0], pre_nodes + first)
+    for node in g.nodes:
+        after = [n for o in node.outputs for n in pairs.get(o.name, [])]
+        if after:
+            graph.insert_after(node, after)
+    acts = [g.producer[v] for v in dropped]
+    bounds = [i for act in acts for i in act.inputs[1:] if i is not None]
+    graph.remove(acts, safe=True)
     # Constant nodes that only held a dropped Clip's bounds go with it.
-    nodes = [n for n in nodes if not (n.op_type == "Constant" and n.output[0] in bound_inputs and n.output[0] not in used)]
-    return nodes, used
+    holders = {i.producer() for i in bounds if not i.uses() and not i.is_graph_output()}
+    graph.remove([n for n in holders if n is not None and n.op_type == "Constant"], safe=True)
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove the initializers nothing reads any more (the float weights and biases now in int8)."""
+    inputs = {v.name for v in graph.inputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output() and name not in inputs:
+            graph.initializers.pop(name)

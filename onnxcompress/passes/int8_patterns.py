@@ -546,7 +546,6 @@ def pick_range_method(quantizer, feeds, reference, source: str):
     measured worse on all-mpnet-base-v2 (cosine 0.989 vs 0.992). Histograms and means are shared."""
     import dataclasses
 
-    from ..model import load as load_model
     from ..verify import compare, outputs
     from .int8_variants import Quantizer
 
@@ -557,7 +556,7 @@ def pick_range_method(quantizer, feeds, reference, source: str):
         setattr(alt, name, getattr(quantizer, name))
     sqnr = {}
     for q in (quantizer, alt):
-        got = outputs(load_model(q.build().proto), feeds, "quantize-int8 (range method)")
+        got = outputs(q.build().model, feeds, "quantize-int8 (range method)")
         q.seen = quantizer.seen or q.seen
         sqnr[q.options.method] = float(compare(reference, got, source).sqnr_db)
     best = max(sqnr, key=sqnr.get)

@@ -18,9 +18,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import onnx_ir as ir
+
 from ..analysis.cost import analyze_cost
-from ..model import load
+from ..model import clone
 from ..report import Fidelity
+from .int8_placement import ensure_node_names
 
 #: A layer is worth a float island only if, alone in int8, it makes at least this share of the summed
 #: noise of every layer alone in int8 (measured: 8-18% for the EfficientNet-Lite stems and first
@@ -44,9 +47,11 @@ def alone_sqnr(quantizer: Any, anchors: Sequence[str], measure: Callable[[Any], 
     return {a: float(measure(quantizer.build(keep_float=[b for b in anchors if b != a])).sqnr_db) for a in anchors}
 
 
-def layer_macs(proto: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """MACs of each named node of `proto` at `shapes` (analysis/cost.py)."""
-    return {c.name: c.macs for c in analyze_cost(load(proto), shapes).nodes}
+def layer_macs(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """MACs of each node of `model` at `shapes` (analysis/cost.py), by the names plans give nodes."""
+    named = clone(model)
+    ensure_node_names(named.graph)
+    return {c.name: c.macs for c in analyze_cost(named, shapes).nodes}
 
 
 def choose(sqnr: Mapping[str, float], macs: Mapping[str, int], budget: float) -> list[str]:
@@ -80,7 +85,7 @@ def protect(
         record["outcome"] = f"not needed: all-int8 measures {before:.1f} dB (>= {GOOD_ENOUGH_DB:g})"
         return first, [], None, record
     sqnr = alone_sqnr(quantizer, anchors, lambda v: measure(v, True))
-    macs = layer_macs(quantizer.proto, shapes)
+    macs = layer_macs(quantizer.model, shapes)
     chosen = choose(sqnr, macs, budget)
     record["candidates"] = chosen
     total_macs = max(sum(macs.get(a, 0) for a in anchors), 1)

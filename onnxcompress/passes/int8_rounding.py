@@ -29,17 +29,15 @@ Limits the codes keep (so every kernel stays exact and nothing moves far from ne
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from ..analysis.int8_kernels import PAIR_CODE_LIMIT, overflowing_rows, reduction_rows
 from ..analysis.streaming import stream_values
 from ..calibration import Calibration
-from ..model import load
 from .int8_weights import U8_ZERO_POINT, WEIGHT_QMAX, Kernels, WeightEncoding
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "learned")
@@ -108,14 +106,12 @@ class RoundingReport:
 # ---------------------------------------------------------------------------- layer inputs
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
 
 
-def conv_geometry(node: onnx.NodeProto, kernel: Sequence[int], height: int, width: int) -> dict:
+def conv_geometry(node: ir.Node, kernel: Sequence[int], height: int, width: int) -> dict:
     """Strides, dilations, pads and output size of a 2-D Conv on an input of height x width."""
     (kh, kw), (sh, sw) = kernel, _attr(node, "strides", [1, 1])
     dh, dw = _attr(node, "dilations", [1, 1])
@@ -139,7 +135,7 @@ def conv_patches(x: np.ndarray, geometry: dict, groups: int, positions: np.ndarr
     return np.ascontiguousarray(taps.transpose(0, 2, 3, 1)).reshape(groups, len(positions), -1)
 
 
-def _rows_of(node: onnx.NodeProto, shape: tuple[int, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _rows_of(node: ir.Node, shape: tuple[int, ...], x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One sample's reduction rows of the node's input at random positions: [groups, rows, K per group]."""
     if node.op_type == "Conv":
         geometry = conv_geometry(node, shape[2:], x.shape[-2], x.shape[-1])
@@ -158,24 +154,22 @@ def _pick(total: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def collect_grams(
-    quantized: onnx.ModelProto, nodes: Sequence[str], calibration: Calibration, *, limit: int | None = None,
+    quantized: ir.Model, nodes: Sequence[str], calibration: Calibration, *, limit: int | None = None,
     batch_size: int = 1, seed: int = 0,
 ) -> dict[str, Gram]:
     """{node: Gram of its input rows} for the named Conv/MatMul/Gemm nodes of `quantized` (a QDQ
     model: the rows are what the int8 layers see), on the calibration data."""
-    by_name = {n.name: n for n in quantized.graph.node}
+    by_name = {n.name: n for n in quantized.graph}
     chosen = [by_name[n] for n in nodes if n in by_name]
-    inits = {t.name: t for t in quantized.graph.initializer}
-    producers = {o: n for n in quantized.graph.node for o in n.output}
-    shapes = {n.name: _weight_shape(n, inits, producers) for n in chosen}
-    readers: dict[str, list[onnx.NodeProto]] = {}
+    shapes = {n.name: _weight_shape(n) for n in chosen}
+    readers: dict[str, list[ir.Node]] = {}
     for node in chosen:
-        readers.setdefault(node.input[0], []).append(node)
+        readers.setdefault(node.inputs[0].name, []).append(node)
     # one generator per layer: the rows drawn do not depend on how the runs group the values
     rngs = {n.name: np.random.default_rng([seed, i]) for i, n in enumerate(chosen)}
     grams: dict[str, Gram] = {}
     # small batches: the rows are sampled per item (analysis/streaming.py bounds the memory)
-    for _, values, _ in stream_values(load(quantized), list(readers), calibration, batch_size=batch_size, limit=limit):
+    for _, values, _ in stream_values(quantized, list(readers), calibration, batch_size=batch_size, limit=limit):
         for value, array in values.items():
             for node in readers[value]:
                 x = _rows_of(node, shapes[node.name], array, rngs[node.name])
@@ -185,13 +179,12 @@ def collect_grams(
     return grams
 
 
-def _weight_shape(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
-                  producers: Mapping[str, onnx.NodeProto]) -> tuple[int, ...]:
+def _weight_shape(node: ir.Node) -> tuple[int, ...]:
     """The weight's shape: its initializer's, or that of the codes behind its DequantizeLinear."""
-    name = node.input[1]
-    if name in inits:
-        return tuple(inits[name].dims)
-    return tuple(inits[producers[name].input[0]].dims)
+    weight = node.inputs[1]
+    if weight.const_value is None:
+        weight = weight.producer().inputs[0]
+    return tuple(weight.const_value.shape)
 
 
 # ---------------------------------------------------------------------------- rounding

@@ -12,6 +12,7 @@ import numpy as np
 from ..calibration import Calibration
 from ..report import Fidelity
 from ..tolerance import Tolerance
+from .int8_placement import op_types
 from .int8_protect import alone_sqnr
 from .int8_variants import Quantizer, Variant
 
@@ -70,7 +71,7 @@ def fall_back(
     if tolerance.accepts(measured[0][1]):
         record.update(after=record["before"], met=True, evaluations=1, summary="none")
         return first, record, skipped
-    op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
+    op_of = op_types(quantizer.model.graph)
     if sensitivity is None:
         sensitivity = alone_sqnr(quantizer, anchors, lambda v: measure(v, True))
     order = sorted((a for a in anchors if a not in protected), key=lambda a: sensitivity[a])  # noisiest first

@@ -10,17 +10,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import numpy_helper
 
 from ..analysis.activations import collect
 from ..analysis.histograms import TensorHistogram, collect_histograms
 from ..calibration import Calibration, batch_size_for
-from ..model import to_proto
 from .int8_bias import correct_biases, correction_inputs
 from .int8_graph import QuantParams, quantize_graph, weight_encodings
-from .int8_placement import Plan, ProtoGraph, constant_weight_anchors, node_attr, plan_placement
+from .int8_placement import Plan, PlanGraph, constant_weight_anchors, input_name, node_attr, plan_placement
 from .int8_rounding import Gram, RoundingReport, collect_grams, learn_codes
 from .int8_weights import WeightEncoding
 
@@ -34,7 +31,7 @@ class Variant:
     """One quantized version of the float model."""
 
     plan: Plan
-    proto: onnx.ModelProto
+    model: ir.Model
     shifts: dict[str, float]
     uncorrected: list[str]
     notes: list[str]
@@ -51,7 +48,6 @@ class Quantizer:
         self.options, self.model, self.calibration = options, model, calibration
         self.statistics = statistics  # where histograms and means of this model state are gathered (or kept)
         self.kernels = options.kernels
-        self.proto = to_proto(model, with_data=True)  # weights are read from the proto (numpy_helper)
         self.hists: dict[str, TensorHistogram] = {}
         self.means: dict[str, np.ndarray] = {}
         self.asked: set[str] = set()
@@ -62,7 +58,7 @@ class Quantizer:
 
     def build(self, keep_float: Iterable[str] = ()) -> Variant:
         o = self.options
-        plan = plan_placement(self.proto, skip_nodes=set(o.skip_nodes) | set(keep_float), skip_ops=o.skip_ops,
+        plan = plan_placement(self.model, skip_nodes=set(o.skip_nodes) | set(keep_float), skip_ops=o.skip_ops,
                               fold_relu=True)
         missing = [v for v in plan.values if v not in self.asked]
         if missing:
@@ -72,41 +68,41 @@ class Quantizer:
             self.asked.update(missing)
         params = o.ranges(plan, self.hists)
         mean_squares = {v: h.mean_square() for v, h in self.hists.items()}
-        encodings = weight_encodings(self.proto, plan, params, per_channel=o.per_channel, kernels=self.kernels,
+        encodings = weight_encodings(self.model, plan, params, per_channel=o.per_channel, kernels=self.kernels,
                                      mean_squares=mean_squares)
-        proto, shifts, uncorrected = self._corrected(plan, params, encodings)
+        corrected, shifts, uncorrected = self._corrected(plan, params, encodings)
         rounding = None
         if o.weight_rounding == "learned":
-            encodings, rounding = self._learn(plan, params, encodings, proto)
-            proto, shifts, uncorrected = self._corrected(plan, params, encodings)
-        rewritten, notes = quantize_graph(proto, plan, params, encodings=encodings, drop_relus=o.preset == "cpu")
+            encodings, rounding = self._learn(plan, params, encodings, corrected)
+            corrected, shifts, uncorrected = self._corrected(plan, params, encodings)
+        rewritten, notes = quantize_graph(corrected, plan, params, encodings=encodings, drop_relus=o.preset == "cpu")
         return Variant(plan, rewritten, shifts, uncorrected, notes, encodings, rounding)
 
     def _corrected(
         self, plan: Plan, params: Mapping[str, QuantParams], encodings: Mapping[str, WeightEncoding]
-    ) -> tuple[onnx.ModelProto, dict[str, float], list[str]]:
+    ) -> tuple[ir.Model, dict[str, float], list[str]]:
         """The float model with bias correction for these encodings (unchanged without it)."""
         o = self.options
         if not o.bias_correction:
-            return self.proto, {}, []
-        axes = correction_inputs(self.proto, plan)
+            return self.model, {}, []
+        axes = correction_inputs(self.model, plan)
         need = {v: a for v, a in axes.items() if v not in self.asked_means}
         if need:
             stats = collect(self.model, need, self.calibration, limit=o.samples, statistics=self.statistics)
             self.means.update({v: s.mean for v, s in stats.values.items()})
             self.asked_means.update(need)
-        return correct_biases(self.proto, plan, params, self.means, encodings=encodings)
+        return correct_biases(self.model, plan, params, self.means, encodings=encodings)
 
     def _learn(
         self, plan: Plan, params: Mapping[str, QuantParams], encodings: dict[str, WeightEncoding],
-        corrected: onnx.ModelProto,
+        corrected: ir.Model,
     ) -> tuple[dict[str, WeightEncoding], RoundingReport]:
         """Learned codes for every layer that has calibration inputs (int8_rounding.py); the inputs
         come from this variant's nearest-rounded model, or from an earlier variant's (cached)."""
         start = time.perf_counter()
-        g = ProtoGraph(self.proto.graph)
-        layers = [n for n in constant_weight_anchors(g, plan) if _learnable(g, n)]
-        missing = [n.name for n in layers if n.name not in self.grams]
+        g = PlanGraph(self.model.graph)
+        layers = [n for n in constant_weight_anchors(g, plan) if _learnable(n)]
+        missing = [g.name(n) for n in layers if g.name(n) not in self.grams]
         if missing:
             nearest, _ = quantize_graph(corrected, plan, params, encodings=encodings,
                                         drop_relus=self.options.preset == "cpu")
@@ -115,25 +111,26 @@ class Quantizer:
         report = RoundingReport()
         out = dict(encodings)
         for node in layers:
-            enc = encodings[node.name]
-            key = (node.name, enc.form, enc.codes.tobytes(), enc.scales.tobytes())
+            name = g.name(node)
+            enc = encodings[name]
+            key = (name, enc.form, enc.codes.tobytes(), enc.scales.tobytes())
             if key not in self.learned:
-                w = numpy_helper.to_array(g.inits[node.input[1]]).astype(np.float32)
+                w = g.array(input_name(node, 1)).astype(np.float32)
                 groups = int(node_attr(node, "group", 1))
                 self.learned[key] = learn_codes(
-                    node.op_type, enc, w, self.grams[node.name], trans_b=bool(node_attr(node, "transB", 0)),
+                    node.op_type, enc, w, self.grams[name], trans_b=bool(node_attr(node, "transB", 0)),
                     depthwise=node.op_type == "Conv" and groups > 1 and w.shape[1] == 1 and w.shape[0] == groups,
                     kernels=self.kernels, centered=self.options.bias_correction)
-            out[node.name], gain, kept = self.learned[key]
+            out[name], gain, kept = self.learned[key]
             report.layers += 1
-            report.gain_db[node.name] = gain
+            report.gain_db[name] = gain
             report.channels_kept_nearest += kept
         report.seconds = time.perf_counter() - start
         return out, report
 
 
-def _learnable(g: ProtoGraph, node: onnx.NodeProto) -> bool:
+def _learnable(node: ir.Node) -> bool:
     """Whether learned rounding knows this layer's input rows: 2-D Conv with explicit pads, MatMul, Gemm."""
     if node.op_type != "Conv":
         return True
-    return len(g.inits[node.input[1]].dims) == 4 and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET")
+    return len(node.inputs[1].const_value.shape) == 4 and node_attr(node, "auto_pad", "NOTSET") == "NOTSET"

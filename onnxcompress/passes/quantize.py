@@ -37,14 +37,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..analysis.histograms import TensorHistogram, clip_range
 from ..analysis.kernel_check import KernelCheck, check_kernels
 from ..calibration import Calibration, batch_size_for
 from ..errors import OnnxCompressError
-from ..model import load, to_proto, upgrade_opset
+from ..model import upgrade_opset
 from ..pipeline import Pass, PassContext, PassResult, option
 from ..report import Fidelity
 from ..tolerance import Tolerance
@@ -52,7 +51,7 @@ from ..verify import compare, outputs
 from .int8_bias import bias_shift, correct_biases, correction_inputs, weight_rounding_error
 from .int8_graph import QuantParams, activation_params, quantization_clamps_to, quantize_graph, weight_encodings
 from .int8_patterns import OUTLIER_MODES
-from .int8_placement import ANCHORS, NEIGHBOURLY, SCALE_PRESERVING, Plan, clamp_bounds, plan_placement
+from .int8_placement import ANCHORS, NEIGHBOURLY, SCALE_PRESERVING, Plan, clamp_bounds, op_types, plan_placement
 from .int8_protect import SENSITIVITY_SAMPLES, protect
 from .int8_protect import describe as describe_protection
 from .int8_rounding import ROUNDINGS
@@ -229,11 +228,10 @@ class QuantizeQDQ(Pass):
         from ..analysis.statistics import Request
         from .int8_patterns import conv_range_request, outlier_requests
 
-        proto = to_proto(model, with_data=True)
-        plan = self.plan(proto)
+        plan = self.plan(model)
         requests = [Request(calibration, histograms=list(plan.values), limit=self.samples, bins=self.bins)]
         if self.bias_correction:
-            requests.append(Request(calibration, channels=correction_inputs(proto, plan), limit=self.samples))
+            requests.append(Request(calibration, channels=correction_inputs(model, plan), limit=self.samples))
         conv = conv_range_request(model, calibration, self.samples)
         if conv is not None:
             requests.append(conv)
@@ -248,14 +246,14 @@ class QuantizeQDQ(Pass):
         """`_quantize`, then ORT's fused kernels checked against their simulation; codes made for VNNI
         kernels that this CPU's kernels lose are redone as codes exact on any CPU."""
         variant, fallback, skipped, protection = self._quantize(quantizer, tolerance, feeds, reference, source)
-        check = check_kernels(load(variant.proto), feeds, reference, source)
+        check = check_kernels(variant.model, feeds, reference, source)
         kernel_notes = []
         if not check.ok and quantizer.kernels != "any":
             # This CPU's kernels are not the VNNI ones the codes were made for: redo with safe codes.
             kernel_notes.append(f"{check.describe()} with codes for VNNI kernels; redone with codes exact on any CPU")
             quantizer.kernels = "any"
             variant, fallback, skipped, protection = self._quantize(quantizer, tolerance, feeds, reference, source)
-            check = check_kernels(load(variant.proto), feeds, reference, source)
+            check = check_kernels(variant.model, feeds, reference, source)
         if not check.ok:
             skipped.append(f"int8 kernels: {check.describe()}")
         return _Outcome(variant, fallback, skipped, protection, check, kernel_notes)
@@ -295,7 +293,7 @@ class QuantizeQDQ(Pass):
             "kernel_check": check.to_dict(), "weight_rounding": self.weight_rounding,
             "learned_rounding": None if variant.rounding is None else variant.rounding.to_dict(),
         }
-        return self.result(load(variant.proto), changes=changes, skipped=outcome.skipped, details=details)
+        return self.result(variant.model, changes=changes, skipped=outcome.skipped, details=details)
 
     def tolerance(self) -> Tolerance | None:
         return None if self.max_drop is None else Tolerance(self.metric, self.max_drop)
@@ -311,11 +309,11 @@ class QuantizeQDQ(Pass):
 
         def measure(variant: Variant, sample: bool = False) -> Fidelity:
             use = few if sample else feeds
-            got = outputs(load(variant.proto), use, f"pass '{self.name}' (tolerance)")
+            got = outputs(variant.model, use, f"pass '{self.name}' (tolerance)")
             return compare(reference[:len(use)], got, source)
 
         variant = quantizer.build()
-        op_of = {n.name: n.op_type for n in quantizer.proto.graph.node}
+        op_of = op_types(quantizer.model.graph)
         anchors = [n for n in variant.plan.nodes if op_of.get(n) in ANCHORS]
         protected: list[str] = []
         sensitivity: dict[str, float] | None = None
@@ -332,8 +330,8 @@ class QuantizeQDQ(Pass):
         fallback.update(heldout_samples=sum(len(next(iter(f.values()))) for f in feeds), heldout=source)
         return variant, fallback, skipped, protection
 
-    def plan(self, proto: onnx.ModelProto) -> Plan:
-        return plan_placement(proto, skip_nodes=self.skip_nodes, skip_ops=self.skip_ops, fold_relu=True)
+    def plan(self, model: ir.Model) -> Plan:
+        return plan_placement(model, skip_nodes=self.skip_nodes, skip_ops=self.skip_ops, fold_relu=True)
 
     def ranges(self, plan: Plan, hists: Mapping[str, TensorHistogram]) -> dict[str, QuantParams]:
         """Quantization parameters per value; a shared-scale group merges its members' histograms."""

@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import onnx
-import onnx_ir as ir
-
 import numpy as np
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from ..analysis.cost import subgraphs
 from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
-from ..model import load, save
+from ..model import save
 from ..pipeline import Pass, PassContext, PassResult, option
 from .int8_patterns import OUTLIER_MODES
 from .int8_weights import KERNELS, U8_ZERO_POINT, Kernels
@@ -85,9 +81,9 @@ class QuantizeDynamic(Pass):
             except Exception as exc:  # ORT's quantizer raises assorted types for models it cannot handle
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise OnnxCompressError(f"quantize-dynamic: onnxruntime could not quantize the model ({first})") from None
-            proto = onnx.load(str(target))  # read fully: the folder goes away with the block
-        shifted = [] if self.kernels == "vnni" else shift_unsafe_weights(proto)
-        quantized = load(proto)
+            # read whole before the folder goes: ORT wrote no external data (use_external_data_format off)
+            quantized = ir.load(str(target))
+        shifted = [] if self.kernels == "vnni" else shift_unsafe_weights(quantized)
         quantized.meta.update(model.meta)
         after = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(quantized.graph))
         integer = {op: n for op, n in after.items() if op in _INTEGER_OPS}
@@ -104,63 +100,43 @@ class QuantizeDynamic(Pass):
                                     "shifted_to_uint8": shifted, "smoothing": smoothing})
 
 
-def shift_unsafe_weights(proto: onnx.ModelProto) -> list[str]:
+def shift_unsafe_weights(model: ir.Model) -> list[str]:
     """Shift to uint8 (codes and zero points + 128) every constant int8 MatMulInteger weight whose
-    codes could saturate int16 pair sums, in the main graph and in If/Loop/Scan bodies; returns
-    their names."""
-    every_node = [n for graph, _ in _graphs_in_scope(proto.graph) for n in graph.node]
+    codes could saturate int16 pair sums, in the main graph and in If/Loop/Scan bodies (in place);
+    returns their names."""
     shifted = []
-    for graph, scope in _graphs_in_scope(proto.graph):
-        for node in graph.node:
-            if node.op_type != "MatMulInteger":
-                continue
-            w_name, zp_name = node.input[1], node.input[3] if len(node.input) > 3 else ""
-            w_tensor, home = _initializer(w_name, scope)
-            if w_tensor is None or w_name in shifted:
-                continue
-            w = numpy_helper.to_array(w_tensor)
-            if w.dtype != np.int8 or w.ndim != 2:
-                continue
-            zp_tensor, _ = _initializer(zp_name, scope) if zp_name else (None, None)
-            zp = numpy_helper.to_array(zp_tensor) if zp_tensor is not None else np.zeros((), np.int8)
-            if not overflowing_rows(reduction_rows("MatMul", w.astype(np.float64))).any():
-                continue
-            users = [n for n in every_node if w_name in n.input or (zp_name and zp_name in n.input)]
-            if any(n.op_type != "MatMulInteger" for n in users):
-                continue  # shared with something that expects int8
-            w_tensor.CopyFrom(numpy_helper.from_array((w.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), w_name))
-            u8_zp = (zp.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8)
-            if zp_tensor is not None:
-                zp_tensor.CopyFrom(numpy_helper.from_array(u8_zp, zp_name))
-            else:
-                name = f"{w_name}_zero_point_u8"
-                home.initializer.append(numpy_helper.from_array(u8_zp, name))  # beside the weight: visible where it is
-                while len(node.input) < 4:
-                    node.input.append("")
-                node.input[3] = name
-            shifted.append(w_name)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "MatMulInteger":
+            continue
+        weight, zero = node.inputs[1], node.inputs[3] if len(node.inputs) > 3 else None
+        if weight is None or not weight.is_initializer() or weight.name in shifted:
+            continue
+        w = weight.const_value.numpy()
+        if w.dtype != np.int8 or w.ndim != 2:
+            continue
+        zero = zero if zero is not None and zero.is_initializer() else None
+        zp = zero.const_value.numpy() if zero is not None else np.zeros((), np.int8)
+        if not overflowing_rows(reduction_rows("MatMul", w.astype(np.float64))).any():
+            continue
+        users = [*weight.consumers(), *(zero.consumers() if zero is not None else ())]
+        if any(n.op_type != "MatMulInteger" for n in users):
+            continue  # shared with something that expects int8
+        _set_uint8(weight, (w.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8))
+        u8_zp = (zp.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8)
+        if zero is not None:
+            _set_uint8(zero, u8_zp)
+        else:
+            name = f"{weight.name}_zero_point_u8"
+            zero = ir.Value(name=name, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(u8_zp.shape),
+                            const_value=ir.tensor(u8_zp, name=name))
+            weight.graph.register_initializer(zero)  # beside the weight: visible where it is
+            node.resize_inputs(4)
+            node.replace_input_with(3, zero)
+        shifted.append(weight.name)
     return shifted
 
 
-def _graphs_in_scope(graph: onnx.GraphProto, outer: tuple[onnx.GraphProto, ...] = ()
-                     ) -> list[tuple[onnx.GraphProto, tuple[onnx.GraphProto, ...]]]:
-    """(graph, the graphs whose names it sees, innermost first) for `graph` and every subgraph in it."""
-    scope = (graph, *outer)
-    found = [(graph, scope)]
-    for node in graph.node:
-        for sub in _proto_subgraphs(node):
-            found.extend(_graphs_in_scope(sub, scope))
-    return found
-
-
-def _proto_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))]
-
-
-def _initializer(name: str, scope: Sequence[onnx.GraphProto]) -> tuple[onnx.TensorProto | None, onnx.GraphProto | None]:
-    """The initializer `name` resolves to from the innermost graph of `scope`, and the graph holding it."""
-    for graph in scope:
-        for tensor in graph.initializer:
-            if tensor.name == name:
-                return tensor, graph
-    return None, None
+def _set_uint8(value: ir.Value, array: np.ndarray) -> None:
+    """Give the initializer `value` new uint8 contents (a new tensor: the old one may be shared)."""
+    value.const_value = ir.tensor(array, name=value.name)
+    value.type = ir.TensorType(ir.DataType.UINT8)
