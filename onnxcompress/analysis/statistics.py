@@ -17,7 +17,6 @@ A request may bring a reducer of its own kind (int8's sampled MatMul input rows)
 from __future__ import annotations
 
 import hashlib
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -198,10 +197,9 @@ class Statistics:
             self.runs += 1
             fetcher = Fetcher(model, list(dict.fromkeys(n for r in group.values() for n in _names(r))))
             count = len(next(iter(first.values())))
-            plan = fetcher.plan(count, longest.batch_size, FETCH_BUDGET_BYTES)
-            rest = fetcher.stream(longest.calibration, plan, count, longest.span)
+            parts = fetcher.run_all(longest.calibration, first, longest.batch_size, FETCH_BUDGET_BYTES, longest.span)
             probe_dims: dict[str, int] = {}  # first-axis length of each value in the opening batch
-            for start, size, n, values, mask in _numbered(itertools.chain(fetcher.probe(first), rest)):
+            for start, size, n, values, mask in _numbered(parts):
                 if start == 0:
                     probe_dims.update((name, np.shape(a)[0] if np.ndim(a) else -1) for name, a in values.items())
                 for i, request in group.items():

@@ -97,6 +97,14 @@ class Fetcher:
         sizes = {n: s * batch // first_count for n, s in self.sizes.items()}
         return RunPlan(batch, tuple(tuple(g) for g in _groups(self.fetched, sizes, budget_bytes)))
 
+    def run_all(self, calibration: Calibration, first: Values, batch_size: int, budget_bytes: int,
+                total: int) -> Iterator[Part]:
+        """The opening batch, probed, then samples up to `total` in runs sized by what the probe measured
+        (planned only once the probe has run: a plan without sizes would fetch everything at once)."""
+        yield from self.probe(first)
+        count = len(next(iter(first.values())))
+        yield from self.stream(calibration, self.plan(count, batch_size, budget_bytes), count, total)
+
     def stream(self, calibration: Calibration, plan: RunPlan, start: int = 0,
                stop: int | None = None) -> Iterator[Part]:
         """Samples `start` .. `stop` in runs of the plan."""
@@ -130,10 +138,7 @@ def stream_values(
     first = opening(model, calibration, total)
     if first is None:
         return
-    fetcher = Fetcher(model, names)
-    yield from fetcher.probe(first)
-    count = len(next(iter(first.values())))
-    yield from fetcher.stream(calibration, fetcher.plan(count, batch_size, budget_bytes), count, total)
+    yield from Fetcher(model, names).run_all(calibration, first, batch_size, budget_bytes, total)
 
 
 class Reducer(Protocol):
