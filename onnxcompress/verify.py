@@ -128,8 +128,8 @@ LOG_ODDS_FLOOR = 1e-7
 def _two_class_probabilities(rows: np.ndarray) -> bool:
     """[N, 2] rows of probabilities (a 2-class softmax). Compared as such, every model looks
     faithful: rows like (0.999, 0.001) keep a cosine near 1 whatever the positive class does."""
-    return (rows.ndim == 2 and rows.shape[1] == 2 and rows.size > 0 and float(rows.min()) >= 0.0
-            and float(rows.max()) <= 1.0 and bool(np.all(np.abs(rows.sum(axis=1) - 1.0) < 1e-3)))
+    return (rows.ndim == 2 and rows.shape[1] == 2 and output_metrics.is_probability_rows(rows)
+            and float(rows.max()) <= 1.0)
 
 
 def _log_odds(rows: np.ndarray) -> np.ndarray:
