@@ -34,7 +34,7 @@ if str(BENCHMARKS) not in sys.path:
 from common import markdown_table, write_results  # noqa: E402
 
 from real import corpus  # noqa: E402
-from real.compare_int8 import log, machine, machine_line, run_native  # noqa: E402
+from real.compare_int8 import Meter, log, machine, machine_line, run_native  # noqa: E402
 
 NAME = "int8_ceiling"
 NOISE_DB = (22, 25, 28, 31, 34, 37, 40)
@@ -42,12 +42,12 @@ DRAWS = 20
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 
-def agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(np.mean(ref.argmax(1) == got.argmax(1)))
-
-
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)))
+def measured(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(SQNR dB, top-1 agreement) of logits [N, C] against the float ones, as compare_int8 measures them."""
+    meter = Meter("image-classifier")
+    meter.add([ref], [got])
+    result = meter.result()
+    return result["sqnr_db"], result["top1_agreement"]
 
 
 def noise_tolerance(logits: np.ndarray, seed: int = 0) -> dict[int, float]:
@@ -57,7 +57,7 @@ def noise_tolerance(logits: np.ndarray, seed: int = 0) -> dict[int, float]:
     result = {}
     for db in NOISE_DB:
         sigma = np.sqrt(power / 10 ** (db / 10))
-        result[db] = float(np.mean([agreement(logits, logits + rng.normal(0, sigma, logits.shape)) for _ in range(DRAWS)]))
+        result[db] = float(np.mean([measured(logits, logits + rng.normal(0, sigma, logits.shape))[1] for _ in range(DRAWS)]))
     return result
 
 
@@ -134,9 +134,9 @@ def run_model(entry: corpus.Entry, args: argparse.Namespace, folder: Path) -> di
         full = logits(int8.SerializeToString(), feeds, folder, f"int8_{kernels}")
         wonly, replaced = weights_only(cleaned, int8)
         weights = logits(wonly, feeds, folder, f"weights_{kernels}")
-        row["int8"][kernels] = {"sqnr_db": sqnr_db(reference, full), "top1": agreement(reference, full),
-                                "weights_only_sqnr_db": sqnr_db(reference, weights), "weights_only_top1": agreement(reference, weights),
-                                "layers_with_int8_weights": replaced}
+        (sqnr, top1), (weights_sqnr, weights_top1) = measured(reference, full), measured(reference, weights)
+        row["int8"][kernels] = {"sqnr_db": sqnr, "top1": top1, "weights_only_sqnr_db": weights_sqnr,
+                                "weights_only_top1": weights_top1, "layers_with_int8_weights": replaced}
     return row
 
 
