@@ -38,6 +38,7 @@ import onnx_ir as ir
 from ..analysis.int8_kernels import PAIR_CODE_LIMIT, overflowing_rows, reduction_rows
 from ..analysis.streaming import stream_values
 from ..calibration import Calibration
+from .int8_placement import node_attr
 from .int8_weights import U8_ZERO_POINT, WEIGHT_QMAX, Kernels, WeightEncoding
 
 ROUNDINGS: tuple[str, ...] = ("nearest", "learned")
@@ -106,16 +107,11 @@ class RoundingReport:
 # ---------------------------------------------------------------------------- layer inputs
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def conv_geometry(node: ir.Node, kernel: Sequence[int], height: int, width: int) -> dict:
     """Strides, dilations, pads and output size of a 2-D Conv on an input of height x width."""
-    (kh, kw), (sh, sw) = kernel, _attr(node, "strides", [1, 1])
-    dh, dw = _attr(node, "dilations", [1, 1])
-    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    (kh, kw), (sh, sw) = kernel, node_attr(node, "strides", [1, 1])
+    dh, dw = node_attr(node, "dilations", [1, 1])
+    pads = list(node_attr(node, "pads", [0, 0, 0, 0]))
     oh = (height + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (width + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
     return {"kernel": (kh, kw), "strides": (sh, sw), "dilations": (dh, dw), "pads": pads, "out": (oh, ow)}
@@ -140,9 +136,9 @@ def _rows_of(node: ir.Node, shape: tuple[int, ...], x: np.ndarray, rng: np.rando
     if node.op_type == "Conv":
         geometry = conv_geometry(node, shape[2:], x.shape[-2], x.shape[-1])
         total = geometry["out"][0] * geometry["out"][1]
-        groups = int(_attr(node, "group", 1))
+        groups = int(node_attr(node, "group", 1))
         return np.concatenate([conv_patches(xi, geometry, groups, _pick(total, rng)) for xi in x], axis=1)
-    k = shape[1] if node.op_type == "Gemm" and _attr(node, "transB", 0) else shape[0]
+    k = shape[1] if node.op_type == "Gemm" and node_attr(node, "transB", 0) else shape[0]
     flat = np.asarray(x).reshape(-1, k)
     return flat[_pick(len(flat), rng)][None]
 
