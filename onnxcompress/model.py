@@ -209,6 +209,15 @@ def needs_file(model: ir.Model) -> bool:
     return weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or bool(external_tensors(model))
 
 
+def add_initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """A new initializer of `graph` holding `tensor`, under the tensor's name, typed by it: shape
+    inference declares weights by their value's type and shape (analysis/shapes.py)."""
+    value = ir.Value(name=tensor.name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 def tensor_in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     """`tensor` with its data in memory (an external tensor's mapped file contents), for serializing."""
     if not isinstance(tensor, ir.ExternalTensor):

@@ -18,25 +18,23 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..analysis.channel_rules.common import attr_int
+from ..model import add_initializer
 from ..names import NameAllocator
 
 #: The ops ORT's WeightBiasQuantization rewrites.
 GUARDED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    return node.attributes.get_int(name, default)
-
-
 def _input_channels(node: ir.Node, weight: ir.TensorProtocol) -> tuple[int, int] | None:
     """(axis of input 0 that holds the channels, their count), or None if the weight does not say."""
     dims = list(weight.shape)
     if node.op_type == "Conv" and len(dims) >= 3:
-        return 1, dims[1] * _attr(node, "group", 1)
+        return 1, dims[1] * attr_int(node, "group", 1)
     if node.op_type == "ConvTranspose" and len(dims) >= 3:
         return 1, dims[0]
     if node.op_type == "Gemm" and len(dims) == 2:
-        return (0 if _attr(node, "transA", 0) else 1), dims[1 if _attr(node, "transB", 0) else 0]
+        return (0 if attr_int(node, "transA", 0) else 1), dims[1 if attr_int(node, "transB", 0) else 0]
     return None
 
 
@@ -89,11 +87,7 @@ def _guard(graph: ir.Graph, node: ir.Node, fresh: NameAllocator) -> ir.Node | No
         arrays.append(np.full(count, z.item(), dtype=z.dtype))
         names.append(fresh(f"{base}_zero_point"))
     inputs = [dq.inputs[0]]
-    for name, array in zip(names, arrays):
-        tensor = ir.tensor(array, name=name)  # typed: shape inference declares weights by their value's type
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
-        graph.register_initializer(value)
-        inputs.append(value)
+    inputs += [add_initializer(graph, ir.tensor(array, name=name)) for name, array in zip(names, arrays)]
     return ir.node("DequantizeLinear", inputs, {"axis": axis}, outputs=[ir.Value(name=fresh(base))],
                    name=fresh(f"{base}_DequantizeLinear"))
 

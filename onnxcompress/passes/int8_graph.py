@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..model import clone
+from ..model import add_initializer, clone
 from ..names import NameAllocator
 from .float_guard import guard_float_layers
 from .int8_placement import (
@@ -71,11 +71,7 @@ class FreshNames(NameAllocator):
     def const(self, base: str, array: np.ndarray) -> ir.Value:
         """A new initializer holding `array`, typed (shape inference declares large weights by their
         value's type and shape: analysis/shapes.py)."""
-        name = self.fresh(base)
-        tensor = ir.tensor(np.asarray(array, order="C"), name=name)
-        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
+        return add_initializer(self.graph, ir.tensor(np.asarray(array, order="C"), name=self.fresh(base)))
 
 
 def editable_copy(model: ir.Model) -> tuple[ir.Model, PlanGraph, FreshNames]:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from ..analysis.cost import subgraphs
 from ..analysis.int8_kernels import overflowing_rows, reduction_rows
 from ..errors import OnnxCompressError
-from ..model import save
+from ..model import add_initializer, save
 from ..pipeline import Pass, PassContext, PassResult, option
 from .int8_patterns import OUTLIER_MODES
 from .int8_weights import KERNELS, U8_ZERO_POINT, Kernels
@@ -126,10 +126,8 @@ def shift_unsafe_weights(model: ir.Model) -> list[str]:
         if zero is not None:
             _set_uint8(zero, u8_zp)
         else:
-            name = f"{weight.name}_zero_point_u8"
-            zero = ir.Value(name=name, type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape(u8_zp.shape),
-                            const_value=ir.tensor(u8_zp, name=name))
-            weight.graph.register_initializer(zero)  # beside the weight: visible where it is
+            # beside the weight: visible where it is
+            zero = add_initializer(weight.graph, ir.tensor(u8_zp, name=f"{weight.name}_zero_point_u8"))
             node.resize_inputs(4)
             node.replace_input_with(3, zero)
         shifted.append(weight.name)

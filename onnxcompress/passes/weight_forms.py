@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ..model import add_initializer
 from ..names import NameAllocator
 from .weight_blocks import BlockCodes, pack_matmulnbits
 
@@ -120,11 +121,7 @@ Names = NameAllocator  # fresh value and node names: names(base)
 
 def _constant(model: ir.Model, names: Names, base: str, array: np.ndarray, dtype: ir.DataType | None = None
               ) -> ir.Value:
-    name = names(base)
-    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    model.graph.register_initializer(value)
-    return value
+    return add_initializer(model.graph, ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=names(base)))
 
 
 def rewrite(model: ir.Model, target: Target, codes: BlockCodes, form: str, names: Names, accuracy_level: int) -> None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from ... import model as models
 from ...names import NameAllocator
 from .candidates import Candidate, factors_with_source
 from .forms import io_matrix, params_per_rank, unmatrix
@@ -17,12 +18,8 @@ Names = NameAllocator  # fresh unique names for new values and nodes: names(base
 
 
 def add_initializer(model: ir.Model, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    name = names(base)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(array, name=name))
-    model.graph.register_initializer(value)
-    return value
+    tensor = ir.tensor(np.ascontiguousarray(array, dtype=np.float32), name=names(base))
+    return models.add_initializer(model.graph, tensor)
 
 
 def _drop_if_unused(model: ir.Model, value: ir.Value | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ...model import add_initializer
 from ...names import fresh_name
 from .layers import Layer, attr_int, bias_add
 
@@ -59,11 +60,7 @@ def _set_input(model: ir.Model, node: ir.Node, index: int, array: np.ndarray, su
 
 
 def _new_initializer(model: ir.Model, base: str, array: np.ndarray) -> ir.Value:
-    name = fresh_name(model, base)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    model.graph.register_initializer(value)
-    return value
+    return add_initializer(model.graph, ir.tensor(np.ascontiguousarray(array), name=fresh_name(model, base)))
 
 
 
